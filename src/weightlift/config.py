@@ -1,0 +1,105 @@
+"""`OffloadConfig` and size parsing: the only place where strings like "4GiB" become bytes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import OffloadError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: int | str, *, name: str = "size") -> int:
+    """Bytes from an int or a string such as ``"4GiB"``, ``"512 MB"`` or ``"1.5g"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OffloadError(f"`{name}` must be an int of bytes or a string like '4GiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise OffloadError(f"`{name}` must be >= 0 bytes, got {value}")
+        return value
+    match = _SIZE.fullmatch(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise OffloadError(
+            f"`{name}`={value!r} is not a size: write a number with an optional unit, e.g. '4GiB', '512MB', '100000'"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(nbytes: int) -> str:
+    """Human-readable binary size, for logs and reports."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OffloadError(f"`{name}` must be an int >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    """Which layers of the stack to offload and how far ahead to prefetch them.
+
+    Layer ``i`` of the stack is offloaded when ``i % group_size >= group_size - num_in_group``
+    (vLLM's rule): ``group_size=1, num_in_group=1`` offloads every layer, ``group_size=4,
+    num_in_group=1`` every fourth. After offloaded layer ``k`` runs, the copy of the
+    ``prefetch_step``-th next offloaded layer starts. ``params`` restricts offloading to parameters
+    whose dotted name (inside the layer) has one of the given segments, e.g. ``("mlp",)``.
+    ``layers`` names the stack (``"model.layers"``) instead of detecting it.
+    """
+
+    group_size: int = 1
+    num_in_group: int = 1
+    prefetch_step: int = 1
+    params: tuple[str, ...] = ()
+    layers: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("group_size", self.group_size)
+        _positive_int("num_in_group", self.num_in_group)
+        _positive_int("prefetch_step", self.prefetch_step)
+        if self.num_in_group > self.group_size:
+            raise OffloadError(
+                f"`num_in_group`={self.num_in_group} is larger than `group_size`={self.group_size}: "
+                "at most every layer of a group can be offloaded; lower `num_in_group`"
+            )
+        params = self.params
+        if isinstance(params, str):
+            raise OffloadError(f"`params` must be a tuple of name segments, e.g. ({params!r},), not a string")
+        try:
+            params = tuple(params)
+        except TypeError:
+            raise OffloadError(f"`params` must be a tuple of name segments, got {self.params!r}") from None
+        for segment in params:
+            if not isinstance(segment, str) or not segment or segment.strip(".") != segment:
+                raise OffloadError(
+                    f"`params` entries must be non-empty dotted name segments like 'mlp' or 'self_attn.q_proj', "
+                    f"got {segment!r}"
+                )
+        object.__setattr__(self, "params", params)
+        if self.layers is not None and (not isinstance(self.layers, str) or not self.layers.strip()):
+            raise OffloadError(f"`layers` must be a dotted module path like 'model.layers', got {self.layers!r}")
+
+    def offloads_layer(self, index: int) -> bool:
+        return index % self.group_size >= self.group_size - self.num_in_group
+
+    def offloads_param(self, name: str) -> bool:
+        """Whether the parameter at dotted ``name`` (relative to its layer) is selected by ``params``."""
+        if not self.params:
+            return True
+        dotted = f".{name}."
+        return any(f".{segment}." in dotted for segment in self.params)

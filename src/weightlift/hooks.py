@@ -1,0 +1,162 @@
+"""Forward hooks on offloaded layers, and the `OffloadHandle` that owns them and undoes everything.
+
+Hooks are instances of `LayerHook`, registered with handles: ``forward`` is never reassigned, and a
+model is recognised as offloaded by finding them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import OffloadError
+from .pool import DevicePool
+from .report import OffloadReport
+from .schedule import Prefetcher
+from .storage import HostMaster
+
+log = logging.getLogger(__name__)
+
+
+def _requires_grad(values: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+class LayerHook:
+    """Pre- and post-forward hook of one offloaded layer at ``position`` in the schedule."""
+
+    def __init__(self, prefetcher: Prefetcher, position: int, name: str, weights: list[torch.Tensor]) -> None:
+        self.prefetcher = prefetcher
+        self.position = position
+        self.name = name
+        self.weights = weights
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and (
+            _requires_grad(self.weights) or _requires_grad(args) or _requires_grad(kwargs.values())
+        ):
+            raise OffloadError(
+                f"`{self.name}` is offloaded and weightlift is inference-only: its slot is reused by other "
+                "layers, so autograd would read the wrong weights. Run the model under "
+                "`torch.inference_mode()` or `torch.no_grad()`"
+            )
+        self.prefetcher.before(self.position)
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.prefetcher.after(self.position)
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether any module of ``model`` carries weightlift's hooks."""
+    return any(
+        isinstance(getattr(h, "__self__", None), LayerHook)
+        for m in model.modules()
+        for h in m._forward_pre_hooks.values()
+    )
+
+
+@dataclass
+class OffloadedLayer:
+    """One offloaded layer: its module, the schedule position, its master copy."""
+
+    index: int
+    name: str
+    module: nn.Module
+    master: HostMaster
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+class OffloadHandle:
+    """Returned by `weightlift.offload`: `report()`, `remove()`, and a context manager that removes."""
+
+    def __init__(self, model: nn.Module, device: torch.device, stack: str, n_layers: int, step: int) -> None:
+        self.model = model
+        self.device = device
+        self._stack = stack
+        self._n_layers = n_layers
+        self._step = step
+        self.layers: list[OffloadedLayer] = []
+        self.moved: list[tuple[torch.Tensor, torch.device]] = []  # resident tensors and their old device
+        self.resident_bytes = 0
+        self.pool: DevicePool | None = None
+        self.engine: Any = None
+        self.prefetcher: Prefetcher | None = None
+        self.removed = False
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else f"{len(self.layers)} layers offloaded to {self.device}"
+        return f"<OffloadHandle {type(self.model).__name__}: {state}>"
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def install_hooks(self, layer: OffloadedLayer, hook: LayerHook) -> None:
+        module = layer.module
+        layer.hooks += [
+            module.register_forward_pre_hook(hook.before, with_kwargs=True),
+            module.register_forward_hook(hook.after),
+            module.register_state_dict_post_hook(self._state_dict_hook(layer)),
+            module.register_load_state_dict_pre_hook(self._refuse_load),
+        ]
+
+    @staticmethod
+    def _state_dict_hook(layer: OffloadedLayer):
+        def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+            for entry in layer.master.layout.entries:
+                key = prefix + entry.qualname
+                if key in state_dict:
+                    state_dict[key] = layer.master.view(entry)
+
+        return hook
+
+    def _refuse_load(self, module: nn.Module, *args: Any) -> None:
+        raise OffloadError(
+            f"`load_state_dict` on {type(self.model).__name__} while it is offloaded would write into shared "
+            "device slots: call `handle.remove()` first, load, then offload again"
+        )
+
+    def report(self) -> OffloadReport:
+        prefetcher = self.prefetcher
+        pool = self.pool
+        return OffloadReport(
+            device=str(self.device),
+            stack=self._stack,
+            layers=self._n_layers,
+            layers_offloaded=len(self.layers),
+            offloaded_bytes=sum(layer.master.layout.data_bytes for layer in self.layers),
+            resident_bytes=self.resident_bytes,
+            pool_bytes=pool.nbytes if pool else 0,
+            slots=len(pool) if pool else 0,
+            slot_bytes=pool.slot_bytes if pool else 0,
+            host_bytes=sum(layer.master.allocated for layer in self.layers),
+            prefetch_step=self._step,
+            copies=prefetcher.copies if prefetcher else 0,
+            prefetch_hits=prefetcher.hits if prefetcher else 0,
+            prefetch_misses=prefetcher.misses if prefetcher else 0,
+        )
+
+    def remove(self) -> None:
+        """Undo everything: hooks gone, every tensor back on its device with its original bytes."""
+        if self.removed:
+            return
+        if self.engine is not None:
+            self.engine.close()
+        for layer in self.layers:
+            for h in layer.hooks:
+                h.remove()
+            for entry in layer.master.layout.entries:
+                true = layer.master.view(entry)
+                entry.tensor.data = true if true.device == entry.device else true.to(entry.device)
+        for tensor, device in self.moved:
+            tensor.data = tensor.data.to(device)
+        self.layers, self.moved, self.pool, self.engine = [], [], None, None
+        self.removed = True
+        log.info("weightlift: removed offloading from %s", type(self.model).__name__)

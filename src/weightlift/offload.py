@@ -1,0 +1,195 @@
+"""`offload()`: validate everything first, then move weights and install hooks, rolling back on error."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import OffloadConfig, format_size
+from .dtypes import storage_span
+from .engine import make_engine
+from .errors import OffloadError
+from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
+from .models import find_stack
+from .pool import DevicePool
+from .schedule import Prefetcher, make_schedule
+from .storage import Entry, HostMaster, Layout
+from .tensors import check_plain, typed_view
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | int | None) -> torch.device:
+    """The target device, checked against what this machine has."""
+    if device is None:
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = acc if acc is not None else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OffloadError(
+            f"`device`={device!r} is not a device torch knows: use 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps' ..."
+        ) from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if acc is None or acc.type != dev.type:
+        have = acc.type if acc is not None else "only the CPU"
+        raise OffloadError(
+            f"`device`={device!r} is not available on this machine (it has {have}): pass a device it has"
+        )
+    index = torch.accelerator.current_device_index() if dev.index is None else dev.index
+    if index >= torch.accelerator.device_count():
+        raise OffloadError(
+            f"`device`={device!r}: this machine has {torch.accelerator.device_count()} {dev.type} device(s)"
+        )
+    return torch.device(dev.type, index)
+
+
+def _local_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(dotted name, owning module, attribute, tensor) for every parameter and buffer, shared ones repeated."""
+    for mname, m in module.named_modules(prefix=prefix, remove_duplicate=False):
+        for attr, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None:
+                yield (f"{mname}.{attr}" if mname else attr), m, attr, t
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    spans: dict[tuple, list[int]] = {}
+    for t in tensors:
+        start, end = storage_span(t)
+        span = spans.setdefault(_storage_key(t), [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+    return sum(end - start for start, end in spans.values())
+
+
+def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: OffloadConfig):
+    """Entries to offload per stack index, and every other tensor (resident). Touches nothing."""
+    layer_of = {id(layer): i for i, layer in enumerate(stack)}
+    owners: dict[tuple, set[int]] = defaultdict(set)
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if t.is_meta:
+            raise OffloadError(
+                f"`{name}` is on the meta device (no data): load the weights before offloading, e.g. "
+                "from_pretrained(...) without device_map='meta', or materialise the model"
+            )
+    for mname, module in model.named_modules(remove_duplicate=False):
+        owner = -1
+        if mname == stack_name or mname.startswith(stack_name + "."):
+            rest = mname[len(stack_name) + 1 :]
+            head = rest.split(".", 1)[0]
+            owner = layer_of.get(id(stack[int(head)]), -1) if head.isdigit() else -1
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None and t.numel():
+                owners[_storage_key(t)].add(owner)
+
+    entries: dict[int, list[Entry]] = {}
+    chosen: set[int] = set()
+    for index, layer in enumerate(stack):
+        if not config.offloads_layer(index):
+            continue
+        seen: set[int] = set()
+        prefix = f"{stack_name}.{index}"
+        for qualname, module, attr, t in _local_tensors(layer):
+            if id(t) in seen or attr in module._non_persistent_buffers_set or t.numel() == 0:
+                continue
+            seen.add(id(t))
+            if not config.offloads_param(qualname):
+                continue
+            if owners[_storage_key(t)] != {index}:
+                log.info("keeping `%s.%s` resident: it is shared with other modules", prefix, qualname)
+                continue
+            check_plain(f"{prefix}.{qualname}", t)
+            entries.setdefault(index, []).append(Entry(module, attr, qualname, t, t.data, t.device))
+            chosen.add(id(t))
+    if config.params and not entries:
+        raise OffloadError(
+            f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer look "
+            f"like {[q for q, *_ in _local_tensors(stack[0])][:4]}"
+        )
+    resident: dict[int, torch.Tensor] = {}
+    for _, _, _, t in _local_tensors(model):
+        if id(t) not in chosen:
+            resident.setdefault(id(t), t)
+    return entries, list(resident.values())
+
+
+def offload(
+    model: nn.Module, *, device: str | torch.device | None = None, config: OffloadConfig | None = None
+) -> OffloadHandle:
+    """Stream ``model``'s layer stack through a fixed pool of device buffers; everything else goes to ``device``.
+
+    Returns an `OffloadHandle`; ``handle.remove()`` (or leaving ``with offload(...)``) restores the model
+    bit for bit. Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
+    """
+    if not isinstance(model, nn.Module):
+        raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = OffloadConfig()
+    elif not isinstance(config, OffloadConfig):
+        raise OffloadError(f"`config` must be a weightlift.OffloadConfig, got {type(config).__name__}")
+    dev = resolve_device(device)
+    if is_offloaded(model):
+        raise OffloadError(
+            f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
+            "offloading it again"
+        )
+    stack_name, stack = find_stack(model, config.layers)
+    entries, resident = _collect(model, stack_name, stack, config)
+    schedule = make_schedule(sorted(entries), config.prefetch_step)
+    layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
+    slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
+
+    handle = OffloadHandle(model, dev, stack_name, len(stack), schedule.step)
+    try:
+        handle.pool = DevicePool(schedule.n_slots, slot_bytes, dev)
+        for t in resident:
+            if t.device != dev:
+                handle.moved.append((t, t.device))
+                t.data = t.data.to(dev)
+        handle.resident_bytes = _unique_bytes(resident)
+        pin = dev.type != "cpu"
+        for position, index in enumerate(schedule.offloaded):
+            master = HostMaster.build(layouts[index], pin=pin)
+            layer = OffloadedLayer(index, f"{stack_name}.{index}", stack[index], master)
+            handle.layers.append(layer)
+            slot = handle.pool.slots[schedule.slot_of[position]]
+            for entry in master.layout.entries:
+                if master.slab is not None:
+                    entry.original = None  # the slab is the master; let the original storage go
+                entry.tensor.data = _slot_view(slot, entry)
+        pairs = [layer.master.pairs(handle.pool.slots[schedule.slot_of[p]]) for p, layer in enumerate(handle.layers)]
+        handle.engine = engine = make_engine(dev)
+        handle.prefetcher = prefetcher = Prefetcher(
+            schedule,
+            start=lambda p, s: engine.start(pairs[p]),
+            wait=engine.wait,
+            load_now=lambda p, s, after: engine.load_now(pairs[p], after),
+        )
+        for position, layer in enumerate(handle.layers):
+            weights = [e.tensor for e in layer.master.layout.entries]
+            handle.install_hooks(layer, LayerHook(prefetcher, position, layer.name, weights))
+        prefetcher.prime()
+    except BaseException:
+        handle.remove()
+        raise
+    report = handle.report()
+    log.info(
+        "weightlift: %d of %d layers of `%s` offloaded to %s; %s of weights replaced by a %s pool (%d slots): "
+        "%s of device memory saved",
+        report.layers_offloaded, report.layers, stack_name, dev, format_size(report.offloaded_bytes),
+        format_size(report.pool_bytes), report.slots, format_size(report.saved_bytes),
+    )  # fmt: skip
+    return handle
+
+
+def _slot_view(slot: torch.Tensor, entry: Entry) -> torch.Tensor:
+    return typed_view(slot, entry.offset, entry.tensor)

@@ -1,0 +1,127 @@
+"""Which layers are offloaded, the fixed slot of each, and the prefetch state machine.
+
+Slots are fixed per layer, so a parameter points into the same device memory for the life of the
+handle (needed for tensor subclasses built once, for `torch.compile` and for CUDA graphs). The copy of
+the layer ``step`` positions ahead (cyclically: the last layer's successor is the first layer of the
+next forward) must go into a slot that none of the ``step - 1`` layers in between uses. That is a
+colouring of a cycle of ``n`` layers where any ``step`` consecutive layers differ. vLLM used
+``slot = position % step``, which collides at the wrap when ``step`` does not divide ``n``. Here the
+cycle is cut into ``m = n // step`` blocks of nearly equal size (each ``>= step``), numbered
+``0, 1, ...`` inside each block: ``ceil(n / m)`` slots, which is ``step`` when ``step`` divides ``n``
+and the fewest possible otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Offloaded stack indices in execution order, their slots and the prefetch distance."""
+
+    offloaded: tuple[int, ...]
+    step: int
+    slot_of: tuple[int, ...]
+
+    @property
+    def n_slots(self) -> int:
+        return max(self.slot_of) + 1 if self.slot_of else 0
+
+    def ahead(self, position: int) -> int:
+        """Position whose copy starts when ``position`` finishes."""
+        return (position + self.step) % len(self.offloaded)
+
+
+def cyclic_slots(n: int, step: int) -> tuple[int, ...]:
+    """Slot of each of ``n`` positions so that any ``step`` cyclically consecutive ones differ."""
+    if n == 0:
+        return ()
+    step = min(step, n)
+    blocks = n // step
+    base, extra = divmod(n, blocks)
+    slots: list[int] = []
+    for b in range(blocks):
+        slots.extend(range(base + (1 if b < extra else 0)))
+    return tuple(slots)
+
+
+def make_schedule(offloaded: Sequence[int], prefetch_step: int) -> Schedule:
+    """Schedule for the stack indices ``offloaded`` (in execution order) and the requested step."""
+    offloaded = tuple(offloaded)
+    step = min(prefetch_step, len(offloaded))
+    if len(offloaded) > 1 and prefetch_step >= len(offloaded):
+        log.warning(
+            "prefetch_step=%d >= %d offloaded layers: the pool holds every offloaded layer, so no device "
+            "memory is saved; lower `prefetch_step` or offload more layers",
+            prefetch_step,
+            len(offloaded),
+        )
+    return Schedule(offloaded, step, cyclic_slots(len(offloaded), step))
+
+
+@dataclass
+class _Slot:
+    position: int | None = None  # which layer's weights the slot holds or is receiving
+    ticket: Any = None  # engine ticket of the copy in flight, None once waited on
+
+
+@dataclass
+class Prefetcher:
+    """The run-time side of a `Schedule`: keeps every slot's content right, whatever order layers run in.
+
+    ``start(position, slot, after)`` begins an asynchronous copy (ordered after compute issued so far)
+    and returns a ticket; ``wait(ticket)`` makes compute wait for it; ``load_now(position, slot, after)``
+    copies in compute order, after the ticket ``after`` of a copy still in flight into that slot.
+    """
+
+    schedule: Schedule
+    start: Callable[[int, int], Any]
+    wait: Callable[[Any], None]
+    load_now: Callable[[int, int, Any], None]
+    slots: list[_Slot] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+    copies: int = 0
+
+    def __post_init__(self) -> None:
+        self.slots = [_Slot() for _ in range(self.schedule.n_slots)]
+
+    def prime(self) -> None:
+        """Start the copies of the first ``step`` layers, as if the last layers had just run."""
+        for position in range(self.schedule.step):
+            self._issue(position)
+
+    def before(self, position: int) -> None:
+        slot = self.slots[self.schedule.slot_of[position]]
+        if slot.position == position:
+            self.hits += 1
+            if slot.ticket is not None:
+                self.wait(slot.ticket)
+                slot.ticket = None
+            return
+        # Not prefetched: a layer ran out of the planned order, twice, or after an aborted forward.
+        self.misses += 1
+        self.copies += 1
+        log.debug("prefetch miss at offloaded position %d: loading synchronously", position)
+        self.load_now(position, self.schedule.slot_of[position], slot.ticket)
+        slot.position, slot.ticket = position, None
+
+    def after(self, position: int) -> None:
+        self._issue(self.schedule.ahead(position))
+
+    def _issue(self, position: int) -> None:
+        slot = self.slots[self.schedule.slot_of[position]]
+        if slot.position == position:
+            return  # already there or on its way
+        slot.position = position
+        slot.ticket = self.start(position, self.schedule.slot_of[position])
+        self.copies += 1
+
+    def tickets(self) -> Sequence[Any]:
+        return [s.ticket for s in self.slots if s.ticket is not None]
