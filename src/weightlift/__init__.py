@@ -1,9 +1,9 @@
 """weightlift: run PyTorch models bigger than your accelerator by streaming weights layer-ahead."""
 
+from .apply import offload
 from .config import OffloadConfig
 from .errors import OffloadError
 from .hooks import OffloadHandle
-from .offload import offload
 from .report import OffloadReport
 
 __all__ = ["OffloadConfig", "OffloadError", "OffloadHandle", "OffloadReport", "offload"]

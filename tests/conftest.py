@@ -1,0 +1,114 @@
+"""Tiny models built from configs with fixed seeds (no hub access), and helpers to compare them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _llama_like(config_cls, model_cls, **extra):
+    def build(layers: int = 5):
+        cfg = config_cls(**COMMON, intermediate_size=128, num_hidden_layers=layers, num_key_value_heads=2, **extra)
+        return model_cls(cfg)
+
+    return build
+
+
+def _builders():
+    import transformers as tf
+
+    return {
+        "llama": (_llama_like(tf.LlamaConfig, tf.LlamaForCausalLM), "mlp"),
+        "qwen2": (_llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM), "mlp"),
+        "qwen3": (_llama_like(tf.Qwen3Config, tf.Qwen3ForCausalLM, head_dim=16), "mlp"),
+        "mistral": (_llama_like(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=None), "mlp"),
+        "gemma": (_llama_like(tf.GemmaConfig, tf.GemmaForCausalLM, head_dim=16), "mlp"),
+        "mixtral": (
+            _llama_like(tf.MixtralConfig, tf.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
+            "experts",
+        ),
+        "gpt2": (
+            lambda layers=5: tf.GPT2LMHeadModel(
+                tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=128,
+                              bos_token_id=1, eos_token_id=2)
+            ),
+            "mlp",
+        ),
+        "opt": (
+            lambda layers=5: tf.OPTForCausalLM(
+                tf.OPTConfig(**COMMON, ffn_dim=128, num_hidden_layers=layers, word_embed_proj_dim=64,
+                             max_position_embeddings=128)
+            ),
+            "fc1",
+        ),
+    }  # fmt: skip
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "mixtral", "gpt2", "opt"]
+
+
+def tiny(family: str, layers: int = 5, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _builders()[family][0](layers).eval()
+
+
+def mlp_segment(family: str) -> str:
+    return _builders()[family][1]
+
+
+def prompt(seed: int = 1, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def run(model: nn.Module, ids: torch.Tensor, new_tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a full forward and a greedy generation with KV cache."""
+    logits = model(ids).logits
+    tokens = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )  # fmt: skip
+    return logits, tokens
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Every parameter and buffer: a copy of its bytes, its device, dtype, type and storage address."""
+    out = {}
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        out[name] = (t.detach().clone(), t.device, t.dtype, type(t), t.untyped_storage().data_ptr())
+    return out
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+              "_backward_hooks", "_state_dict_pre_hooks", "_load_state_dict_post_hooks")  # fmt: skip
+
+
+def hook_counts(model: nn.Module) -> list[int]:
+    return [sum(len(getattr(m, d, {})) for m in model.modules()) for d in HOOK_DICTS]
+
+
+def assert_same(model: nn.Module, snap: dict, *, same_storage: bool = False) -> None:
+    """Bitwise equal to ``snap``, same device, dtype and type (and same storage when asked)."""
+    now = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
+    assert now.keys() == snap.keys()
+    for name, (value, device, dtype, kind, ptr) in snap.items():
+        t = now[name]
+        assert (t.device, t.dtype, type(t)) == (device, dtype, kind), name
+        assert torch.equal(t.detach(), value), name
+        if same_storage:
+            assert t.untyped_storage().data_ptr() == ptr, name
+
+
+def has_accelerator() -> bool:
+    return torch.accelerator.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs an accelerator (run on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_accelerator():
+            item.add_marker(skip)

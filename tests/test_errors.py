@@ -1,0 +1,150 @@
+"""Every misuse is an `OffloadError` naming the argument and the fix, and leaves the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import weightlift
+import weightlift.apply as apply_module
+from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig, OffloadError
+
+
+def _assert_refused(model, match, **kwargs):
+    snap, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(OffloadError, match=match):
+        weightlift.offload(model, **kwargs)
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+
+
+def test_layers_path_that_does_not_exist():
+    model = tiny("llama")
+    _assert_refused(model, r"`layers`='model\.blocks' does not exist.*'model\.layers'",
+                    device="cpu", config=OffloadConfig(layers="model.blocks"))  # fmt: skip
+
+
+def test_layers_path_that_is_not_a_list():
+    _assert_refused(tiny("llama"), "`layers`='model.norm' is a LlamaRMSNorm", config=OffloadConfig(layers="model.norm"))
+
+
+def test_model_without_a_layer_stack():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _assert_refused(model, "no detectable layer stack.*`layers=", device="cpu")
+
+
+def test_two_stacks_of_similar_size_are_ambiguous():
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.decoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    _assert_refused(EncDec(), "several layer stacks.*'encoder', 'decoder'.*`layers=", device="cpu")
+
+
+def test_named_stack_resolves_ambiguity():
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.decoder = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for layer in (*self.encoder, *self.decoder):
+                x = layer(x)
+            return x
+
+    model = EncDec().eval()
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        ref = model(x)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(layers="decoder")) as handle, torch.no_grad():
+        assert torch.equal(model(x), ref)
+        assert handle.report().stack == "decoder"
+
+
+def test_already_offloaded():
+    model = tiny("llama")
+    with weightlift.offload(model, device="cpu"):
+        snap = snapshot(model)
+        with pytest.raises(OffloadError, match="already offloaded.*remove()"):
+            weightlift.offload(model, device="cpu")
+        with pytest.raises(OffloadError, match="already offloaded"):
+            weightlift.offload(model, device="cpu", config=OffloadConfig(layers="model.layers"))
+        assert_same(model, snap, same_storage=True)
+
+
+def test_parameters_on_the_meta_device():
+    with torch.device("meta"):
+        model = tiny("llama")
+    with pytest.raises(OffloadError, match="`model.embed_tokens.weight` is on the meta device"):
+        weightlift.offload(model, device="cpu")
+    assert all(p.is_meta for p in model.parameters())
+    assert hook_counts(model) == [0] * len(hook_counts(model))
+
+
+@pytest.mark.parametrize("device", ["gpu9", "cuda:x", 3.5])
+def test_device_torch_does_not_know(device):
+    _assert_refused(tiny("llama"), "`device`=.* is not a device torch knows", device=device)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the message on a machine without one")
+def test_device_this_machine_does_not_have():
+    _assert_refused(tiny("llama"), r"`device`='cuda' is not available on this machine", device="cuda")
+
+
+def test_meta_device_target():
+    _assert_refused(tiny("llama"), "`device`='meta' is not available", device="meta")
+
+
+def test_wrong_types():
+    with pytest.raises(OffloadError, match="`model` must be a torch.nn.Module"):
+        weightlift.offload("not a model")
+    model = tiny("llama")
+    _assert_refused(model, "`config` must be a weightlift.OffloadConfig", config={"group_size": 2})
+
+
+def test_params_filter_matching_nothing():
+    _assert_refused(tiny("llama"), r"`params`=\('nope',\) matches no parameter.*self_attn",
+                    device="cpu", config=OffloadConfig(params=("nope",)))  # fmt: skip
+
+
+def test_tensor_subclass_is_refused_before_anything_moves():
+    class Wrapped(torch.Tensor):
+        pass
+
+    model = tiny("llama")
+    w = model.model.layers[2].mlp.up_proj.weight
+    model.model.layers[2].mlp.up_proj.weight = nn.Parameter(w.detach().as_subclass(Wrapped))
+    _assert_refused(model, r"`model.layers.2.mlp.up_proj.weight` is a Wrapped tensor subclass", device="cpu")
+
+
+def test_autograd_through_offloaded_weights_fails_clearly():
+    model = tiny("llama")
+    ids = prompt()
+    with weightlift.offload(model, device="cpu"):
+        with pytest.raises(OffloadError, match=r"`model.layers.0` is offloaded.*inference-only.*inference_mode"):
+            model(ids)
+        logits, _ = run(model, ids)  # still works under inference mode afterwards
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, logits)
+        model.requires_grad_(False)
+        assert torch.equal(model(ids).logits, logits)  # nothing needs grad: allowed
+
+
+def test_failure_during_setup_rolls_back(monkeypatch):
+    """An error after weights started moving (out of memory, say) restores the model."""
+    model = tiny("llama")
+    snap, hooks = snapshot(model), hook_counts(model)
+
+    def fail(*args, **kwargs):
+        raise MemoryError("simulated allocation failure")
+
+    monkeypatch.setattr(apply_module, "make_engine", fail)
+    with pytest.raises(MemoryError):
+        weightlift.offload(model, device="cpu")
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks

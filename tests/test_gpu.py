@@ -1,0 +1,67 @@
+"""Accelerator engine: side-stream copies from pinned host memory. Skipped without an accelerator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightlift
+from conftest import FAMILIES, assert_same, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig
+
+pytestmark = pytest.mark.gpu
+
+
+def _device() -> torch.device:
+    return torch.accelerator.current_accelerator()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("group,num,step", [(1, 1, 1), (1, 1, 2), (1, 1, 3), (3, 2, 2), (1, 1, 9)])
+def test_gpu_offloaded_equals_resident_on_the_same_device(family, group, num, step):
+    dev = _device()
+    model = tiny(family)
+    ids = prompt().to(dev)
+    snap = snapshot(model)
+    model.to(dev)
+    ref_logits, ref_tokens = run(model, ids)
+    model.to("cpu")
+    config = OffloadConfig(group_size=group, num_in_group=num, prefetch_step=step)
+    with weightlift.offload(model, device=dev, config=config) as handle:
+        logits, tokens = run(model, ids)
+        report = handle.report()
+        masters = [layer.master for layer in handle.layers]
+        assert all(m.slab is not None and m.slab.is_pinned() for m in masters)
+        assert report.host_bytes >= sum(m.layout.nbytes for m in masters)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert report.prefetch_misses == 0
+    assert_same(model, snap)  # back on the CPU, bitwise
+
+
+def test_gpu_device_memory_is_resident_plus_pool():
+    dev = _device()
+    model = tiny("llama", layers=8)
+    torch.accelerator.synchronize()
+    before = torch.accelerator.memory_allocated(dev)
+    with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)) as handle:
+        torch.accelerator.synchronize()
+        held = torch.accelerator.memory_allocated(dev) - before
+        report = handle.report()
+        assert held == report.resident_bytes + report.pool_bytes or held <= report.device_bytes + 512 * 64
+    torch.accelerator.synchronize()
+    assert torch.accelerator.memory_allocated(dev) == before
+
+
+def test_gpu_state_dict_and_remove_from_a_model_that_started_on_the_gpu():
+    dev = _device()
+    model = tiny("llama").to(dev)
+    ids = prompt().to(dev)
+    ref, _ = run(model, ids)
+    snap = snapshot(model)
+    with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)):
+        for key, (value, *_rest) in snap.items():
+            if key in model.state_dict():
+                assert torch.equal(model.state_dict()[key].to(dev), value)
+        assert torch.equal(run(model, ids)[0], ref)
+    assert_same(model, snap)

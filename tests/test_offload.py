@@ -1,0 +1,306 @@
+"""Offloaded equals resident, bit for bit, and `remove()` gives the model back as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import weightlift
+from conftest import FAMILIES, assert_same, hook_counts, mlp_segment, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig
+
+# (group_size, num_in_group, prefetch_step) on 5 layers
+CONFIGS = {
+    "all-step1": (1, 1, 1),
+    "all-step2-not-dividing": (1, 1, 2),
+    "all-step3-not-dividing": (1, 1, 3),
+    "all-step-larger-than-layers": (1, 1, 9),
+    "every-other": (2, 1, 1),
+    "groups-3-of-2": (3, 2, 2),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+def test_bitwise_equal_to_resident(family, cfg):
+    model = tiny(family)
+    ids = prompt()
+    ref_logits, ref_tokens = run(model, ids)
+    group, num, step = CONFIGS[cfg]
+    config = OffloadConfig(group_size=group, num_in_group=num, prefetch_step=step)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        logits, tokens = run(model, ids)
+        report = handle.report()
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert tokens.shape[1] == ids.shape[1] + 8
+    assert report.layers_offloaded == sum(1 for i in range(5) if i % group >= group - num)
+    assert report.prefetch_misses == 0
+    # the logits forward and generate's 8 forwards (prefill + 7 decode steps... one per new token) each
+    # run every offloaded layer once, and every one of them found its copy started in advance
+    assert report.prefetch_hits == report.layers_offloaded * 9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_params_filter_offloads_only_matching(family):
+    model = tiny(family)
+    ids = prompt()
+    ref_logits, ref_tokens = run(model, ids)
+    segment = mlp_segment(family)
+    config = OffloadConfig(prefetch_step=2, params=(segment,))
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        logits, tokens = run(model, ids)
+        layers = handle.layers
+        names = {e.qualname for layer in layers for e in layer.master.layout.entries}
+    assert names and all(f".{segment}." in f".{n}." for n in names)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "mixtral", "gpt2"])
+def test_remove_restores_everything(family):
+    model = tiny(family)
+    ids = prompt()
+    ref_logits, _ = run(model, ids)
+    snap = snapshot(model)
+    hooks = hook_counts(model)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2))
+    run(model, ids)
+    handle.remove()
+    handle.remove()  # idempotent
+    # on a CPU target the original storages are the masters: the very same memory comes back
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+    assert not weightlift.hooks.is_offloaded(model)
+    logits, _ = run(model, ids)
+    assert torch.equal(logits, ref_logits)
+    # and it can be offloaded again
+    with weightlift.offload(model, device="cpu"):
+        assert torch.equal(run(model, ids)[0], ref_logits)
+
+
+def test_tied_embeddings_stay_one_tensor():
+    model = tiny("gemma")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with weightlift.offload(model, device="cpu"):
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, shared: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.shared = shared if shared is not None else nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + torch.tanh(self.shared(self.fc(x)))
+
+
+class Stack(nn.Module):
+    """Plain ModuleList model; ``order`` lets a test run layers out of order or twice."""
+
+    def __init__(self, n: int = 6, dim: int = 32, share: bool = False) -> None:
+        super().__init__()
+        shared = nn.Linear(dim, dim) if share else None
+        self.layers = nn.ModuleList(Block(dim, shared) for _ in range(n))
+        self.head = nn.Linear(dim, 8)
+        self.order = list(range(n))
+
+    def forward(self, x):
+        for i in self.order:
+            x = self.layers[i](x)
+        return self.head(x)
+
+
+def _stack(**kw) -> Stack:
+    torch.manual_seed(0)
+    return Stack(**kw).eval()
+
+
+def test_weights_shared_across_layers_stay_resident_and_correct():
+    model = _stack(share=True)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    shared = model.layers[0].shared.weight
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        with torch.inference_mode():
+            out = model(x)
+        entries = [e for layer in handle.layers for e in layer.master.layout.entries]
+        assert all(e.tensor is not shared for e in entries)
+        assert {e.qualname for e in entries} == {"fc.weight", "fc.bias"}
+        assert all(layer.shared.weight is shared for layer in model.layers)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 0, 1, 3, 2, 5, 5, 4]])
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_out_of_order_execution_stays_correct(order, step):
+    model = _stack()
+    x = torch.randn(4, 32)
+    model.order = order
+    with torch.inference_mode():
+        ref = [model(x) for _ in range(3)]
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=step)) as handle:
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        report = handle.report()
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    if order == sorted(set(order)):
+        assert report.prefetch_misses == 0
+    elif report.slots < report.layers_offloaded:  # with a slot per layer nothing is ever evicted
+        assert report.prefetch_misses >= 1
+
+
+def test_aborted_forward_counts_a_miss_and_stays_correct():
+    model = _stack()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        h = model.layers[3].register_forward_pre_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
+            model(x)
+        h.remove()
+        with torch.inference_mode():
+            out = model(x)
+            again = model(x)
+        report = handle.report()
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    assert report.prefetch_misses >= 1
+
+
+def test_state_dict_returns_true_weights_of_every_layer():
+    model = tiny("llama")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        run(model, prompt())
+        got = model.state_dict()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+        # layers 0 and 3 share slot 0 (5 layers, step 2): their views alias, the state dict does not
+        layers = model.model.layers
+        assert layers[0].mlp.up_proj.weight.data_ptr() == layers[3].mlp.up_proj.weight.data_ptr()
+        assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], got["model.layers.3.mlp.up_proj.weight"])
+
+
+def test_load_state_dict_while_offloaded_is_refused():
+    model = tiny("llama")
+    state = model.state_dict()
+    with weightlift.offload(model, device="cpu"), pytest.raises(weightlift.OffloadError, match="remove"):
+        model.load_state_dict(state)
+
+
+def _align(n: int) -> int:
+    return (n + 511) // 512 * 512
+
+
+def test_pool_bytes_derived_by_hand():
+    # tiny llama: hidden 64, 4 heads of 16, 2 kv heads, intermediate 128, float32, 5 layers.
+    # One layer: q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128, two norms of 64.
+    # Each tensor is its own storage, placed at a 512-byte-aligned offset.
+    per_layer = [64 * 64, 32 * 64, 32 * 64, 64 * 64, 128 * 64, 128 * 64, 64 * 128, 64, 64]
+    slot = sum(_align(4 * n) for n in per_layer)
+    assert slot == 148_480
+    weights = 4 * sum(per_layer)
+    # step 2 on 5 layers: blocks of 3 and 2 positions -> 3 slots; step 1 -> 1; step 5 (all) -> 5.
+    for step, slots in [(1, 1), (2, 3), (3, 5), (4, 5), (5, 5)]:
+        model = tiny("llama")
+        with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=step)) as handle:
+            report = handle.report()
+        assert (report.slots, report.slot_bytes, report.pool_bytes) == (slots, slot, slots * slot)
+        assert report.offloaded_bytes == 5 * weights
+        assert report.saved_bytes == 5 * weights - slots * slot
+        assert report.host_bytes == 0  # CPU target: the original tensors are the master copies
+    model = tiny("llama")
+    total = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))  # + rotary inv_freq buffers
+    with weightlift.offload(model, device="cpu") as handle:
+        report = handle.report()
+    assert report.resident_bytes == total - 5 * weights  # embeddings, final norm, lm_head (untied)
+
+
+def test_integer_and_packed_dtypes_stream_and_match():
+    """The seed bug: integer (GPTQ-style packed int32, int8) weights must not crash, and stay exact."""
+
+    class PackedLinear(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            q = torch.randint(-8, 8, (dim, dim), dtype=torch.int8)
+            packed = torch.zeros(dim, dim // 8, dtype=torch.int32)
+            for k in range(8):
+                packed |= ((q[:, k::8].to(torch.int32) + 8) & 0xF) << (4 * k)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("g_idx", torch.arange(dim, dtype=torch.int32))
+            self.scales = nn.Parameter(torch.rand(dim, 1, dtype=torch.float16) / 8, requires_grad=False)
+            self.bias8 = nn.Parameter(torch.randint(-3, 3, (dim,), dtype=torch.int8), requires_grad=False)
+
+        def forward(self, x):
+            cols = [((self.qweight >> (4 * k)) & 0xF) - 8 for k in range(8)]
+            w = torch.stack(cols, dim=-1).reshape(self.qweight.shape[0], -1).to(x.dtype)
+            return x @ (w * self.scales.float()).T + self.bias8.float() + self.g_idx.float() * 0
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(PackedLinear(32) for _ in range(5))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    snap = snapshot(model)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        with torch.inference_mode():
+            out = model(x)
+        report = handle.report()
+    assert torch.equal(out, ref)
+    assert_same(model, snap, same_storage=True)
+    per_layer = 32 * 4 * 4 + 32 * 4 + 32 * 2 + 32  # qweight int32, g_idx int32, scales fp16, bias int8
+    assert report.offloaded_bytes == 5 * per_layer
+
+
+def test_weights_replaced_after_load_are_taken_as_they_are():
+    """Load-time processing that replaces or deletes parameters happens before offload: take them then."""
+    model = tiny("llama")
+    ids = prompt()
+    for layer in model.model.layers:  # e.g. a repacking step: new Parameter objects, other dtype
+        w = layer.mlp.down_proj.weight
+        layer.mlp.down_proj.weight = nn.Parameter(w.detach().to(torch.bfloat16).float().contiguous())
+    del model.model.layers[1].input_layernorm.weight  # a deleted parameter
+    model.model.layers[1].input_layernorm.weight = torch.ones(64)  # now a plain attribute tensor
+    ref_logits, ref_tokens = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        logits, tokens = run(model, ids)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+
+
+def test_non_contiguous_and_view_weights_keep_their_layout():
+    model = _stack()
+    for layer in model.layers:  # a transposed weight and two params viewing one storage
+        layer.fc.weight = nn.Parameter(layer.fc.weight.detach().t().contiguous().t())
+        both = torch.cat([layer.shared.weight.detach().flatten(), layer.shared.bias.detach()])
+        layer.shared.weight = nn.Parameter(both[: 32 * 32].view(32, 32))
+        layer.shared.bias = nn.Parameter(both[32 * 32 :])
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        fc = model.layers[0].fc.weight
+        assert fc.stride() == (1, 32)
+        shared = model.layers[0].shared
+        assert shared.weight.untyped_storage().data_ptr() == shared.bias.untyped_storage().data_ptr()
+        with torch.inference_mode():
+            out = model(x)
+    assert torch.equal(out, ref)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+
+from weightlift.schedule import Prefetcher, cyclic_slots, make_schedule
+
+
+@pytest.mark.parametrize("n", range(1, 25))
+@pytest.mark.parametrize("step", range(1, 9))
+def test_cyclic_slots_never_collide_and_use_fewest_slots(n, step):
+    slots = cyclic_slots(n, step)
+    s = min(step, n)
+    assert len(slots) == n
+    for p in range(n):  # any `s` cyclically consecutive positions use distinct slots
+        window = [slots[(p + k) % n] for k in range(s)]
+        assert len(set(window)) == s
+    blocks = n // s
+    assert max(slots) + 1 == -(-n // blocks)  # ceil(n / floor(n / s)), the chromatic number
+    if n % s == 0:
+        assert max(slots) + 1 == s
+
+
+def test_vllm_rule_would_collide_where_ours_does_not():
+    n, step = 5, 2
+    vllm = [p % step for p in range(n)]
+    # the copy of position 0 (next forward) starts when position 3 finishes, into the slot position 4 still uses
+    assert vllm[(3 + step) % n] == vllm[4]
+    ours = cyclic_slots(n, step)
+    assert ours[(3 + step) % n] != ours[4]
+
+
+class Recorder:
+    def __init__(self):
+        self.log = []
+
+    def start(self, p, s):
+        self.log.append(("start", p, s))
+        return ("ticket", p)
+
+    def wait(self, ticket):
+        self.log.append(("wait", ticket[1]))
+
+    def load_now(self, p, s, after):
+        self.log.append(("sync", p, s, after))
+
+
+def _prefetcher(n, step):
+    rec = Recorder()
+    pf = Prefetcher(make_schedule(range(n), step), rec.start, rec.wait, rec.load_now)
+    pf.prime()
+    return pf, rec
+
+
+def test_in_order_run_hits_every_layer_and_prefetches_step_ahead():
+    pf, rec = _prefetcher(5, 2)
+    assert rec.log == [("start", 0, 0), ("start", 1, 1)]
+    for _ in range(3):
+        for p in range(5):
+            pf.before(p)
+            pf.after(p)
+    assert (pf.hits, pf.misses) == (15, 0)
+    starts = [e[1] for e in rec.log if e[0] == "start"]
+    # slots are [0, 1, 2, 0, 1]: position 2 has slot 2 to itself, so after its first load it stays there
+    assert make_schedule(range(5), 2).slot_of == (0, 1, 2, 0, 1)
+    assert starts == [0, 1, 2, 3, 4, 0, 1, 3, 4, 0, 1, 3, 4, 0, 1]
+
+
+def test_a_layer_run_twice_is_loaded_synchronously_after_the_copy_in_flight():
+    pf, rec = _prefetcher(4, 1)  # one slot
+    pf.before(0)
+    pf.after(0)  # starts the copy of 1 into slot 0
+    pf.before(0)  # 0 again: the slot is receiving layer 1
+    assert pf.misses == 1
+    assert rec.log[-1] == ("sync", 0, 0, ("ticket", 1))
+
+
+def test_step_at_least_layers_loads_each_layer_once():
+    pf, rec = _prefetcher(3, 7)
+    for _ in range(4):
+        for p in range(3):
+            pf.before(p)
+            pf.after(p)
+    assert [e for e in rec.log if e[0] == "start"] == [("start", 0, 0), ("start", 1, 1), ("start", 2, 2)]
+    assert (pf.hits, pf.misses, pf.copies) == (12, 0, 3)

