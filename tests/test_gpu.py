@@ -48,7 +48,11 @@ def test_gpu_device_memory_is_resident_plus_pool():
         torch.accelerator.synchronize()
         held = torch.accelerator.memory_allocated(dev) - before
         report = handle.report()
-        assert held == report.resident_bytes + report.pool_bytes or held <= report.device_bytes + 512 * 64
+        resident = {id(t) for t in (*model.parameters(), *model.buffers())} - {
+            id(e.tensor) for layer in handle.layers for e in layer.master.layout.entries
+        }
+        # the caching allocator rounds each resident tensor up to 512 bytes; the pool slots are multiples of 512
+        assert report.device_bytes <= held <= report.device_bytes + 512 * len(resident)
     torch.accelerator.synchronize()
     assert torch.accelerator.memory_allocated(dev) == before
 
