@@ -69,12 +69,15 @@ def test_named_stack_resolves_ambiguity():
 def test_already_offloaded():
     model = tiny("llama")
     with weightlift.offload(model, device="cpu"):
-        snap = snapshot(model)
+        # while offloaded, parameters are views of slots being filled: compare true weights and storages
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ptrs, hooks = [p.data_ptr() for p in model.parameters()], hook_counts(model)
         with pytest.raises(OffloadError, match="already offloaded.*remove()"):
             weightlift.offload(model, device="cpu")
         with pytest.raises(OffloadError, match="already offloaded"):
             weightlift.offload(model, device="cpu", config=OffloadConfig(layers="model.layers"))
-        assert_same(model, snap, same_storage=True)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert [p.data_ptr() for p in model.parameters()] == ptrs and hook_counts(model) == hooks
 
 
 def test_parameters_on_the_meta_device():
@@ -119,7 +122,11 @@ def test_tensor_subclass_is_refused_before_anything_moves():
     model = tiny("llama")
     w = model.model.layers[2].mlp.up_proj.weight
     model.model.layers[2].mlp.up_proj.weight = nn.Parameter(w.detach().as_subclass(Wrapped))
-    _assert_refused(model, r"`model.layers.2.mlp.up_proj.weight` is a Wrapped tensor subclass", device="cpu")
+    _assert_refused(
+        model,
+        r"`model.layers.2.mlp.up_proj.weight` is a test_errors.Wrapped, which weightlift cannot take apart.*Adapter",
+        device="cpu",
+    )
 
 
 def test_autograd_through_offloaded_weights_fails_clearly():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .adapters import BUILTIN_ADAPTERS, Adapter
 from .config import OffloadConfig, format_size
 from .dtypes import storage_span
 from .engine import make_engine
@@ -17,8 +18,8 @@ from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stack
 from .pool import DevicePool
 from .schedule import Prefetcher, make_schedule
-from .storage import Entry, HostMaster, Layout
-from .tensors import check_plain, typed_view
+from .storage import Entry, HostMaster, Layout, storage_key
+from .tensors import take_apart
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,24 @@ def _local_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
                 yield (f"{mname}.{attr}" if mname else attr), m, attr, t
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.untyped_storage().data_ptr())
+def _keys(name: str, t: torch.Tensor, adapters: Sequence) -> set[tuple]:
+    """Storages a tensor reads; a tensor that cannot be taken apart is keyed by itself."""
+    try:
+        return {storage_key(leaf) for leaf in take_apart(name, t, adapters).leaves}
+    except OffloadError:
+        return {("object", id(t))}
 
 
 def _unique_bytes(tensors: list[torch.Tensor]) -> int:
     spans: dict[tuple, list[int]] = {}
     for t in tensors:
         start, end = storage_span(t)
-        span = spans.setdefault(_storage_key(t), [start, end])
+        span = spans.setdefault(storage_key(t), [start, end])
         span[0], span[1] = min(span[0], start), max(span[1], end)
     return sum(end - start for start, end in spans.values())
 
 
-def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: OffloadConfig):
+def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: OffloadConfig, adapters: Sequence):
     """Entries to offload per stack index, and every other tensor (resident). Touches nothing."""
     layer_of = {id(layer): i for i, layer in enumerate(stack)}
     owners: dict[tuple, set[int]] = defaultdict(set)
@@ -83,13 +88,13 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
             )
     for mname, module in model.named_modules(remove_duplicate=False):
         owner = -1
-        if mname == stack_name or mname.startswith(stack_name + "."):
-            rest = mname[len(stack_name) + 1 :]
-            head = rest.split(".", 1)[0]
+        if mname.startswith(stack_name + "."):
+            head = mname[len(stack_name) + 1 :].split(".", 1)[0]
             owner = layer_of.get(id(stack[int(head)]), -1) if head.isdigit() else -1
-        for t in (*module._parameters.values(), *module._buffers.values()):
+        for attr, t in (*module._parameters.items(), *module._buffers.items()):
             if t is not None and t.numel():
-                owners[_storage_key(t)].add(owner)
+                for key in _keys(f"{mname}.{attr}", t, adapters):
+                    owners[key].add(owner)
 
     entries: dict[int, list[Entry]] = {}
     chosen: set[int] = set()
@@ -104,16 +109,16 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
             seen.add(id(t))
             if not config.offloads_param(qualname):
                 continue
-            if owners[_storage_key(t)] != {index}:
+            parts = take_apart(f"{prefix}.{qualname}", t, adapters)  # refuses what cannot travel
+            if any(owners[storage_key(leaf)] != {index} for leaf in parts.leaves):
                 log.info("keeping `%s.%s` resident: it is shared with other modules", prefix, qualname)
                 continue
-            check_plain(f"{prefix}.{qualname}", t)
-            entries.setdefault(index, []).append(Entry(module, attr, qualname, t, t.data, t.device))
+            entries.setdefault(index, []).append(Entry(module, attr, qualname, t, parts, t.device))
             chosen.add(id(t))
     if config.params and not entries:
         raise OffloadError(
-            f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer look "
-            f"like {[q for q, *_ in _local_tensors(stack[0])][:4]}"
+            f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
+            f"look like {[q for q, *_ in _local_tensors(stack[0])][:4]}"
         )
     resident: dict[int, torch.Tensor] = {}
     for _, _, _, t in _local_tensors(model):
@@ -123,12 +128,17 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
 
 
 def offload(
-    model: nn.Module, *, device: str | torch.device | None = None, config: OffloadConfig | None = None
+    model: nn.Module,
+    *,
+    device: str | torch.device | None = None,
+    config: OffloadConfig | None = None,
+    adapters: Sequence[Adapter] = (),
 ) -> OffloadHandle:
     """Stream ``model``'s layer stack through a fixed pool of device buffers; everything else goes to ``device``.
 
     Returns an `OffloadHandle`; ``handle.remove()`` (or leaving ``with offload(...)``) restores the model
-    bit for bit. Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
+    bit for bit. ``adapters`` teach it tensor types it cannot take apart by itself (`weightlift.adapters`).
+    Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
     """
     if not isinstance(model, nn.Module):
         raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -143,7 +153,8 @@ def offload(
             "offloading it again"
         )
     stack_name, stack = find_stack(model, config.layers)
-    entries, resident = _collect(model, stack_name, stack, config)
+    adapters = (*adapters, *BUILTIN_ADAPTERS)
+    entries, resident = _collect(model, stack_name, stack, config, adapters)
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
@@ -154,8 +165,16 @@ def offload(
         for t in resident:
             if t.device != dev:
                 handle.moved.append((t, t.device))
-                t.data = t.data.to(dev)
-        handle.resident_bytes = _unique_bytes(resident)
+                moved = t.to(dev)
+                if type(t) in (torch.Tensor, nn.Parameter):
+                    t.data = moved
+                else:
+                    torch.utils.swap_tensors(
+                        t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
+                    )
+        handle.resident_bytes = _unique_bytes(
+            [leaf for t in resident for leaf in take_apart("resident", t, adapters).leaves]
+        )
         pin = dev.type != "cpu"
         for position, index in enumerate(schedule.offloaded):
             master = HostMaster.build(layouts[index], pin=pin)
@@ -163,9 +182,8 @@ def offload(
             handle.layers.append(layer)
             slot = handle.pool.slots[schedule.slot_of[position]]
             for entry in master.layout.entries:
-                if master.slab is not None:
-                    entry.original = None  # the slab is the master; let the original storage go
-                entry.tensor.data = _slot_view(slot, entry)
+                entry.parts.install(entry.tensor, entry.views(slot))
+            master.release_originals()  # with a slab, the original storages can now be freed
         pairs = [layer.master.pairs(handle.pool.slots[schedule.slot_of[p]]) for p, layer in enumerate(handle.layers)]
         handle.engine = engine = make_engine(dev)
         handle.prefetcher = prefetcher = Prefetcher(
@@ -189,7 +207,3 @@ def offload(
         format_size(report.pool_bytes), report.slots, format_size(report.saved_bytes),
     )  # fmt: skip
     return handle
-
-
-def _slot_view(slot: torch.Tensor, entry: Entry) -> torch.Tensor:
-    return typed_view(slot, entry.offset, entry.tensor)

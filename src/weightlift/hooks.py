@@ -107,15 +107,46 @@ class OffloadHandle:
             module.register_load_state_dict_pre_hook(self._refuse_load),
         ]
 
-    @staticmethod
-    def _state_dict_hook(layer: OffloadedLayer):
+    def _state_dict_hook(self, layer: OffloadedLayer):
+        """Replace what the layer's state_dict read from its slot by the true tensors from the host master.
+
+        Keys named like an offloaded tensor get the rebuilt true tensor; other values that are one of its
+        leaves in the slot (formats that save their parts under extra keys) get the matching master leaf.
+        Anything else read from the pool cannot be mapped back and raises rather than return another
+        layer's bytes.
+        """
+
         def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-            for entry in layer.master.layout.entries:
-                key = prefix + entry.qualname
-                if key in state_dict:
-                    state_dict[key] = layer.master.view(entry)
+            master = layer.master
+            by_name = {prefix + e.qualname: e for e in master.layout.entries}
+            slot_leaves = {}
+            for e in master.layout.entries:
+                for view, true in zip(e.views(self._slot_of(layer)), master.leaves(e)):
+                    slot_leaves[(view.data_ptr(), view.dtype, view.shape, view.stride())] = true
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                value = state_dict[key]
+                if key in by_name:
+                    state_dict[key] = master.true_tensor(by_name[key])
+                elif isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
+                    found = slot_leaves.get((value.data_ptr(), value.dtype, value.shape, value.stride()))
+                    if found is not None:
+                        state_dict[key] = found
+                    elif self._in_pool(value):
+                        raise OffloadError(
+                            f"`{key}` of offloaded layer `{layer.name}` is saved in a form weightlift cannot map "
+                            "back to its true weights: call `handle.remove()` before `state_dict()`"
+                        )
 
         return hook
+
+    def _slot_of(self, layer: OffloadedLayer) -> torch.Tensor:
+        assert self.pool is not None and self.prefetcher is not None
+        position = self.prefetcher.schedule.offloaded.index(layer.index)
+        return self.pool.slots[self.prefetcher.schedule.slot_of[position]]
+
+    def _in_pool(self, value: torch.Tensor) -> bool:
+        ptr = value.untyped_storage().data_ptr()
+        return self.pool is not None and any(ptr == s.untyped_storage().data_ptr() for s in self.pool.slots)
 
     def _refuse_load(self, module: nn.Module, *args: Any) -> None:
         raise OffloadError(
@@ -153,8 +184,8 @@ class OffloadHandle:
             for h in layer.hooks:
                 h.remove()
             for entry in layer.master.layout.entries:
-                true = layer.master.view(entry)
-                entry.tensor.data = true if true.device == entry.device else true.to(entry.device)
+                leaves = [leaf.to(entry.device) for leaf in layer.master.leaves(entry)]
+                entry.parts.install(entry.tensor, leaves)
         for tensor, device in self.moved:
             tensor.data = tensor.data.to(device)
         self.layers, self.moved, self.pool, self.engine = [], [], None, None
