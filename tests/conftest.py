@@ -64,14 +64,14 @@ def prompt(seed: int = 1, length: int = 12) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.inference_mode()
-def run(model: nn.Module, ids: torch.Tensor, new_tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of a full forward and a greedy generation with KV cache."""
-    logits = model(ids).logits
-    tokens = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0,
-    )  # fmt: skip
+def run(model: nn.Module, ids: torch.Tensor, new_tokens: int = 8, mode=torch.inference_mode):
+    """Logits of a full forward and a greedy generation with KV cache (under ``mode``)."""
+    with mode():
+        logits = model(ids).logits
+        tokens = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
     return logits, tokens
 
 

@@ -1,0 +1,231 @@
+"""Quantized weights stream in their quantized form and give the quantized model's outputs, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+import weightlift
+from conftest import prompt, run, tiny
+from weightlift import OffloadConfig
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """Independent of weightlift: the plain tensors inside ``t``."""
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        return [leaf for a in attrs for leaf in _leaves(getattr(t, a))]
+    return [t]
+
+
+def _quantized_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def _torchao(kind: str):
+    def quantize(model):
+        from torchao.quantization import (
+            Float8WeightOnlyConfig,
+            Int8WeightOnlyConfig,
+            IntxWeightOnlyConfig,
+            PerGroup,
+            quantize_,
+        )
+
+        config = {
+            "int8": Int8WeightOnlyConfig(),
+            "fp8": Float8WeightOnlyConfig(),
+            "int4": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+        }[kind]
+        quantize_(_quantized_layers(model), config)
+
+    return quantize
+
+
+def _quanto(kind: str):
+    def quantize(model):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        quantize(_quantized_layers(model), weights={"qint8": qint8, "qint4": qint4}[kind])
+        freeze(_quantized_layers(model))
+
+    return quantize
+
+
+# quanto's qint4 matmul fails under torch.inference_mode even without weightlift ("Cannot set
+# version_counter for inference tensor", optimum-quanto 0.2.7): run it under no_grad.
+SUBCLASS_FORMATS = {
+    "torchao-int8": ("torchao", _torchao("int8"), torch.inference_mode),
+    "torchao-fp8": ("torchao", _torchao("fp8"), torch.inference_mode),
+    "torchao-intx-int4": ("torchao", _torchao("int4"), torch.inference_mode),
+    "quanto-qint8": ("optimum.quanto", _quanto("qint8"), torch.inference_mode),
+    "quanto-qint4": ("optimum.quanto", _quanto("qint4"), torch.no_grad),
+}
+
+
+def _snapshot_leaves(model):
+    return {
+        name: (type(t), t.dtype, t.device, [leaf.clone() for leaf in _leaves(t.detach())])
+        for name, t in model.named_parameters()
+    }
+
+
+def _check_restored(model, snap):
+    for name, t in model.named_parameters():
+        kind, dtype, device, leaves = snap[name]
+        assert (type(t), t.dtype, t.device) == (kind, dtype, device), name
+        now = _leaves(t.detach())
+        assert len(now) == len(leaves) and all(torch.equal(a, b) for a, b in zip(now, leaves)), name
+
+
+def _align(n: int) -> int:
+    return (n + 511) // 512 * 512
+
+
+def _slot_bytes_by_hand(layer: nn.Module) -> int:
+    """Each parameter and persistent buffer's inner tensors, each its own storage, 512-aligned."""
+    total = 0
+    for _, t in (*layer.named_parameters(), *layer.named_buffers()):
+        for leaf in _leaves(t.detach()):
+            total += _align(leaf.untyped_storage().nbytes())
+    return total
+
+
+@pytest.mark.parametrize("fmt", list(SUBCLASS_FORMATS))
+def test_tensor_subclass_formats_stream_quantized_and_exact(fmt):
+    package, quantize, mode = SUBCLASS_FORMATS[fmt]
+    pytest.importorskip(package)
+    model = tiny("llama")
+    quantize(model)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert is_traceable_wrapper_subclass(weight)
+    ids = prompt()
+    ref_logits, ref_tokens = run(model, ids, mode=mode)
+    snap = _snapshot_leaves(model)
+    ref_state = {k: [leaf.clone() for leaf in _leaves(v)] for k, v in model.state_dict().items()}
+    slot = _slot_bytes_by_hand(model.model.layers[0])
+    quantized_bytes = sum(
+        leaf.untyped_storage().nbytes()
+        for _, t in (*model.model.layers.named_parameters(), *model.model.layers.named_buffers())
+        for leaf in _leaves(t.detach())
+    )
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        assert type(model.model.layers[0].mlp.up_proj.weight) is type(weight)
+        logits, tokens = run(model, ids, mode=mode)
+        report = handle.report()
+        state = model.state_dict()
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert report.prefetch_misses == 0
+    assert (report.slots, report.slot_bytes, report.pool_bytes) == (3, slot, 3 * slot)
+    assert report.offloaded_bytes == quantized_bytes  # quantized storage, not the dequantized size
+    dense = sum(4 * p.numel() for p in tiny("llama").model.layers.parameters())
+    assert report.offloaded_bytes < dense
+    _check_restored(model, snap)
+    assert state.keys() == ref_state.keys()  # state_dict while offloaded held the true weights
+    for key, leaves in ref_state.items():
+        assert all(torch.equal(a, b) for a, b in zip(_leaves(state[key]), leaves, strict=True)), key
+
+
+class Scaled(torch.Tensor):
+    """A tensor subclass defined only here, never registered anywhere: int8 data times a scale."""
+
+    @staticmethod
+    def __new__(cls, qdata, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, qdata.shape, dtype=scale.dtype, device=qdata.device)
+
+    def __init__(self, qdata, scale):
+        self.qdata, self.scale = qdata, scale
+
+    def __tensor_flatten__(self):
+        return ["qdata", "scale"], None
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, ctx, outer_size, outer_stride):
+        return cls(inner["qdata"], inner["scale"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return Scaled(args[0].qdata.detach(), args[0].scale.detach())
+
+        def unwrap(x):
+            return x.qdata.to(x.scale.dtype) * x.scale if isinstance(x, Scaled) else x
+
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+def test_a_subclass_defined_only_in_this_test_streams():
+    model = tiny("llama")
+    for layer in model.model.layers:
+        for lin in (layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.q_proj):
+            w = lin.weight.detach()
+            scale = w.abs().amax(dim=1, keepdim=True) / 127
+            q = torch.round(w / scale).to(torch.int8)
+            lin.weight = nn.Parameter(Scaled(q, scale), requires_grad=False)
+    ids = prompt()
+    ref_logits, ref_tokens = run(model, ids)
+    snap = _snapshot_leaves(model)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=3)) as handle:
+        logits, tokens = run(model, ids)
+        entry = next(e for e in handle.layers[0].master.layout.entries if e.qualname == "mlp.up_proj.weight")
+        assert entry.parts.kind == "subclass Scaled"
+        assert [leaf.dtype for leaf in entry.specs] == [torch.int8, torch.float32]
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    _check_restored(model, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_plain_fp8_weights(dtype):
+    class Fp8Linear(nn.Module):
+        def __init__(self, lin: nn.Linear):
+            super().__init__()
+            w = lin.weight.detach()
+            self.scale = nn.Parameter(w.abs().amax() / 64, requires_grad=False)
+            self.weight = nn.Parameter((w / self.scale).to(dtype), requires_grad=False)
+
+        def forward(self, x):
+            return x @ (self.weight.float() * self.scale).T
+
+    model = tiny("llama")
+    for layer in model.model.layers:
+        layer.mlp.up_proj = Fp8Linear(layer.mlp.up_proj)
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        out = run(model, ids)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == dtype
+
+
+def test_mxfp4_style_packed_weights():
+    """uint8 blocks of two e2m1 values with one float8_e8m0fnu scale per 32 values (MXFP4 layout)."""
+    values = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+    class Mxfp4Linear(nn.Module):
+        def __init__(self, out_f: int, in_f: int):
+            super().__init__()
+            codes = torch.randint(0, 16, (out_f, in_f))
+            self.blocks = nn.Parameter((codes[:, ::2] | (codes[:, 1::2] << 4)).to(torch.uint8), requires_grad=False)
+            exps = torch.randint(120, 130, (out_f, in_f // 32), dtype=torch.uint8)
+            self.scales = nn.Parameter(exps.view(torch.float8_e8m0fnu), requires_grad=False)
+
+        def forward(self, x):
+            lo, hi = self.blocks & 0xF, self.blocks >> 4
+            codes = torch.stack([lo, hi], dim=-1).flatten(-2).long()
+            w = values[codes] * torch.exp2(self.scales.view(torch.uint8).float() - 127).repeat_interleave(32, -1)
+            return x @ w.T
+
+    model = tiny("llama")
+    torch.manual_seed(3)
+    for layer in model.model.layers:
+        layer.mlp.gate_proj = Mxfp4Linear(128, 64)
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2, params=("mlp",))) as handle:
+        out = run(model, ids)
+        dtypes = {s.dtype for e in handle.layers[0].master.layout.entries for s in e.specs}
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert {torch.uint8, torch.float8_e8m0fnu} <= dtypes
