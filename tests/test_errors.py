@@ -115,18 +115,54 @@ def test_params_filter_matching_nothing():
                     device="cpu", config=OffloadConfig(params=("nope",)))  # fmt: skip
 
 
-def test_tensor_subclass_is_refused_before_anything_moves():
-    class Wrapped(torch.Tensor):
+class Opaque(torch.Tensor):
+    """A wrapper subclass with no storage and no __tensor_flatten__: nothing says where its bytes are."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self._hidden = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(x):
+            return x._hidden if isinstance(x, Opaque) else x
+
+        if func is torch.ops.aten.detach.default:
+            return Opaque(args[0]._hidden)
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+def test_tensor_type_that_cannot_be_taken_apart_is_refused_before_anything_moves():
+    model = tiny("llama")
+    w = model.model.layers[2].mlp.up_proj.weight
+    model.model.layers[2].mlp.up_proj.weight = nn.Parameter(Opaque(w.detach()), requires_grad=False)
+    snap, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(OffloadError) as err:
+        weightlift.offload(model, device="cpu")
+    message = str(err.value)
+    assert "`model.layers.2.mlp.up_proj.weight` is a test_errors.Opaque" in message
+    assert "__tensor_flatten__" in message and "weightlift.adapters.Adapter" in message
+    assert_same(model, snap, same_storage=False)
+    assert hook_counts(model) == hooks
+
+
+def test_storage_subclass_streams_like_a_plain_tensor():
+    class Tagged(torch.Tensor):
         pass
 
     model = tiny("llama")
-    w = model.model.layers[2].mlp.up_proj.weight
-    model.model.layers[2].mlp.up_proj.weight = nn.Parameter(w.detach().as_subclass(Wrapped))
-    _assert_refused(
-        model,
-        r"`model.layers.2.mlp.up_proj.weight` is a test_errors.Wrapped, which weightlift cannot take apart.*Adapter",
-        device="cpu",
-    )
+    ids = prompt()
+    for layer in model.model.layers:
+        layer.mlp.up_proj.weight = nn.Parameter(layer.mlp.up_proj.weight.detach().as_subclass(Tagged))
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        assert type(model.model.layers[0].mlp.up_proj.weight) is Tagged
+        out = run(model, ids)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert type(model.model.layers[0].mlp.up_proj.weight) is Tagged
 
 
 def test_autograd_through_offloaded_weights_fails_clearly():

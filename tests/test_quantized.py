@@ -229,3 +229,122 @@ def test_mxfp4_style_packed_weights():
         dtypes = {s.dtype for e in handle.layers[0].master.layout.entries for s in e.specs}
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert {torch.uint8, torch.float8_e8m0fnu} <= dtypes
+
+
+def _replace_linears(model: nn.Module, make) -> None:
+    for layer in model.model.layers:
+        for name, child in list(layer.named_modules()):
+            for attr, lin in list(child.named_children()):
+                if type(lin) is nn.Linear:
+                    setattr(child, attr, make(lin))
+
+
+def _bnb4(quant_type: str, double: bool):
+    def make(lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                compute_dtype=torch.float32, compress_statistics=double, quant_type=quant_type)  # fmt: skip
+        new.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False,
+                                       compress_statistics=double, quant_type=quant_type)  # fmt: skip
+        return new.to("cpu")
+
+    return make
+
+
+def _bnb8(lin: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
+    new.weight = bnb.nn.Int8Params(lin.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    return new.to("cpu")
+
+
+def _hqq(bits: int):
+    def make(lin: nn.Linear) -> nn.Module:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        config = BaseQuantizeConfig(nbits=bits, group_size=64)
+        return HQQLinear(lin, quant_config=config, compute_dtype=torch.float32, device="cpu")
+
+    return make
+
+
+ATTRIBUTE_FORMATS = {
+    "bnb-nf4": ("bitsandbytes", _bnb4("nf4", False)),
+    "bnb-nf4-double": ("bitsandbytes", _bnb4("nf4", True)),
+    "bnb-fp4": ("bitsandbytes", _bnb4("fp4", False)),
+    "bnb-fp4-double": ("bitsandbytes", _bnb4("fp4", True)),
+    "bnb-int8": ("bitsandbytes", _bnb8),
+    "hqq-4bit": ("hqq", _hqq(4)),
+    "hqq-8bit": ("hqq", _hqq(8)),
+}
+
+
+def _attribute_leaves(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor reachable from parameters, buffers and the quantization state objects, by path."""
+    from weightlift.tensors import attribute_tensors
+
+    out = {}
+    for mname, m in model.named_modules():
+        for name, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None:
+                out[f"{mname}.{name}"] = t.detach().clone()
+                for path, a in attribute_tensors(t):
+                    out[f"{mname}.{name}.{path}"] = a.clone()
+        for path, a in attribute_tensors(m):
+            out[f"{mname}.{path}"] = a.clone()
+    return out
+
+
+def _attribute_leaves_live(layer: nn.Module) -> list[torch.Tensor]:
+    from weightlift.tensors import attribute_tensors
+
+    out = []
+    for m in layer.modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                out += [t, *(a for _, a in attribute_tensors(t))]
+        out += [a for _, a in attribute_tensors(m)]
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(ATTRIBUTE_FORMATS))
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-first-forward"])
+def test_formats_with_state_on_attributes_stream_quantized_and_exact(fmt, warm):
+    package, make = ATTRIBUTE_FORMATS[fmt]
+    pytest.importorskip(package)
+    model = tiny("llama")
+    _replace_linears(model, make)
+    ids = prompt()
+    if warm:  # formats may move or repack state on the first forward (bitsandbytes int8 does)
+        run(model, ids, new_tokens=1)
+    ref_logits, ref_tokens = run(model, ids)
+    before = _attribute_leaves(model)
+    types = {n: type(p) for n, p in model.named_parameters()}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        logits, tokens = run(model, ids)
+        report = handle.report()
+        kinds = {e.parts.kind for layer in handle.layers for e in layer.master.layout.entries}
+        state = model.state_dict()
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert report.prefetch_misses == 0
+    after = _attribute_leaves(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert {n: type(p) for n, p in model.named_parameters()} == types
+    dense = sum(4 * p.numel() for p in tiny("llama").model.layers.parameters())
+    assert report.offloaded_bytes < dense / 2  # quantized bytes travel, not dequantized ones
+    assert kinds  # what the entries were: plain tensors, storage subclasses (Params4bit, Int8Params)
+    # pool by hand: layer 0's distinct storages (weights and quantization state), each 512-aligned, 3 slots
+    storages = {}
+    for t in _attribute_leaves_live(model.model.layers[0]):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    assert report.slot_bytes == sum(_align(n) for n in storages.values())
+    assert report.pool_bytes == 3 * report.slot_bytes
+    resident_state = model.state_dict()
+    assert state.keys() == resident_state.keys()
+    for key, value in resident_state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), key

@@ -19,7 +19,7 @@ from .models import find_stack
 from .pool import DevicePool
 from .schedule import Prefetcher, make_schedule
 from .storage import Entry, HostMaster, Layout, storage_key
-from .tensors import take_apart
+from .tensors import attribute_tensors, take_apart
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,21 @@ def resolve_device(device: str | torch.device | int | None) -> torch.device:
     return torch.device(dev.type, index)
 
 
-def _local_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-    """(dotted name, owning module, attribute, tensor) for every parameter and buffer, shared ones repeated."""
-    for mname, m in module.named_modules(prefix=prefix, remove_duplicate=False):
-        for attr, t in (*m._parameters.items(), *m._buffers.items()):
+def _tensors(root: nn.Module, params_only: bool = False) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(dotted name, tensor, persistent) for every parameter and buffer of ``root`` (shared ones repeated),
+    and, unless ``params_only``, every tensor held in plain attributes (see `attribute_tensors`)."""
+    for mname, m in root.named_modules(remove_duplicate=False):
+        dot = f"{mname}." if mname else ""
+        for attr, t in m._parameters.items():
             if t is not None:
-                yield (f"{mname}.{attr}" if mname else attr), m, attr, t
+                yield dot + attr, t, True
+                if not params_only:
+                    yield from ((f"{dot}{attr}.{path}", a, True) for path, a in attribute_tensors(t))
+        for attr, t in m._buffers.items():
+            if t is not None:
+                yield dot + attr, t, attr not in m._non_persistent_buffers_set
+        if not params_only:
+            yield from ((dot + path, a, True) for path, a in attribute_tensors(m))
 
 
 def _keys(name: str, t: torch.Tensor, adapters: Sequence) -> set[tuple]:
@@ -77,24 +86,23 @@ def _unique_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: OffloadConfig, adapters: Sequence):
-    """Entries to offload per stack index, and every other tensor (resident). Touches nothing."""
-    layer_of = {id(layer): i for i, layer in enumerate(stack)}
-    owners: dict[tuple, set[int]] = defaultdict(set)
-    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+    """Entries to offload per stack index, and the parameters and buffers kept resident. Touches nothing."""
+    for name, t, _ in _tensors(model, params_only=True):
         if t.is_meta:
             raise OffloadError(
                 f"`{name}` is on the meta device (no data): load the weights before offloading, e.g. "
                 "from_pretrained(...) without device_map='meta', or materialise the model"
             )
-    for mname, module in model.named_modules(remove_duplicate=False):
+    layer_of = {id(layer): i for i, layer in enumerate(stack)}
+    owners: dict[tuple, set[int]] = defaultdict(set)
+    for name, t, _ in _tensors(model):
         owner = -1
-        if mname.startswith(stack_name + "."):
-            head = mname[len(stack_name) + 1 :].split(".", 1)[0]
+        if name.startswith(stack_name + "."):
+            head = name[len(stack_name) + 1 :].split(".", 1)[0]
             owner = layer_of.get(id(stack[int(head)]), -1) if head.isdigit() else -1
-        for attr, t in (*module._parameters.items(), *module._buffers.items()):
-            if t is not None and t.numel():
-                for key in _keys(f"{mname}.{attr}", t, adapters):
-                    owners[key].add(owner)
+        if t.numel():
+            for key in _keys(name, t, adapters):
+                owners[key].add(owner)
 
     entries: dict[int, list[Entry]] = {}
     chosen: set[int] = set()
@@ -103,8 +111,8 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
             continue
         seen: set[int] = set()
         prefix = f"{stack_name}.{index}"
-        for qualname, module, attr, t in _local_tensors(layer):
-            if id(t) in seen or attr in module._non_persistent_buffers_set or t.numel() == 0:
+        for qualname, t, persistent in _tensors(layer):
+            if id(t) in seen or not persistent or t.numel() == 0:
                 continue
             seen.add(id(t))
             if not config.offloads_param(qualname):
@@ -113,17 +121,14 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
             if any(owners[storage_key(leaf)] != {index} for leaf in parts.leaves):
                 log.info("keeping `%s.%s` resident: it is shared with other modules", prefix, qualname)
                 continue
-            entries.setdefault(index, []).append(Entry(module, attr, qualname, t, parts, t.device))
+            entries.setdefault(index, []).append(Entry(qualname, t, parts, t.device))
             chosen.add(id(t))
     if config.params and not entries:
         raise OffloadError(
             f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
-            f"look like {[q for q, *_ in _local_tensors(stack[0])][:4]}"
+            f"look like {[q for q, *_ in _tensors(stack[0], params_only=True)][:4]}"
         )
-    resident: dict[int, torch.Tensor] = {}
-    for _, _, _, t in _local_tensors(model):
-        if id(t) not in chosen:
-            resident.setdefault(id(t), t)
+    resident = {id(t): t for _, t, _ in _tensors(model, params_only=True) if id(t) not in chosen}
     return entries, list(resident.values())
 
 

@@ -103,12 +103,16 @@ class OffloadHandle:
         layer.hooks += [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after),
+            module.register_state_dict_pre_hook(lambda *_: self.prefetcher.ensure(hook.position)),
             module.register_state_dict_post_hook(self._state_dict_hook(layer)),
             module.register_load_state_dict_pre_hook(self._refuse_load),
         ]
 
     def _state_dict_hook(self, layer: OffloadedLayer):
         """Replace what the layer's state_dict read from its slot by the true tensors from the host master.
+
+        A pre-hook has loaded the layer into its slot first, so whatever a format computes while saving
+        (packed metadata, say) is computed from this layer's bytes.
 
         Keys named like an offloaded tensor get the rebuilt true tensor; other values that are one of its
         leaves in the slot (formats that save their parts under extra keys) get the matching master leaf.

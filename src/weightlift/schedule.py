@@ -98,19 +98,23 @@ class Prefetcher:
             self._issue(position)
 
     def before(self, position: int) -> None:
-        slot = self.slots[self.schedule.slot_of[position]]
-        if slot.position == position:
+        if self.slots[self.schedule.slot_of[position]].position == position:
             self.hits += 1
-            if slot.ticket is not None:
-                self.wait(slot.ticket)
-                slot.ticket = None
-            return
-        # Not prefetched: a layer ran out of the planned order, twice, or after an aborted forward.
-        self.misses += 1
-        self.copies += 1
-        log.debug("prefetch miss at offloaded position %d: loading synchronously", position)
-        self.load_now(position, self.schedule.slot_of[position], slot.ticket)
-        slot.position, slot.ticket = position, None
+        else:  # not prefetched: a layer ran out of the planned order, twice, or after an aborted forward
+            self.misses += 1
+            log.debug("prefetch miss at offloaded position %d: loading synchronously", position)
+        self.ensure(position)
+
+    def ensure(self, position: int) -> None:
+        """Make ``position``'s slot hold its weights for compute issued from now on."""
+        slot = self.slots[self.schedule.slot_of[position]]
+        if slot.position != position:
+            self.copies += 1
+            self.load_now(position, self.schedule.slot_of[position], slot.ticket)
+            slot.position, slot.ticket = position, None
+        elif slot.ticket is not None:
+            self.wait(slot.ticket)
+            slot.ticket = None
 
     def after(self, position: int) -> None:
         self._issue(self.schedule.ahead(position))

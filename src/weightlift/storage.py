@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .dtypes import storage_span
 from .tensors import Parts, byte_view, typed_view
@@ -32,8 +31,6 @@ def storage_key(t: torch.Tensor) -> tuple:
 class Entry:
     """One offloaded parameter or buffer: the object the module holds and the leaves it is made of."""
 
-    module: nn.Module
-    attr: str
     qualname: str  # dotted name inside the layer, as in its state_dict
     tensor: torch.Tensor  # the object the module holds: kept, only its contents are swapped
     parts: Parts

@@ -7,8 +7,13 @@ install new leaves in place:
 - a traceable tensor subclass (torchao, optimum-quanto, DTensor and any class implementing
   ``__tensor_flatten__``/``__tensor_unflatten__``) is taken apart recursively and rebuilt around the new
   leaves, then swapped in with `torch.utils.swap_tensors` (``param.data = ...`` does not work for them);
-- anything else (a ``Tensor`` subclass carrying quantization state on attributes) needs an adapter:
-  see `weightlift.adapters`.
+- a ``Tensor`` subclass that owns real storage (bitsandbytes ``Params4bit``/``Int8Params``) is moved
+  with ``.data =`` like a plain tensor; the quantization state it carries on attributes (absmax, code,
+  nested state, ``SCB`` ...) is found by `attribute_tensors` and streamed as separate plain tensors;
+- modules that keep state outside parameters and buffers (HQQ's ``meta`` dict, bitsandbytes' int8
+  ``state`` object) are walked by `attribute_tensors` too;
+- anything else (a wrapper subclass without ``__tensor_flatten__``) needs an adapter: see
+  `weightlift.adapters`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ def _plain(tensor: torch.Tensor) -> Parts:
     def install(held: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
         held.data = leaves[0]
 
-    return Parts([tensor.detach()], lambda leaves: leaves[0], install, "plain")
+    leaf = tensor.detach()
+    if type(leaf) is not torch.Tensor:
+        leaf = leaf.as_subclass(torch.Tensor)  # same storage, seen as a plain tensor
+    return Parts([leaf], lambda leaves: leaves[0], install, "plain")
 
 
 def _flatten(name: str, tensor: torch.Tensor) -> tuple[list[torch.Tensor], Callable]:
@@ -84,6 +92,57 @@ def _unsupported(name: str, tensor: torch.Tensor) -> OffloadError:
     )
 
 
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    try:
+        return tensor.untyped_storage().data_ptr() != 0 or tensor.numel() == 0
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+_LEAF_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def attribute_tensors(obj: object, depth: int = 3) -> list[tuple[str, torch.Tensor]]:
+    """Plain tensors that ``obj`` (a module or a tensor) holds outside parameters and buffers.
+
+    Walks public attributes (and ``meta``-style dicts, and plain state objects such as a QuantState or a
+    MatmulLtState) up to ``depth`` levels, never into modules, parameters or buffers. Returns
+    ``(dotted path, tensor)`` pairs; each tensor is swapped in place with ``.data =``, so every holder of
+    the same object sees the new memory.
+    """
+    found: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+
+    def walk(value: object, path: str, level: int) -> None:
+        if id(value) in seen or isinstance(value, (*_LEAF_TYPES, torch.nn.Module)):
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if type(value) is torch.Tensor and value.numel() and _owns_storage(value):
+                found.append((path, value))
+            return
+        if level >= depth or callable(value):
+            return
+        if isinstance(value, dict):
+            items = [(str(k), v) for k, v in value.items() if isinstance(k, str)]
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            items = [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
+        else:
+            return
+        for key, child in items:
+            walk(child, f"{path}.{key}" if path else key, level + 1)
+
+    if isinstance(obj, torch.nn.Module):
+        skip = {*obj._parameters, *obj._buffers, *obj._modules}
+        roots = [(k, v) for k, v in vars(obj).items() if not k.startswith("_") and k not in skip]
+    else:
+        roots = list(getattr(obj, "__dict__", {}).items())
+    seen.add(id(obj))
+    for key, value in roots:
+        walk(value, key, 1)
+    return found
+
+
 def take_apart(name: str, tensor: torch.Tensor, adapters: Sequence = ()) -> Parts:
     """The leaves of ``tensor`` (a parameter or buffer called ``name``), or `OffloadError` naming it."""
     for adapter in adapters:
@@ -92,14 +151,16 @@ def take_apart(name: str, tensor: torch.Tensor, adapters: Sequence = ()) -> Part
             parts.kind = f"adapter {adapter.name}"
             break
     else:
-        if type(tensor) in (torch.Tensor, torch.nn.Parameter):
-            parts = _plain(tensor)
-        elif is_traceable_wrapper_subclass(tensor):
+        if is_traceable_wrapper_subclass(tensor):
             parts = _subclass(name, tensor)
+        elif type(tensor) in (torch.Tensor, torch.nn.Parameter) or _owns_storage(tensor):
+            parts = _plain(tensor)
+            if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+                parts.kind = f"storage subclass {type(tensor).__name__}"
         else:
             raise _unsupported(name, tensor)
     for leaf in parts.leaves:
-        if leaf.is_quantized or leaf.layout != torch.strided or type(leaf) is not torch.Tensor:
+        if leaf.is_quantized or leaf.layout != torch.strided:
             raise OffloadError(
                 f"`{name}` holds a {'legacy quantized' if leaf.is_quantized else str(leaf.layout)} tensor, which "
                 "cannot be streamed as bytes; keep it resident by narrowing OffloadConfig(params=...)"
