@@ -233,7 +233,7 @@ def test_mxfp4_style_packed_weights():
 
 def _replace_linears(model: nn.Module, make) -> None:
     for layer in model.model.layers:
-        for name, child in list(layer.named_modules()):
+        for child in list(layer.modules()):
             for attr, lin in list(child.named_children()):
                 if type(lin) is nn.Linear:
                     setattr(child, attr, make(lin))
@@ -244,7 +244,8 @@ def _bnb4(quant_type: str, double: bool):
         import bitsandbytes as bnb
 
         new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                compute_dtype=torch.float32, compress_statistics=double, quant_type=quant_type)  # fmt: skip
+                                compute_dtype=torch.float32, compress_statistics=double,
+                                quant_type=quant_type)  # fmt: skip
         new.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False,
                                        compress_statistics=double, quant_type=quant_type)  # fmt: skip
         return new.to("cpu")
@@ -348,3 +349,124 @@ def test_formats_with_state_on_attributes_stream_quantized_and_exact(fmt, warm):
     for key, value in resident_state.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(state[key], value), key
+
+
+def _pack_int4(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """Pack unsigned 4-bit values (0..15) eight to an int32 along ``dim``, lowest nibble first."""
+    q = q.movedim(dim, -1).to(torch.int32)
+    packed = torch.zeros(*q.shape[:-1], q.shape[-1] // 8, dtype=torch.int32)
+    for k in range(8):
+        packed |= q[..., k::8] << (4 * k)
+    return packed.movedim(-1, dim)
+
+
+def _unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    p = packed.movedim(dim, -1)
+    parts = [(p >> (4 * k)) & 0xF for k in range(8)]
+    return torch.stack(parts, dim=-1).flatten(-2).movedim(-1, dim)
+
+
+class PackedInt4Linear(nn.Module):
+    """Faithful to how transformers holds GPTQ, AWQ and compressed-tensors pack-quantized layers after
+    loading: the same tensor names, dtypes and packed shapes, with a dequantizing forward (group 32)."""
+
+    def __init__(self, lin: nn.Linear, layout: str) -> None:
+        super().__init__()
+        self.layout, group = layout, 32
+        w = lin.weight.detach()  # (out, in)
+        out_f, in_f = w.shape
+        g = w.reshape(out_f, in_f // group, group)
+        scale = (g.amax(-1) - g.amin(-1)).clamp(min=1e-8) / 15
+        zero = torch.round(-g.amin(-1) / scale).clamp(0, 15)
+        q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 15).reshape(out_f, in_f)
+        if layout == "gptq":  # qweight (in/8, out) int32, qzeros (groups, out/8), scales fp16, g_idx
+            self.register_buffer("qweight", _pack_int4(q.T, 0))
+            self.register_buffer("qzeros", _pack_int4(zero.T.to(torch.int32), 1))
+            self.register_buffer("scales", scale.T.to(torch.float16).contiguous())
+            self.register_buffer("g_idx", torch.arange(in_f, dtype=torch.int32) // group)
+        elif layout == "awq":  # qweight (in, out/8) int32, qzeros (groups, out/8), scales (groups, out) fp16
+            self.register_buffer("qweight", _pack_int4(q.T, 1))
+            self.register_buffer("qzeros", _pack_int4(zero.T.to(torch.int32), 1))
+            self.register_buffer("scales", scale.T.to(torch.float16).contiguous())
+        else:  # compressed-tensors pack_quantized: weight_packed (out, in/8) int32, weight_scale, weight_shape
+            self.weight_packed = nn.Parameter(_pack_int4(q, 1), requires_grad=False)
+            self.weight_scale = nn.Parameter(scale.to(torch.float16), requires_grad=False)
+            self.weight_zero_point = nn.Parameter(zero.to(torch.int32), requires_grad=False)
+            self.weight_shape = nn.Parameter(torch.tensor([out_f, in_f]), requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.layout == "compressed":
+            out_f, in_f = self.weight_shape.tolist()
+            q = _unpack_int4(self.weight_packed, 1).float()
+            zero, scale = self.weight_zero_point.float(), self.weight_scale.float()
+        else:
+            q = _unpack_int4(self.qweight, 0 if self.layout == "gptq" else 1).T.float()
+            zero, scale = _unpack_int4(self.qzeros, 1).T.float(), self.scales.T.float()
+            out_f, in_f = q.shape
+        g = q.reshape(out_f, in_f // 32, 32)
+        return ((g - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
+
+    def forward(self, x):
+        return x @ self.dequantized().T
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq", "compressed"])
+def test_packed_int4_layouts(layout):
+    model = tiny("llama")
+    _replace_linears(model, lambda lin: PackedInt4Linear(lin, layout))
+    ids = prompt()
+    ref = run(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_tensors = [*model.model.layers[0].parameters(), *model.model.layers[0].buffers()]
+    slot = sum(_align(t.untyped_storage().nbytes()) for t in layer_tensors)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        out = run(model, ids)
+        report = handle.report()
+        dtypes = {s.dtype for e in handle.layers[0].master.layout.entries for s in e.specs}
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert torch.int32 in dtypes
+    assert (report.slot_bytes, report.pool_bytes) == (slot, 3 * slot)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class GGUFParameter(nn.Parameter):
+    """Like diffusers' GGUFParameter: raw GGUF blocks (uint8) in a Parameter subclass with its quant type."""
+
+    def __new__(cls, data, quant_type):
+        self = super().__new__(cls, data, requires_grad=False)
+        self.quant_type = quant_type
+        return self
+
+
+class GGUFLinear(nn.Module):
+    def __init__(self, lin: nn.Linear, quant_type) -> None:
+        super().__init__()
+        from gguf import quants
+
+        self.shape = tuple(lin.weight.shape)
+        blocks = quants.quantize(lin.weight.detach().numpy(), quant_type)
+        self.weight = GGUFParameter(torch.from_numpy(blocks), quant_type)
+
+    def forward(self, x):
+        from gguf import quants
+
+        w = quants.dequantize(self.weight.detach().numpy(), self.weight.quant_type)
+        return x @ torch.from_numpy(w.reshape(self.shape)).to(x.dtype).T
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gguf_weights_stay_quantized(qtype):
+    gguf = pytest.importorskip("gguf")
+    quant_type = getattr(gguf.GGMLQuantizationType, qtype)
+    model = tiny("llama")
+    _replace_linears(model, lambda lin: GGUFLinear(lin, quant_type))
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        w = model.model.layers[1].mlp.up_proj.weight
+        assert type(w) is GGUFParameter and w.quant_type == quant_type and w.dtype == torch.uint8
+        out = run(model, ids)
+        report = handle.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    gguf_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())  # uint8 blocks + norms
+    assert report.offloaded_bytes == gguf_bytes
