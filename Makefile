@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python -m weightlift demo
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q
