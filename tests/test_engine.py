@@ -10,7 +10,9 @@ import torch
 import weightlift
 from conftest import prompt, run, tiny
 from weightlift import OffloadConfig
-from weightlift.engine import ThreadEngine, make_engine
+from weightlift.engine import ThreadEngine, copy_job, make_engine
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("group,num,step", [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (3, 2, 2)])
@@ -60,7 +62,7 @@ def test_thread_engine_copies_on_its_own_thread_in_order():
 
     tickets = []
     for i in range(5):
-        tickets.append(engine.start([(dst[i], src[i])]))
+        tickets.append(engine.start(copy_job([(dst[i], src[i])], CPU)))
         tickets[-1].add_done_callback(lambda f, i=i: seen.append((i, threading.current_thread().name)))
     engine.wait(tickets[-1])
     engine.synchronize()
@@ -68,15 +70,15 @@ def test_thread_engine_copies_on_its_own_thread_in_order():
     assert all(name.startswith("weightlift-copy") for _, name in seen)
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
     # load_now waits for the copy in flight into the same place before writing
-    late = engine.start([(dst[0], torch.full((1 << 16,), 7.0))])
-    engine.load_now([(dst[0], src[1])], after=late)
+    late = engine.start(copy_job([(dst[0], torch.full((1 << 16,), 7.0))], CPU))
+    engine.load_now(copy_job([(dst[0], src[1])], CPU), after=late)
     assert torch.equal(dst[0], src[1])
     engine.close()
 
 
 def test_copy_errors_surface_on_wait():
     engine = ThreadEngine()
-    ticket = engine.start([(torch.empty(3), torch.empty(4))])
+    ticket = engine.start(copy_job([(torch.empty(3), torch.empty(4))], CPU))
     with pytest.raises(RuntimeError):
         engine.wait(ticket)
     engine.close()

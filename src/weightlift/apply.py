@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import BUILTIN_ADAPTERS, Adapter
 from .config import OffloadConfig, format_size
 from .dtypes import storage_span
-from .engine import make_engine
+from .engine import copy_job, make_engine
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stack
@@ -189,13 +189,16 @@ def offload(
             for entry in master.layout.entries:
                 entry.parts.install(entry.tensor, entry.views(slot))
             master.release_originals()  # with a slab, the original storages can now be freed
-        pairs = [layer.master.pairs(handle.pool.slots[schedule.slot_of[p]]) for p, layer in enumerate(handle.layers)]
+        jobs = [
+            copy_job(layer.master.pairs(handle.pool.slots[schedule.slot_of[p]]), dev)
+            for p, layer in enumerate(handle.layers)
+        ]
         handle.engine = engine = make_engine(dev)
         handle.prefetcher = prefetcher = Prefetcher(
             schedule,
-            start=lambda p, s: engine.start(pairs[p]),
+            start=lambda p, s: engine.start(jobs[p]),
             wait=engine.wait,
-            load_now=lambda p, s, after: engine.load_now(pairs[p], after),
+            load_now=lambda p, s, after: engine.load_now(jobs[p], after),
         )
         for position, layer in enumerate(handle.layers):
             weights = [e.tensor for e in layer.master.layout.entries]

@@ -1,55 +1,61 @@
-"""Copy engines: move a layer's bytes from host to its device slot, overlapped with compute.
+"""Copy engines: run a layer's transfer (host or disk to its device slot), overlapped with compute.
 
-Both engines take a list of ``(dst, src)`` byte-tensor pairs and share one interface:
+A transfer is a zero-argument callable (`copy_job` for host memory, a disk read for the disk tier).
+Both engines share one interface:
 
-- ``start(pairs) -> ticket``: begin the copy, ordered after all compute issued so far (so a slot is
+- ``start(job) -> ticket``: begin the transfer, ordered after all compute issued so far (so a slot is
   never overwritten while a layer still reads it);
-- ``wait(ticket)``: compute issued from now on sees the copied bytes;
-- ``load_now(pairs, after)``: copy in compute order, after the in-flight copy ``after`` (or None);
-- ``synchronize()``: every copy started so far has finished; ``close()``.
+- ``wait(ticket)``: compute issued from now on sees the transferred bytes;
+- ``load_now(job, after)``: transfer in compute order, after the in-flight transfer ``after`` (or None);
+- ``synchronize()``: every transfer started so far has finished; ``close()``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
 Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
+Job = Callable[[], None]
 
 
-def _copy_all(pairs: Pairs, non_blocking: bool = False) -> None:
+def _copy_all(pairs: Pairs, non_blocking: bool) -> None:
     for dst, src in pairs:
         dst.copy_(src, non_blocking=non_blocking)
 
 
-class ThreadEngine:
-    """CPU targets: copies run on one background thread (``copy_`` releases the GIL), in FIFO order.
+def copy_job(pairs: Pairs, device: torch.device) -> Job:
+    """A transfer of ``(dst, src)`` byte pairs; asynchronous from pinned memory on accelerators."""
+    return partial(_copy_all, pairs, device.type != "cpu")
 
-    On the CPU, compute has finished when a forward hook runs, so a copy started from a hook never
-    races a reader of its slot.
-    """
+
+class ThreadEngine:
+    """CPU targets: transfers run on one background thread (``copy_`` and file reads release the GIL),
+    in FIFO order. On the CPU, compute has finished when a forward hook runs, so a transfer started
+    from a hook never races a reader of its slot."""
 
     def __init__(self) -> None:
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightlift-copy")
         self._last: cf.Future | None = None
 
-    def start(self, pairs: Pairs) -> cf.Future:
-        self._last = self._pool.submit(_copy_all, pairs)
+    def start(self, job: Job) -> cf.Future:
+        self._last = self._pool.submit(job)
         return self._last
 
     def wait(self, ticket: cf.Future) -> None:
         ticket.result()
 
-    def load_now(self, pairs: Pairs, after: cf.Future | None) -> None:
+    def load_now(self, job: Job, after: cf.Future | None) -> None:
         if after is not None:
             after.result()
-        _copy_all(pairs)
+        job()
 
     def synchronize(self) -> None:
         if self._last is not None:
-            self._last.result()
+            self._last.exception()  # waits; errors were already raised to whoever waited on them
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -69,17 +75,16 @@ class StreamEngine:
     def _compute_stream(self) -> torch.Stream:
         return torch.accelerator.current_stream(self.device)
 
-    def start(self, pairs: Pairs) -> torch.Event:
+    def start(self, job: Job) -> torch.Event:
         compute = self._compute_stream()
         ready = torch.Event(device=self.device)
         ready.record(compute)
         self._stream.wait_event(ready)  # the slot's last reader has run
-        previous = torch.accelerator.current_stream(self.device)
         torch.accelerator.set_stream(self._stream)
         try:
-            _copy_all(pairs, non_blocking=True)
+            job()
         finally:
-            torch.accelerator.set_stream(previous)
+            torch.accelerator.set_stream(compute)
         done = torch.Event(device=self.device)
         done.record(self._stream)
         return done
@@ -87,10 +92,10 @@ class StreamEngine:
     def wait(self, ticket: torch.Event) -> None:
         self._compute_stream().wait_event(ticket)
 
-    def load_now(self, pairs: Pairs, after: torch.Event | None) -> None:
+    def load_now(self, job: Job, after: torch.Event | None) -> None:
         if after is not None:
             self.wait(after)
-        _copy_all(pairs, non_blocking=True)
+        job()
 
     def synchronize(self) -> None:
         self._stream.synchronize()
