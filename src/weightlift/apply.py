@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .adapters import BUILTIN_ADAPTERS, Adapter
 from .config import OffloadConfig, format_size
+from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
-from .engine import copy_job, make_engine
+from .engine import make_engine
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stack
@@ -87,12 +89,6 @@ def _unique_bytes(tensors: list[torch.Tensor]) -> int:
 
 def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: OffloadConfig, adapters: Sequence):
     """Entries to offload per stack index, and the parameters and buffers kept resident. Touches nothing."""
-    for name, t, _ in _tensors(model, params_only=True):
-        if t.is_meta:
-            raise OffloadError(
-                f"`{name}` is on the meta device (no data): load the weights before offloading, e.g. "
-                "from_pretrained(...) without device_map='meta', or materialise the model"
-            )
     layer_of = {id(layer): i for i, layer in enumerate(stack)}
     owners: dict[tuple, set[int]] = defaultdict(set)
     for name, t, _ in _tensors(model):
@@ -128,7 +124,21 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
             f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
             f"look like {[q for q, *_ in _tensors(stack[0], params_only=True)][:4]}"
         )
-    resident = {id(t): t for _, t, _ in _tensors(model, params_only=True) if id(t) not in chosen}
+    resident = {}
+    for name, t, _ in _tensors(model, params_only=True):
+        if id(t) not in chosen:
+            resident[id(t)] = t
+            if t.is_meta:
+                raise OffloadError(
+                    f"`{name}` is on the meta device (no data) and is not offloaded: load the weights before "
+                    "offloading; only offloaded layers may stay on meta, with source='disk' and a written cache"
+                )
+    meta = [e.qualname for es in entries.values() for e in es if e.tensor.is_meta]
+    if meta and config.source != "disk":
+        raise OffloadError(
+            f"`{meta[0]}` is on the meta device (no data): load the weights before offloading, or stream them "
+            "from a layer cache with OffloadConfig(source='disk', disk_path=...)"
+        )
     return entries, list(resident.values())
 
 
@@ -163,8 +173,23 @@ def offload(
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
+    pool_bytes = schedule.n_slots * slot_bytes
+    if config.host_budget is not None and dev.type == "cpu" and pool_bytes > config.host_budget:
+        raise OffloadError(
+            f"`host_budget`={config.host_budget} bytes is below the {pool_bytes} bytes this plan needs "
+            f"({schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
+        )
+    cache = None
+    if config.source == "disk":
+        if dev.type != "cpu":
+            raise OffloadError(
+                "`source`='disk' streams to CPU targets in this version; for an accelerator use source='host'"
+            )
+        materialized = not any(e.tensor.is_meta for es in entries.values() for e in es)
+        cache = open_cache(Path(config.disk_path).expanduser(), stack_name, layouts, materialized)
 
     handle = OffloadHandle(model, dev, stack_name, len(stack), schedule.step)
+    handle.cache = cache
     try:
         handle.pool = DevicePool(schedule.n_slots, slot_bytes, dev)
         for t in resident:
@@ -182,17 +207,17 @@ def offload(
         )
         pin = dev.type != "cpu"
         for position, index in enumerate(schedule.offloaded):
-            master = HostMaster.build(layouts[index], pin=pin)
+            if cache is not None:
+                master = DiskMaster(layouts[index], cache, index)
+            else:
+                master = HostMaster.build(layouts[index], pin=pin)
             layer = OffloadedLayer(index, f"{stack_name}.{index}", stack[index], master)
             handle.layers.append(layer)
             slot = handle.pool.slots[schedule.slot_of[position]]
             for entry in master.layout.entries:
                 entry.parts.install(entry.tensor, entry.views(slot))
             master.release_originals()  # with a slab, the original storages can now be freed
-        jobs = [
-            copy_job(layer.master.pairs(handle.pool.slots[schedule.slot_of[p]]), dev)
-            for p, layer in enumerate(handle.layers)
-        ]
+        jobs = [layer.master.job(handle.pool.slots[schedule.slot_of[p]], dev) for p, layer in enumerate(handle.layers)]
         handle.engine = engine = make_engine(dev)
         handle.prefetcher = prefetcher = Prefetcher(
             schedule,

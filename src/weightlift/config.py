@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -60,6 +61,11 @@ class OffloadConfig:
     ``prefetch_step``-th next offloaded layer starts. ``params`` restricts offloading to parameters
     whose dotted name (inside the layer) has one of the given segments, e.g. ``("mlp",)``.
     ``layers`` names the stack (``"model.layers"``) instead of detecting it.
+
+    ``source="disk"`` keeps the offloaded layers' true weights in a layer cache file under the folder
+    ``disk_path`` instead of host RAM (written on first use, reused after), and reads each layer ahead
+    straight into its slot. ``host_budget`` (bytes or "512MiB") caps the RAM the pool and staging may
+    take; a plan that needs more is refused with the minimum.
     """
 
     group_size: int = 1
@@ -67,6 +73,9 @@ class OffloadConfig:
     prefetch_step: int = 1
     params: tuple[str, ...] = ()
     layers: str | None = None
+    source: str = "host"
+    disk_path: str | os.PathLike | None = None
+    host_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("group_size", self.group_size)
@@ -91,6 +100,14 @@ class OffloadConfig:
                     f"got {segment!r}"
                 )
         object.__setattr__(self, "params", params)
+        if self.source not in ("host", "disk"):
+            raise OffloadError(f"`source` must be 'host' (RAM) or 'disk' (a layer cache file), got {self.source!r}")
+        if self.source == "disk" and not self.disk_path:
+            raise OffloadError("`source`='disk' needs `disk_path`, a folder for the layer cache")
+        if self.source == "host" and self.disk_path is not None:
+            raise OffloadError("`disk_path` is given but `source`='host': pass source='disk' to stream from disk")
+        if self.host_budget is not None:
+            object.__setattr__(self, "host_budget", parse_size(self.host_budget, name="host_budget"))
         if self.layers is not None and (not isinstance(self.layers, str) or not self.layers.strip()):
             raise OffloadError(f"`layers` must be a dotted module path like 'model.layers', got {self.layers!r}")
 

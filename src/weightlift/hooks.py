@@ -86,6 +86,7 @@ class OffloadHandle:
         self.pool: DevicePool | None = None
         self.engine: Any = None
         self.prefetcher: Prefetcher | None = None
+        self.cache: Any = None  # the disk tier's open cache file, if any
         self.removed = False
 
     def __repr__(self) -> str:
@@ -163,6 +164,7 @@ class OffloadHandle:
         pool = self.pool
         return OffloadReport(
             device=str(self.device),
+            source=str(self.cache.path) if self.cache is not None else "host",
             stack=self._stack,
             layers=self._n_layers,
             layers_offloaded=len(self.layers),
@@ -192,6 +194,8 @@ class OffloadHandle:
                 entry.parts.install(entry.tensor, leaves)
         for tensor, device in self.moved:
             tensor.data = tensor.data.to(device)
-        self.layers, self.moved, self.pool, self.engine = [], [], None, None
+        if self.cache is not None:
+            self.cache.close()
+        self.layers, self.moved, self.pool, self.engine, self.cache = [], [], None, None, None
         self.removed = True
         log.info("weightlift: removed offloading from %s", type(self.model).__name__)

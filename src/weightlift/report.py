@@ -12,6 +12,7 @@ class OffloadReport:
     """Exact figures for one `OffloadHandle`. Bytes are storage bytes (quantized as stored)."""
 
     device: str
+    source: str  # where the offloaded layers' true weights live: "host" (RAM) or the cache file's path
     stack: str  # dotted path of the offloaded layer stack
     layers: int  # layers in the stack
     layers_offloaded: int
@@ -42,6 +43,7 @@ class OffloadReport:
     def __str__(self) -> str:
         rows = [
             ("device", self.device),
+            ("weights streamed from", self.source),
             ("layer stack", f"{self.stack} ({self.layers_offloaded} of {self.layers} layers offloaded)"),
             ("offloaded weights", format_size(self.offloaded_bytes)),
             ("resident weights", format_size(self.resident_bytes)),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dtypes import storage_span
+from .engine import Job, copy_job
 from .tensors import Parts, byte_view, typed_view
 
 ALIGN = 512  # slot offsets: the CUDA caching allocator's alignment, so kernels see the same alignment
@@ -24,6 +25,8 @@ def _align(n: int, to: int = ALIGN) -> int:
 
 
 def storage_key(t: torch.Tensor) -> tuple:
+    if t.is_meta:  # no data pointer: the storage object itself tells storages apart
+        return (t.device, t.untyped_storage()._cdata)
     return (t.device, t.untyped_storage().data_ptr())
 
 
@@ -119,6 +122,9 @@ class HostMaster:
 
     def true_tensor(self, entry: Entry) -> torch.Tensor:
         return entry.parts.build(self.leaves(entry))
+
+    def job(self, slot: torch.Tensor, device: torch.device) -> Job:
+        return copy_job(self.pairs(slot), device)
 
     def pairs(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(dst, src) byte pairs that copy this layer into ``slot``: one pair when there is a slab."""

@@ -1,0 +1,310 @@
+"""The disk tier: offloaded layers live in a layer-contiguous cache file and are read straight into slots.
+
+The cache is a valid safetensors file: one ``uint8`` tensor ``layer.<i>`` per offloaded layer holding
+that layer's bytes in exactly the slot layout (`storage.Layout`), each starting on a 4 KiB boundary
+(``pad.<k>`` tensors fill the gaps, since safetensors allows no holes), and in ``__metadata__`` a
+manifest of every tensor's leaves (dtype, shape, strides, offset) and a digest of each layer's bytes.
+Reading a layer is one ``pread`` of its bytes into the slot: no staging copy on a CPU target, no
+per-step allocation. The file is written once (to a temporary name, fsynced, then renamed, so a
+failed write never leaves a cache a later run would trust) and checked for size and mtime before
+every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import Job
+from .errors import OffloadError
+from .storage import ALIGN, Entry, Layout
+
+log = logging.getLogger(__name__)
+
+FORMAT = "weightlift-layer-cache"
+VERSION = "1"
+PAGE = 4096
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+def _round(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+def _leaf_spec(spec: torch.Tensor, offset: int) -> list:
+    return [str(spec.dtype).removeprefix("torch."), list(spec.shape), list(spec.stride()), offset]
+
+
+def manifest_of(layouts: dict[int, Layout]) -> dict[str, list]:
+    """Per layer: ``[nbytes, [[qualname, [leaf specs]], ...]]``; what a cache must match."""
+    return {
+        str(i): [layout.nbytes, [[e.qualname, [_leaf_spec(s, o) for s, o in zip(e.specs, e.offsets)]]
+                                 for e in layout.entries]]
+        for i, layout in layouts.items()
+    }  # fmt: skip
+
+
+def fingerprint(stack: str, manifest: dict) -> str:
+    return hashlib.blake2b(json.dumps([stack, manifest]).encode(), digest_size=10).hexdigest()
+
+
+def _digest(chunks: list[memoryview]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _layer_chunks(layout: Layout) -> list[tuple[int, memoryview]]:
+    """(offset in the layer, bytes) of each piece, read from the layer's current (in-memory) storages."""
+    return [(o, memoryview(s.contiguous().numpy()).cast("B")) for o, s in zip(layout.offsets, layout.sources)]
+
+
+def layer_digest(layout: Layout) -> str:
+    return _digest([chunk for _, chunk in _layer_chunks(layout)])
+
+
+@dataclass
+class CachedLayer:
+    offset: int  # absolute file offset
+    nbytes: int
+    digest: str
+
+
+class LayerCache:
+    """An open, validated cache file."""
+
+    def __init__(self, path: Path, stack: str, manifest: dict, layers: dict[int, CachedLayer]) -> None:
+        self.path, self.stack, self.manifest, self.layers = path, stack, manifest, layers
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    @classmethod
+    def open(cls, path: Path) -> LayerCache:
+        """Parse and check the header; `OffloadError` naming the file and what is wrong."""
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise OffloadError(f"`{path}` is truncated ({size} bytes): delete it to rebuild the cache")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(size - 8, 1 << 28):
+                    raise OffloadError(f"`{path}` has a corrupt header (length {n}): delete it to rebuild the cache")
+                header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise OffloadError(f"`{path}` has a corrupt header (not JSON): delete it to rebuild the cache") from None
+        except OSError as err:
+            raise OffloadError(f"cannot read `{path}`: {err.strerror}") from None
+        meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise OffloadError(
+                f"`{path}` is not a weightlift layer cache (format {meta.get('format')!r}): weightlift never "
+                "writes over it; choose another `disk_path` or delete the file"
+            )
+        try:
+            manifest, digests = json.loads(meta["manifest"]), json.loads(meta["digests"])
+            layers = {}
+            for key in manifest:
+                record = header[f"layer.{key}"]
+                begin, end = record["data_offsets"]
+                layers[int(key)] = CachedLayer(8 + n + begin, end - begin, digests[key])
+        except KeyError as err:
+            raise OffloadError(f"`{path}` has no tensor {err}: delete it to rebuild the cache") from None
+        except (TypeError, ValueError):
+            raise OffloadError(f"`{path}` has a corrupt header: delete it to rebuild the cache") from None
+        need = max((c.offset + c.nbytes for c in layers.values()), default=8 + n)
+        if size < need:
+            raise OffloadError(
+                f"`{path}` is truncated: {size} bytes, its header needs {need}; delete it to rebuild the cache"
+            )
+        return cls(path, meta.get("stack", ""), manifest, layers)
+
+    def check(self, manifest: dict) -> None:
+        """The model's offloaded layers must be in the cache with the same tensors, dtypes and shapes."""
+        for key, (_, entries) in manifest.items():
+            if key not in self.manifest:
+                raise OffloadError(f"`{self.path}` has no tensor `layer.{key}` for offloaded layer {key}")
+            if self.manifest[key] == manifest[key]:
+                continue
+            cached = {name: leaves for name, leaves in self.manifest[key][1]}
+            for name, leaves in entries:
+                if name not in cached:
+                    raise OffloadError(f"`{self.path}` has no tensor `{name}` for layer {key}")
+                for mine, theirs in zip(leaves, cached[name]):
+                    if mine[:3] != theirs[:3]:
+                        raise OffloadError(
+                            f"`{name}` of layer {key} in `{self.path}` is {theirs[0]} {tuple(theirs[1])}, the model's "
+                            f"is {mine[0]} {tuple(mine[1])}: the cache belongs to another model; pass another "
+                            "`disk_path` or delete the file"
+                        )
+                if len(leaves) != len(cached[name]):
+                    raise OffloadError(
+                        f"`{name}` of layer {key} in `{self.path}` has another structure than the model's"
+                    )
+
+    def read_into(self, index: int, slot: torch.Tensor) -> None:
+        """Read layer ``index`` into the uint8 CPU tensor ``slot`` (its first ``nbytes`` bytes)."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise OffloadError(
+                f"`{self.path}` changed after setup (size or mtime): call `handle.remove()` and offload again"
+            )
+        layer = self.layers[index]
+        view = memoryview(slot[: layer.nbytes].numpy()).cast("B")
+        done = 0
+        while done < layer.nbytes:
+            got = os.preadv(self.fd, [view[done:]], layer.offset + done)
+            if got <= 0:
+                raise OffloadError(f"`{self.path}` ended while reading `layer.{index}`: the file was truncated")
+            done += got
+
+    def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
+        """Fresh CPU tensors holding ``entry``'s true leaves, read from the file."""
+        out = []
+        for spec, offset in zip(entry.specs, entry.offsets):
+            span = 0
+            if spec.numel():
+                span = (sum((n - 1) * s for n, s in zip(spec.shape, spec.stride())) + 1) * spec.element_size()
+            buffer = torch.empty(_round(span, ALIGN), dtype=torch.uint8)
+            view = memoryview(buffer.numpy()).cast("B")[:span]
+            done = 0
+            while done < span:
+                got = os.preadv(self.fd, [view[done:]], self.layers[index].offset + offset + done)
+                if got <= 0:
+                    raise OffloadError(f"`{self.path}` ended while reading `{entry.qualname}`")
+                done += got
+            out.append(_view(buffer, spec))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _view(buffer: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(0, dtype=spec.dtype)
+    return out.set_(buffer.untyped_storage(), 0, spec.shape, spec.stride())
+
+
+def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> tuple[bytes, dict[int, int]]:
+    """The safetensors header (padded so data starts on a page) and each layer's offset in the data."""
+    meta = {"format": FORMAT, "version": VERSION, "stack": stack, "manifest": json.dumps(manifest_of(layouts)),
+            "digests": json.dumps({str(i): digests[i] for i in sorted(layouts)})}  # fmt: skip
+    entries: dict = {"__metadata__": meta}
+    placed, position = {}, 0
+    for i in sorted(layouts):
+        begin = _round(position)
+        if begin > position:
+            entries[f"pad.{i}"] = {"dtype": "U8", "shape": [begin - position], "data_offsets": [position, begin]}
+        entries[f"layer.{i}"] = {"dtype": "U8", "shape": [layouts[i].nbytes],
+                                 "data_offsets": [begin, begin + layouts[i].nbytes]}  # fmt: skip
+        placed[i] = begin
+        position = begin + layouts[i].nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (_round(8 + len(body)) - 8 - len(body))
+    return struct.pack("<Q", len(body)) + body, placed
+
+
+def _write_layers(f, layouts: dict[int, Layout], placed: dict[int, int], bar) -> None:
+    written = 0
+    for i in sorted(layouts):
+        f.write(b"\0" * (placed[i] - written))
+        end = 0
+        for offset, chunk in _layer_chunks(layouts[i]):
+            f.write(b"\0" * (offset - end))
+            f.write(chunk)
+            end = offset + len(chunk)
+        f.write(b"\0" * (layouts[i].nbytes - end))
+        written = placed[i] + layouts[i].nbytes
+        bar.update(layouts[i].nbytes)
+
+
+def write_cache(path: Path, stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> None:
+    """Write the layers' current bytes to ``path`` atomically; nothing is left behind on failure."""
+    header, placed = _header(stack, layouts, digests)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    total = sum(layout.nbytes for layout in layouts.values())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="weightlift: writing cache",
+                                        disable=None, leave=False) as bar:  # fmt: skip
+            f.write(header)
+            _write_layers(f, layouts, placed, bar)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OffloadError(
+            f"cannot write the layer cache `{path}`: {err.strerror or err}; free space or pass another `disk_path`"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class DiskMaster:
+    """The true bytes of one offloaded layer, in the cache file (no host RAM)."""
+
+    layout: Layout
+    cache: LayerCache
+    index: int
+    allocated: int = 0
+    slab: None = None
+
+    def release_originals(self) -> None:
+        for e in self.layout.entries:
+            e.parts.leaves = []
+        self.layout.sources = []
+
+    def leaves(self, entry: Entry) -> list[torch.Tensor]:
+        return self.cache.read_leaves(self.index, entry)
+
+    def true_tensor(self, entry: Entry) -> torch.Tensor:
+        return entry.parts.build(self.leaves(entry))
+
+    def job(self, slot: torch.Tensor, device: torch.device) -> Job:
+        return partial(self.cache.read_into, self.index, slot)
+
+
+def open_cache(folder: Path, stack: str, layouts: dict[int, Layout], materialized: bool) -> LayerCache:
+    """The cache for these layers in ``folder``: reused when it holds the same bytes, written when absent
+    or stale (only for a model whose weights are in memory), refused when damaged or foreign."""
+    manifest = manifest_of(layouts)
+    path = folder / f"weightlift-{fingerprint(stack, manifest)}.safetensors"
+    digests = {i: layer_digest(layout) for i, layout in layouts.items()} if materialized else {}
+    if path.exists():
+        cache = LayerCache.open(path)
+        try:
+            cache.check(manifest)
+            stale = [i for i in layouts if materialized and cache.layers[i].digest != digests[i]]
+        except BaseException:
+            cache.close()
+            raise
+        if not stale:
+            log.info("weightlift: reusing layer cache %s", path)
+            return cache
+        cache.close()
+        log.info("weightlift: layer cache %s holds other weights (layers %s): rewriting it", path, stale[:5])
+    elif not materialized:
+        raise OffloadError(
+            f"`disk_path`={str(folder)!r} has no layer cache for this model and its offloaded weights are on the "
+            "meta device: run offload once with the weights loaded to write the cache"
+        )
+    write_cache(path, stack, layouts, digests)
+    return LayerCache.open(path)
