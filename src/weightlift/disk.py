@@ -12,6 +12,7 @@ every read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -248,12 +249,14 @@ def write_cache(path: Path, stack: str, layouts: dict[int, Layout], digests: dic
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise OffloadError(
             f"cannot write the layer cache `{path}`: {err.strerror or err}; free space or pass another `disk_path`"
         ) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise
 
 

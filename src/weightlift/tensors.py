@@ -39,7 +39,13 @@ class Parts:
 
 def _plain(tensor: torch.Tensor) -> Parts:
     def install(held: torch.Tensor, leaves: Sequence[torch.Tensor]) -> None:
-        held.data = leaves[0]
+        if held.is_meta == leaves[0].is_meta:
+            held.data = leaves[0]
+        else:  # ``.data =`` cannot cross between meta and real tensors: swap the whole object
+            new = leaves[0]
+            if isinstance(held, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=held.requires_grad)
+            torch.utils.swap_tensors(held, new)
 
     leaf = tensor.detach()
     if type(leaf) is not torch.Tensor:

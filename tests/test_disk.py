@@ -1,0 +1,349 @@
+"""The disk tier: bitwise equal to resident, bounded memory, and every bad file a clear error."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import weightlift
+import weightlift.disk as disk
+from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig, OffloadError
+
+
+def _disk(tmp_path, **kw) -> OffloadConfig:
+    return OffloadConfig(source="disk", disk_path=str(tmp_path), **{"prefetch_step": 2, **kw})
+
+
+def _cache_file(folder: Path) -> Path:
+    (found,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
+    return found
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "mixtral", "gpt2"])
+@pytest.mark.parametrize("group,num,step", [(1, 1, 1), (1, 1, 3), (3, 2, 2)])
+def test_disk_equals_resident(tmp_path, family, group, num, step):
+    model = tiny(family)
+    ids = prompt()
+    ref = run(model, ids)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    config = _disk(tmp_path, group_size=group, num_in_group=num, prefetch_step=step)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        out = run(model, ids)
+        report = handle.report()
+        state = model.state_dict()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.source == str(_cache_file(tmp_path)) and report.host_bytes == 0
+    assert report.prefetch_misses == 0
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # restored from disk
+    assert hook_counts(model) == hook_counts(tiny(family))
+
+
+def test_cache_is_a_valid_safetensors_file_with_page_aligned_layers(tmp_path):
+    model = tiny("llama")
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)) as handle:
+        path = _cache_file(tmp_path)
+        layouts = [layer.master.layout for layer in handle.layers]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == "weightlift-layer-cache"
+        names = [k for k in f.keys() if k.startswith("layer.")]  # noqa: SIM118 (safe_open has no __iter__)
+        assert sorted(names) == [f"layer.{i}" for i in range(5)]
+        assert all(f.get_tensor(f"layer.{i}").numel() == layouts[i].nbytes for i in range(5))
+    cache = disk.LayerCache.open(path)
+    assert all(layer.offset % 4096 == 0 for layer in cache.layers.values())
+    cache.close()
+    # the bytes of layer 2's up_proj in the file are the model's
+    entry = next(e for e in layouts[2].entries if e.qualname == "mlp.up_proj.weight")
+    with safe_open(str(path), "pt") as f:
+        raw = f.get_tensor("layer.2")
+    weight = raw[entry.offsets[0] : entry.offsets[0] + 128 * 64 * 4].view(torch.float32).view(128, 64)
+    assert torch.equal(weight, model.model.layers[2].mlp.up_proj.weight)
+
+
+def test_cache_is_reused_and_rewritten_when_weights_change(tmp_path):
+    model = tiny("llama")
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        pass
+    path = _cache_file(tmp_path)
+    stamp = path.stat().st_mtime_ns
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        pass
+    assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight.mul_(2)  # same shapes, other weights
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        out = run(model, ids)
+    assert torch.equal(out[0], ref[0])
+    assert path.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("fmt", ["torchao-int8", "bnb-nf4-double"])
+def test_quantized_formats_stream_from_disk(tmp_path, fmt):
+    from test_quantized import ATTRIBUTE_FORMATS, SUBCLASS_FORMATS, _replace_linears
+
+    model = tiny("llama")
+    if fmt in SUBCLASS_FORMATS:
+        package, quantize, _ = SUBCLASS_FORMATS[fmt]
+        pytest.importorskip(package)
+        quantize(model)
+    else:
+        package, make = ATTRIBUTE_FORMATS[fmt]
+        pytest.importorskip(package)
+        _replace_linears(model, make)
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.offloaded_bytes < sum(4 * p.numel() for p in tiny("llama").model.layers.parameters()) / 2
+
+
+def test_meta_model_streams_from_a_written_cache(tmp_path):
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        pass
+    resident = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    with torch.device("meta"):
+        fresh = tiny("llama")
+    fresh.load_state_dict(resident, strict=False, assign=True)
+    for name, buf in fresh.named_buffers():  # non-persistent buffers (rotary) are rebuilt, not loaded
+        if buf.is_meta:
+            owner, attr = fresh.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            owner._buffers[attr] = dict(model.named_buffers())[name].clone()
+    assert all(p.is_meta for p in fresh.model.layers.parameters())
+    with weightlift.offload(fresh, device="cpu", config=_disk(tmp_path)):
+        out = run(fresh, ids)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert all(p.is_meta for p in fresh.model.layers.parameters())  # given back as it was
+
+
+def test_meta_model_without_a_cache_is_refused(tmp_path):
+    with torch.device("meta"):
+        model = tiny("llama")
+    with pytest.raises(OffloadError, match="meta device"):
+        weightlift.offload(model, device="cpu", config=_disk(tmp_path))
+
+
+def _written(tmp_path) -> tuple[torch.nn.Module, Path]:
+    model = tiny("llama")
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        pass
+    return model, _cache_file(tmp_path)
+
+
+def _refused(model, tmp_path, match):
+    snap, hooks = snapshot(model), hook_counts(model)
+    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OffloadError, match=match):
+        weightlift.offload(model, device="cpu", config=_disk(tmp_path))
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files  # nothing written over
+
+
+def test_truncated_cache(tmp_path):
+    model, path = _written(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 5000)
+    _refused(model, tmp_path, r"weightlift-.*\.safetensors` is truncated")
+
+
+def test_corrupt_header(tmp_path):
+    model, path = _written(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+    _refused(model, tmp_path, "corrupt header")
+
+
+def test_tensor_missing_from_cache(tmp_path):
+    model, path = _written(tmp_path)
+    raw = path.read_bytes()
+    (n,) = __import__("struct").unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["layer.3x"] = header.pop("layer.3")
+    body = json.dumps(header).encode()
+    body += b" " * (n - len(body))
+    path.write_bytes(raw[:8] + body + raw[8 + n :])
+    _refused(model, tmp_path, "no tensor 'layer.3'")
+
+
+def test_cache_of_another_model_shape_or_dtype(tmp_path):
+    model, path = _written(tmp_path)
+    other = tiny("llama")
+    other.model.layers[1].mlp.up_proj.weight.data = other.model.layers[1].mlp.up_proj.weight.data.double()
+    manifest = disk.manifest_of({1: weightlift.storage.Layout.of([])})  # noqa: F841 (builds)
+    # put the other model's cache under this model's file name: same name, other shapes
+    with weightlift.offload(other, device="cpu", config=_disk(tmp_path / "other")):
+        pass
+    _cache_file(tmp_path / "other").replace(path)
+    (tmp_path / "other").rmdir()
+    _refused(model, tmp_path, r"`mlp.up_proj.weight` of layer 1 in .* is float64 \(128, 64\), the model's is float32")
+
+
+def test_foreign_file_is_never_written_over(tmp_path):
+    model, path = _written(tmp_path)
+    save_file({"x": torch.zeros(3)}, str(path))
+    _refused(model, tmp_path, "is not a weightlift layer cache.*never writes over it")
+
+
+def test_file_changed_after_setup(tmp_path):
+    model = tiny("llama")
+    ids = prompt()
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path, prefetch_step=1)):
+        run(model, ids, new_tokens=1)
+        path = _cache_file(tmp_path)
+        with open(path, "ab") as f:
+            f.write(b"x")
+        with pytest.raises(OffloadError, match="changed after setup"), torch.inference_mode():
+            for _ in range(3):
+                model(ids)
+
+
+def test_cache_folder_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = tiny("llama")
+    snap = snapshot(model)
+    with pytest.raises(OffloadError, match="cannot write the layer cache.*`disk_path`"):
+        weightlift.offload(model, device="cpu", config=_disk(blocker / "cache"))
+    assert_same(model, snap, same_storage=True)
+
+
+def test_no_write_permission(tmp_path, monkeypatch):
+    real_open = open
+
+    def deny(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    model = tiny("llama")
+    with pytest.raises(OffloadError, match="cannot write the layer cache.*Permission denied"):
+        weightlift.offload(model, device="cpu", config=_disk(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_leaves_no_cache_a_later_run_would_trust(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = disk._write_layers
+
+    def full(f, layouts, placed, bar):
+        class Full:
+            def write(self, data):
+                calls["n"] += 1
+                if calls["n"] > 3:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return f.write(data)
+
+        return real(Full(), layouts, placed, bar)
+
+    monkeypatch.setattr(disk, "_write_layers", full)
+    model = tiny("llama")
+    with pytest.raises(OffloadError, match="No space left on device"):
+        weightlift.offload(model, device="cpu", config=_disk(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the partial file was removed
+    monkeypatch.undo()
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        assert torch.equal(run(model, ids)[0], ref[0])
+
+
+def test_host_budget_below_the_pool_states_the_minimum(tmp_path):
+    model = tiny("llama")
+    with pytest.raises(OffloadError, match=r"`host_budget`=1000 bytes is below the 445440 bytes"):
+        weightlift.offload(model, device="cpu", config=_disk(tmp_path, host_budget=1000))
+
+
+def test_config_errors():
+    with pytest.raises(OffloadError, match="`source`"):
+        OffloadConfig(source="nvme")
+    with pytest.raises(OffloadError, match="needs `disk_path`"):
+        OffloadConfig(source="disk")
+    with pytest.raises(OffloadError, match="`disk_path` is given but `source`='host'"):
+        OffloadConfig(disk_path="/tmp/x")
+    with pytest.raises(OffloadError, match="`host_budget`"):
+        OffloadConfig(source="disk", disk_path="/tmp/x", host_budget="lots")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    from safetensors.torch import load_file
+    import transformers as tf, weightlift
+    cfg = tf.LlamaConfig(**{config})
+    def status(key):  # bytes, from /proc/self/status (Linux)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    torch.zeros(1) @ torch.zeros(1)  # load torch's kernels before the baseline
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM, what ru_maxrss reports) so import-time peaks do not hide growth
+    base = status("VmRSS")
+    assert status("VmHWM") < base + {slack}, "peak was not reset"
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(load_file(sys.argv[1]), strict=False, assign=True)
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.original_inv_freq = torch.load(sys.argv[2])
+    config = weightlift.OffloadConfig(source="disk", disk_path=sys.argv[3], prefetch_step=2, host_budget={budget})
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        with torch.inference_mode():
+            logits = model(torch.load(sys.argv[4])).logits
+        report = handle.report()
+    peak = status("VmHWM")
+    torch.save(logits, sys.argv[5])
+    print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_bytes)
+    """
+)
+
+
+def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
+    import transformers as tf
+
+    config = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+                  num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**config)).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.inference_mode():
+        ref = model(ids).logits
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path / "cache")) as handle:
+        slot = handle.report().slot_bytes
+    budget = 2 * slot
+    resident = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    save_file(resident, str(tmp_path / "resident.safetensors"))
+    torch.save(model.model.rotary_emb.inv_freq, tmp_path / "inv_freq.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    del model
+    script = CHILD.format(config=config, budget=budget, slack=8 * 2**20)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "resident.safetensors"), str(tmp_path / "inv_freq.pt"),
+         str(tmp_path / "cache"), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    grown, offloaded, pool, resident_bytes = map(int, out.stdout.split()[-4:])
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
+    assert offloaded >= 4 * budget and pool <= budget
+    overhead = 48 * 2**20  # activations, allocator and library state touched on the first forward
+    assert grown < resident_bytes + budget + overhead, (grown, offloaded, budget)
+    assert grown < offloaded  # far below what holding the model would take
+    print(f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} "
+          f"MiB, resident {resident_bytes / 2**20:.1f} MiB")  # fmt: skip
