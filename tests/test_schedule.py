@@ -82,3 +82,13 @@ def test_step_at_least_layers_loads_each_layer_once():
             pf.after(p)
     assert [e for e in rec.log if e[0] == "start"] == [("start", 0, 0), ("start", 1, 1), ("start", 2, 2)]
     assert (pf.hits, pf.misses, pf.copies) == (12, 0, 3)
+
+
+def test_step_zero_loads_every_layer_when_it_runs():
+    pf, rec = _prefetcher(4, 0)
+    assert rec.log == [] and pf.schedule.n_slots == 1
+    for p in range(4):
+        pf.before(p)
+        pf.after(p)
+    assert [e[0] for e in rec.log] == ["sync"] * 4
+    assert (pf.hits, pf.misses, pf.copies) == (0, 4, 4)

@@ -58,7 +58,8 @@ class OffloadConfig:
     Layer ``i`` of the stack is offloaded when ``i % group_size >= group_size - num_in_group``
     (vLLM's rule): ``group_size=1, num_in_group=1`` offloads every layer, ``group_size=4,
     num_in_group=1`` every fourth. After offloaded layer ``k`` runs, the copy of the
-    ``prefetch_step``-th next offloaded layer starts. ``params`` restricts offloading to parameters
+    ``prefetch_step``-th next offloaded layer starts (0: no prefetch, each layer is loaded synchronously when
+    it runs and counted as a miss; for measurements). ``params`` restricts offloading to parameters
     whose dotted name (inside the layer) has one of the given segments, e.g. ``("mlp",)``.
     ``layers`` names the stack (``"model.layers"``) instead of detecting it.
 
@@ -80,7 +81,10 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         _positive_int("group_size", self.group_size)
         _positive_int("num_in_group", self.num_in_group)
-        _positive_int("prefetch_step", self.prefetch_step)
+        if isinstance(self.prefetch_step, bool) or not isinstance(self.prefetch_step, int) or self.prefetch_step < 0:
+            raise OffloadError(
+                f"`prefetch_step` must be an int >= 0 (0 turns prefetch off), got {self.prefetch_step!r}"
+            )
         if self.num_in_group > self.group_size:
             raise OffloadError(
                 f"`num_in_group`={self.num_in_group} is larger than `group_size`={self.group_size}: "

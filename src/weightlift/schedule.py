@@ -54,6 +54,8 @@ def cyclic_slots(n: int, step: int) -> tuple[int, ...]:
 def make_schedule(offloaded: Sequence[int], prefetch_step: int) -> Schedule:
     """Schedule for the stack indices ``offloaded`` (in execution order) and the requested step."""
     offloaded = tuple(offloaded)
+    if prefetch_step == 0:  # no prefetch: one slot, each layer loaded when it runs
+        return Schedule(offloaded, 0, (0,) * len(offloaded))
     step = min(prefetch_step, len(offloaded))
     if len(offloaded) > 1 and prefetch_step >= len(offloaded):
         log.warning(
@@ -117,7 +119,8 @@ class Prefetcher:
             slot.ticket = None
 
     def after(self, position: int) -> None:
-        self._issue(self.schedule.ahead(position))
+        if self.schedule.step:
+            self._issue(self.schedule.ahead(position))
 
     def _issue(self, position: int) -> None:
         slot = self.slots[self.schedule.slot_of[position]]
