@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import BUILTIN_ADAPTERS, Adapter
+from .checkpoint import CheckpointFiles
 from .config import OffloadConfig, format_size
 from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
@@ -134,10 +135,10 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
                     "offloading; only offloaded layers may stay on meta, with source='disk' and a written cache"
                 )
     meta = [e.qualname for es in entries.values() for e in es if e.tensor.is_meta]
-    if meta and config.source != "disk":
+    if meta and config.source == "host":
         raise OffloadError(
             f"`{meta[0]}` is on the meta device (no data): load the weights before offloading, or stream them "
-            "from a layer cache with OffloadConfig(source='disk', disk_path=...)"
+            "from disk with OffloadConfig(source='disk' or 'checkpoint', disk_path=...)"
         )
     return entries, list(resident.values())
 
@@ -180,14 +181,24 @@ def offload(
             f"({schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
         )
     cache = None
-    if config.source == "disk":
+    if config.source != "host":
         if dev.type != "cpu":
             raise OffloadError(
-                "`source`='disk' streams to CPU targets in this version; for an accelerator use source='host'"
+                f"`source`={config.source!r} streams to CPU targets in this version; for an accelerator use "
+                "source='host'"
             )
+        folder = Path(config.disk_path).expanduser()
         materialized = not any(e.tensor.is_meta for es in entries.values() for e in es)
-        cache = open_cache(Path(config.disk_path).expanduser(), stack_name, layouts, materialized)
-
+        if config.source == "disk":
+            cache = open_cache(folder, stack_name, layouts, materialized)
+        else:
+            cache = CheckpointFiles.open(folder, stack_name, layouts)
+            try:
+                if materialized:
+                    cache.check_equal(layouts)
+            except BaseException:
+                cache.close()
+                raise
     handle = OffloadHandle(model, dev, stack_name, len(stack), schedule.step)
     handle.cache = cache
     try:

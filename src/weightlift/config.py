@@ -65,8 +65,9 @@ class OffloadConfig:
 
     ``source="disk"`` keeps the offloaded layers' true weights in a layer cache file under the folder
     ``disk_path`` instead of host RAM (written on first use, reused after), and reads each layer ahead
-    straight into its slot. ``host_budget`` (bytes or "512MiB") caps the RAM the pool and staging may
-    take; a plan that needs more is refused with the minimum.
+    straight into its slot; ``source="checkpoint"`` reads them in place from the safetensors checkpoint
+    in the folder ``disk_path`` (nothing written). ``host_budget`` (bytes or "512MiB") caps the RAM the
+    pool and staging may take; a plan that needs more is refused with the minimum.
     """
 
     group_size: int = 1
@@ -104,10 +105,13 @@ class OffloadConfig:
                     f"got {segment!r}"
                 )
         object.__setattr__(self, "params", params)
-        if self.source not in ("host", "disk"):
-            raise OffloadError(f"`source` must be 'host' (RAM) or 'disk' (a layer cache file), got {self.source!r}")
-        if self.source == "disk" and not self.disk_path:
-            raise OffloadError("`source`='disk' needs `disk_path`, a folder for the layer cache")
+        if self.source not in ("host", "disk", "checkpoint"):
+            raise OffloadError(
+                "`source` must be 'host' (RAM), 'disk' (a layer cache file) or 'checkpoint' (the model's "
+                f"safetensors files, read in place), got {self.source!r}"
+            )
+        if self.source != "host" and not self.disk_path:
+            raise OffloadError(f"`source`={self.source!r} needs `disk_path`, a folder")
         if self.source == "host" and self.disk_path is not None:
             raise OffloadError("`disk_path` is given but `source`='host': pass source='disk' to stream from disk")
         if self.host_budget is not None:

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -74,6 +75,76 @@ def layer_digest(layout: Layout) -> str:
     return _digest([chunk for _, chunk in _layer_chunks(layout)])
 
 
+def read_header(path: Path, fix: str = "delete it to rebuild the cache") -> tuple[dict, int]:
+    """A safetensors file's JSON header and where its data starts; `OffloadError` naming what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise OffloadError(f"`{path}` is truncated ({size} bytes): {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 1 << 28):
+                raise OffloadError(f"`{path}` has a corrupt header (length {n}): {fix}")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OffloadError(f"`{path}` has a corrupt header (not JSON): {fix}") from None
+    except OSError as err:
+        raise OffloadError(f"cannot read `{path}`: {err.strerror}") from None
+    if not isinstance(header, dict):
+        raise OffloadError(f"`{path}` has a corrupt header: {fix}")
+    return header, 8 + n
+
+
+def pread_into(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a short file is an `OffloadError` naming ``what``."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OffloadError(f"`{path}` ended while reading `{what}`: the file was truncated")
+        done += got
+
+
+def leaf_span(spec: torch.Tensor) -> int:
+    """Bytes from a leaf's element 0 to the end of its last element."""
+    if not spec.numel():
+        return 0
+    return (sum((n - 1) * s for n, s in zip(spec.shape, spec.stride())) + 1) * spec.element_size()
+
+
+def fresh_leaf(spec: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
+    """A new CPU tensor shaped like ``spec`` and a writable byte view over it."""
+    span = leaf_span(spec)
+    buffer = torch.empty(_round(span, ALIGN), dtype=torch.uint8)
+    out = torch.empty(0, dtype=spec.dtype).set_(buffer.untyped_storage(), 0, spec.shape, spec.stride())
+    return out, memoryview(buffer.numpy()).cast("B")[:span]
+
+
+class Stamped:
+    """An open file remembered by size and mtime: reading it after it changed is an `OffloadError`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def check(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise OffloadError(
+                f"`{self.path}` changed after setup (size or mtime): call `handle.remove()` and offload again"
+            )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass
 class CachedLayer:
     offset: int  # absolute file offset
@@ -86,30 +157,14 @@ class LayerCache:
 
     def __init__(self, path: Path, stack: str, manifest: dict, layers: dict[int, CachedLayer]) -> None:
         self.path, self.stack, self.manifest, self.layers = path, stack, manifest, layers
-        self.fd = os.open(path, os.O_RDONLY)
-        st = os.fstat(self.fd)
-        self._stamp = (st.st_size, st.st_mtime_ns)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.file = Stamped(path)
 
     @classmethod
     def open(cls, path: Path) -> LayerCache:
         """Parse and check the header; `OffloadError` naming the file and what is wrong."""
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise OffloadError(f"`{path}` is truncated ({size} bytes): delete it to rebuild the cache")
-                (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, 1 << 28):
-                    raise OffloadError(f"`{path}` has a corrupt header (length {n}): delete it to rebuild the cache")
-                header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OffloadError(f"`{path}` has a corrupt header (not JSON): delete it to rebuild the cache") from None
-        except OSError as err:
-            raise OffloadError(f"cannot read `{path}`: {err.strerror}") from None
-        meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+        header, data_start = read_header(path)
+        size = path.stat().st_size
+        meta = header.get("__metadata__", {})
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise OffloadError(
                 f"`{path}` is not a weightlift layer cache (format {meta.get('format')!r}): weightlift never "
@@ -121,12 +176,12 @@ class LayerCache:
             for key in manifest:
                 record = header[f"layer.{key}"]
                 begin, end = record["data_offsets"]
-                layers[int(key)] = CachedLayer(8 + n + begin, end - begin, digests[key])
+                layers[int(key)] = CachedLayer(data_start + begin, end - begin, digests[key])
         except KeyError as err:
             raise OffloadError(f"`{path}` has no tensor {err}: delete it to rebuild the cache") from None
         except (TypeError, ValueError):
             raise OffloadError(f"`{path}` has a corrupt header: delete it to rebuild the cache") from None
-        need = max((c.offset + c.nbytes for c in layers.values()), default=8 + n)
+        need = max((c.offset + c.nbytes for c in layers.values()), default=data_start)
         if size < need:
             raise OffloadError(
                 f"`{path}` is truncated: {size} bytes, its header needs {need}; delete it to rebuild the cache"
@@ -158,47 +213,22 @@ class LayerCache:
 
     def read_into(self, index: int, slot: torch.Tensor) -> None:
         """Read layer ``index`` into the uint8 CPU tensor ``slot`` (its first ``nbytes`` bytes)."""
-        st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns) != self._stamp:
-            raise OffloadError(
-                f"`{self.path}` changed after setup (size or mtime): call `handle.remove()` and offload again"
-            )
+        self.file.check()
         layer = self.layers[index]
         view = memoryview(slot[: layer.nbytes].numpy()).cast("B")
-        done = 0
-        while done < layer.nbytes:
-            got = os.preadv(self.fd, [view[done:]], layer.offset + done)
-            if got <= 0:
-                raise OffloadError(f"`{self.path}` ended while reading `layer.{index}`: the file was truncated")
-            done += got
+        pread_into(self.file.fd, view, layer.offset, self.path, f"layer.{index}")
 
     def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
         """Fresh CPU tensors holding ``entry``'s true leaves, read from the file."""
         out = []
         for spec, offset in zip(entry.specs, entry.offsets):
-            span = 0
-            if spec.numel():
-                span = (sum((n - 1) * s for n, s in zip(spec.shape, spec.stride())) + 1) * spec.element_size()
-            buffer = torch.empty(_round(span, ALIGN), dtype=torch.uint8)
-            view = memoryview(buffer.numpy()).cast("B")[:span]
-            done = 0
-            while done < span:
-                got = os.preadv(self.fd, [view[done:]], self.layers[index].offset + offset + done)
-                if got <= 0:
-                    raise OffloadError(f"`{self.path}` ended while reading `{entry.qualname}`")
-                done += got
-            out.append(_view(buffer, spec))
+            leaf, view = fresh_leaf(spec)
+            pread_into(self.file.fd, view, self.layers[index].offset + offset, self.path, entry.qualname)
+            out.append(leaf)
         return out
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _view(buffer: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(0, dtype=spec.dtype)
-    return out.set_(buffer.untyped_storage(), 0, spec.shape, spec.stride())
+        self.file.close()
 
 
 def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> tuple[bytes, dict[int, int]]:
@@ -262,10 +292,10 @@ def write_cache(path: Path, stack: str, layouts: dict[int, Layout], digests: dic
 
 @dataclass
 class DiskMaster:
-    """The true bytes of one offloaded layer, in the cache file (no host RAM)."""
+    """The true bytes of one offloaded layer, in a file (the layer cache or a checkpoint): no host RAM."""
 
     layout: Layout
-    cache: LayerCache
+    cache: LayerCache | Any  # anything with read_into(index, slot) and read_leaves(index, entry)
     index: int
     allocated: int = 0
     slab: None = None

@@ -62,3 +62,53 @@ def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
         do_sample=False, pad_token_id=model.generation_config.eos_token_id,
     )  # fmt: skip
     return out[0, ids.shape[1] :], time.perf_counter() - start
+
+
+def load_streaming(folder: str | Path, *, config=None, device: str | torch.device = "cpu"):
+    """A transformers model from a safetensors checkpoint folder without ever holding its offloaded layers.
+
+    The model is built with empty (meta) parameters, only the weights outside the offloaded layers are
+    read into memory, and the offloaded layers stream from the checkpoint files in place
+    (``OffloadConfig(source="checkpoint")``; ``config`` may set the other fields). Returns
+    ``(model, handle)``; ``handle.remove()`` leaves the offloaded parameters on the meta device.
+    """
+    from dataclasses import replace
+
+    from . import offload
+    from .config import OffloadConfig
+    from .models import find_stack
+
+    try:
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise OffloadError("loading from a checkpoint needs the extra: `pip install 'weightlift[hf]'`") from None
+    folder = Path(folder).expanduser()
+    config = replace(config or OffloadConfig(), source="checkpoint", disk_path=str(folder))
+    model_config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not loaded
+        model = AutoModelForCausalLM.from_config(model_config)
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        model.to(dtype)
+    model.eval()
+    stack_name, stack = find_stack(model, config.layers)
+    streamed = {
+        f"{stack_name}.{i}.{name}"
+        for i, layer in enumerate(stack)
+        if config.offloads_layer(i)
+        for name, _ in layer.named_parameters()
+        if config.offloads_param(name)
+    }
+    resident = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name not in streamed:
+                    resident[name] = f.get_tensor(name)
+    model.load_state_dict(resident, strict=False, assign=True)
+    model.tie_weights()
+    return model, offload(model, device=device, config=config)
