@@ -357,7 +357,7 @@ def _pack_int4(q: torch.Tensor, dim: int) -> torch.Tensor:
     packed = torch.zeros(*q.shape[:-1], q.shape[-1] // 8, dtype=torch.int32)
     for k in range(8):
         packed |= q[..., k::8] << (4 * k)
-    return packed.movedim(-1, dim)
+    return packed.movedim(-1, dim).contiguous()
 
 
 def _unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:

@@ -83,7 +83,10 @@ class CheckpointFiles:
                         "from a layer cache with source='disk'"
                     )
                 if name not in where:
-                    raise OffloadError(f"`{name}` is missing from the checkpoint in `{folder}`: {_FIX}")
+                    raise OffloadError(
+                        f"`{name}` is not in the checkpoint in `{folder}` (it is incomplete, or names its tensors "
+                        "otherwise, as after a format conversion): offload from a layer cache with source='disk'"
+                    )
                 path = where[name]
                 if path not in headers:
                     headers[path] = read_header(path, _FIX)

@@ -1,0 +1,242 @@
+"""Streaming offloaded layers in place from a safetensors checkpoint folder (single file or sharded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import weightlift
+from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig, OffloadError
+from weightlift.hf import load_streaming
+
+
+def _ckpt(tmp_path, **kw) -> OffloadConfig:
+    return OffloadConfig(source="checkpoint", disk_path=str(tmp_path), **{"prefetch_step": 2, **kw})
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+@pytest.mark.parametrize("shard", ["200KB", "50MB"], ids=["sharded", "single-file"])
+def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard):
+    model = tiny(family)
+    ids = prompt()
+    ref = run(model, ids)
+    model.save_pretrained(tmp_path, max_shard_size=shard)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "200KB")
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
+        out = run(model, ids)
+        assert handle.report().source == str(tmp_path)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert torch.equal(run(model, ids)[0], ref[0])
+
+
+def test_checkpoint_with_other_tensor_names_is_refused_clearly(tmp_path):
+    """transformers 5 saves Mixtral's fused experts under per-expert names: not readable in place."""
+    model = tiny("mixtral")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(OffloadError, match=r"`model.layers.0.mlp.gate.weight` is not in the checkpoint.*source='disk'"):
+        weightlift.offload(model, device="cpu", config=_ckpt(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3", "opt"])
+def test_load_streaming_never_materialises_offloaded_layers(tmp_path, family):
+    model = tiny(family)
+    ids = prompt()
+    ref = run(model, ids)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    streamed, handle = load_streaming(tmp_path, config=OffloadConfig(group_size=5, num_in_group=4, prefetch_step=2))
+    with handle:
+        out = run(streamed, ids)
+        assert handle.report().layers_offloaded == 4
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    stack = streamed.model.decoder.layers if family == "opt" else streamed.model.layers
+    assert all(p.is_meta for i in range(1, 5) for p in stack[i].parameters())  # given back as it was
+    assert not any(p.is_meta for p in stack[0].parameters())
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        w = lin.weight.detach()
+        self.scale = nn.Parameter(w.abs().amax() / 64, requires_grad=False)
+        self.weight = nn.Parameter((w / self.scale).to(torch.float8_e4m3fn), requires_grad=False)
+
+    def forward(self, x):
+        return x @ (self.weight.float() * self.scale).T
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "fp8"])
+def test_quantized_checkpoints_stream_in_place(tmp_path, fmt):
+    from test_quantized import PackedInt4Linear, _replace_linears
+
+    model = tiny("llama")
+    _replace_linears(model, (lambda lin: PackedInt4Linear(lin, "gptq")) if fmt == "gptq" else Fp8Linear)
+    ids = prompt()
+    ref = run(model, ids)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.offloaded_bytes < sum(4 * p.numel() for p in tiny("llama").model.layers.parameters()) / 2
+
+
+def _refused(model, tmp_path, match):
+    snap, hooks = snapshot(model), hook_counts(model)
+    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OffloadError, match=match):
+        weightlift.offload(model, device="cpu", config=_ckpt(tmp_path))
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def _saved(tmp_path):
+    model = tiny("llama")
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    return model, tmp_path / "model.safetensors"
+
+
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    body = json.dumps(header, separators=(",", ":")).encode()
+    assert len(body) <= n
+    path.write_bytes(raw[:8] + body + b" " * (n - len(body)) + raw[8 + n :])
+
+
+def test_tensor_missing(tmp_path):
+    model, path = _saved(tmp_path)
+    _rewrite_header(path, lambda h: h.update({"renamed": h.pop("model.layers.2.mlp.up_proj.weight")}))
+    _refused(model, tmp_path, "`model.layers.2.mlp.up_proj.weight` is not in the checkpoint")
+
+
+def test_dtype_or_shape_differs(tmp_path):
+    model, path = _saved(tmp_path)
+    _rewrite_header(path, lambda h: h["model.layers.1.mlp.up_proj.weight"].update(shape=[64, 128]))
+    _refused(model, tmp_path, r"`model.layers.1.mlp.up_proj.weight` in .* is F32 \(64, 128\), the model's is "
+                              r"torch.float32 \(128, 64\)")  # fmt: skip
+    model.half()
+    save_file(tiny("llama").state_dict(), str(path))
+    _refused(model, tmp_path, r"is F32 .*the model's is torch.float16")
+
+
+def test_truncated_shard(tmp_path):
+    model, path = _saved(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    _refused(model, tmp_path, "is truncated")
+
+
+def test_corrupt_header(tmp_path):
+    model, path = _saved(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[12:16] = b"\xff\xfe\xfd\xfc"
+    path.write_bytes(bytes(raw))
+    _refused(model, tmp_path, "corrupt header.*checkpoint is damaged")
+
+
+def test_model_changed_after_loading(tmp_path):
+    model, _ = _saved(tmp_path)
+    with torch.no_grad():
+        model.model.layers[4].self_attn.o_proj.weight.add_(1)
+    _refused(model, tmp_path, "`self_attn.o_proj.weight` of layer 4 differs from the checkpoint")
+
+
+def test_folder_without_a_checkpoint(tmp_path):
+    _refused(tiny("llama"), tmp_path, "holds no safetensors checkpoint")
+
+
+def test_quantized_subclass_is_sent_to_the_layer_cache(tmp_path):
+    pytest.importorskip("torchao")
+    from test_quantized import SUBCLASS_FORMATS
+
+    model, _ = _saved(tmp_path)
+    SUBCLASS_FORMATS["torchao-int8"][1](model)
+    with pytest.raises(OffloadError, match="is a subclass Int8Tensor.*source='disk'"):
+        weightlift.offload(model, device="cpu", config=_ckpt(tmp_path))
+
+
+def test_checkpoint_changed_after_setup(tmp_path):
+    model, path = _saved(tmp_path)
+    ids = prompt()
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path, prefetch_step=1)):
+        run(model, ids, new_tokens=1)
+        with open(path, "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(OffloadError, match="changed after setup"), torch.inference_mode():
+            for _ in range(3):
+                model(ids)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch, weightlift
+    from weightlift.hf import load_streaming
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    import transformers as tf
+    from accelerate import init_empty_weights
+    # import the modeling code (transformers imports lazily; optional quantization libraries come with it)
+    # and run a tiny forward before the baseline, so the measured growth is weights and activations
+    with init_empty_weights(include_buffers=False):
+        tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(sys.argv[1]))
+    small = tf.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2)
+    with torch.inference_mode():
+        tf.LlamaForCausalLM(small)(torch.zeros(1, 4, dtype=torch.long))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM, what ru_maxrss reports)
+    base = status("VmRSS")
+    config = weightlift.OffloadConfig(prefetch_step=2, host_budget=int(sys.argv[2]))
+    model, handle = load_streaming(sys.argv[1], config=config)
+    with torch.inference_mode():
+        logits = model(torch.load(sys.argv[3])).logits
+    report = handle.report()
+    peak = status("VmHWM")
+    torch.save(logits, sys.argv[4])
+    print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_bytes)
+    """
+)
+
+
+def test_load_streaming_peak_rss_stays_near_resident_plus_budget(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+                         num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.inference_mode():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="50MB")
+    layer_bytes = sum(4 * p.numel() for p in model.model.layers[0].parameters())
+    budget = 2 * layer_bytes + 2 * 2**20  # two slots, with alignment padding
+    torch.save(ids, tmp_path / "ids.pt")
+    del model
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(budget), str(tmp_path / "ids.pt"),
+         str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    grown, offloaded, pool, resident = map(int, out.stdout.split()[-4:])
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
+    assert offloaded >= 4 * budget and pool <= budget
+    assert grown < resident + budget + 48 * 2**20, (grown, offloaded, pool, resident)
+    print(
+        f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} MiB"
+    )
