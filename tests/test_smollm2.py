@@ -42,6 +42,18 @@ def test_smollm2_offloaded_equals_resident(smollm2, group, num, step):
     assert hook_counts(model) == hooks
 
 
+def test_smollm2_disk_tier_equals_resident(smollm2, tmp_path):
+    model, ids = smollm2
+    ref_logits, ref_tokens = run(model, ids, new_tokens=8)
+    config = OffloadConfig(prefetch_step=2, source="disk", disk_path=str(tmp_path))
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        logits, tokens = run(model, ids, new_tokens=8)
+        report = handle.report()
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert report.layers_offloaded == 30 and report.host_bytes == 0 and report.slots == 2
+    assert torch.equal(run(model, ids, new_tokens=8)[1], ref_tokens)  # restored from the cache
+
+
 def test_demo_prints_identical_answers_and_the_report():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(
