@@ -110,6 +110,47 @@ def assert_same(model: nn.Module, snap: dict, *, same_storage: bool = False) -> 
             assert _storage_ptr(t) == ptr, name
 
 
+# A Llama of 16 layers x 13 MiB (208 MiB offloaded) with tiny embeddings, for peak-RSS tests.
+BIG_LLAMA = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+                 num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+
+RSS_PRELUDE = """
+import sys, torch, weightlift, weightlift.hf, transformers as tf
+from accelerate import init_empty_weights
+
+def status(key):  # bytes, from /proc/self/status (Linux)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+def reset_peak():
+    # import the Llama modeling code (transformers imports lazily, optional quantization libraries with it)
+    # and run a tiny forward first, so the growth measured after this is weights and activations
+    small = tf.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2)
+    with init_empty_weights(include_buffers=False):
+        tf.AutoModelForCausalLM.from_config(small)
+    with torch.inference_mode():
+        tf.LlamaForCausalLM(small)(torch.zeros(1, 4, dtype=torch.long))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM, what ru_maxrss reports) so import-time peaks do not hide growth
+    return status("VmRSS")
+"""
+
+
+def measure_in_subprocess(body: str, *args: object) -> list[int]:
+    """Run ``RSS_PRELUDE + body`` in a fresh interpreter; the integers its last line prints."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_PRELUDE + body, *map(str, args)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [int(x) for x in out.stdout.strip().splitlines()[-1].split()]
+
+
 def has_accelerator() -> bool:
     return torch.accelerator.is_available()
 

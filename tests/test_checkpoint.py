@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import weightlift
-from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from conftest import BIG_LLAMA, assert_same, hook_counts, measure_in_subprocess, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError
 from weightlift.hf import load_streaming
 
@@ -180,45 +176,24 @@ def test_checkpoint_changed_after_setup(tmp_path):
                 model(ids)
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, torch, weightlift
-    from weightlift.hf import load_streaming
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    import transformers as tf
-    from accelerate import init_empty_weights
-    # import the modeling code (transformers imports lazily; optional quantization libraries come with it)
-    # and run a tiny forward before the baseline, so the measured growth is weights and activations
-    with init_empty_weights(include_buffers=False):
-        tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(sys.argv[1]))
-    small = tf.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2)
-    with torch.inference_mode():
-        tf.LlamaForCausalLM(small)(torch.zeros(1, 4, dtype=torch.long))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM, what ru_maxrss reports)
-    base = status("VmRSS")
-    config = weightlift.OffloadConfig(prefetch_step=2, host_budget=int(sys.argv[2]))
-    model, handle = load_streaming(sys.argv[1], config=config)
-    with torch.inference_mode():
-        logits = model(torch.load(sys.argv[3])).logits
-    report = handle.report()
-    peak = status("VmHWM")
-    torch.save(logits, sys.argv[4])
-    print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_bytes)
-    """
-)
+CHILD = """
+base = reset_peak()
+config = weightlift.OffloadConfig(prefetch_step=2, host_budget=int(sys.argv[2]))
+model, handle = weightlift.hf.load_streaming(sys.argv[1], config=config)
+with torch.inference_mode():
+    logits = model(torch.load(sys.argv[3])).logits
+report = handle.report()
+peak = status("VmHWM")
+torch.save(logits, sys.argv[4])
+print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_bytes)
+"""
 
 
 def test_load_streaming_peak_rss_stays_near_resident_plus_budget(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
-                         num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
-    model = tf.LlamaForCausalLM(cfg).eval()
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**BIG_LLAMA)).eval()
     ids = torch.randint(0, 256, (1, 16))
     with torch.inference_mode():
         ref = model(ids).logits
@@ -227,13 +202,9 @@ def test_load_streaming_peak_rss_stays_near_resident_plus_budget(tmp_path):
     budget = 2 * layer_bytes + 2 * 2**20  # two slots, with alignment padding
     torch.save(ids, tmp_path / "ids.pt")
     del model
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(budget), str(tmp_path / "ids.pt"),
-         str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    grown, offloaded, pool, resident = map(int, out.stdout.split()[-4:])
+    grown, offloaded, pool, resident = measure_in_subprocess(
+        CHILD, tmp_path / "ckpt", budget, tmp_path / "ids.pt", tmp_path / "logits.pt"
+    )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
     assert offloaded >= 4 * budget and pool <= budget
     assert grown < resident + budget + 48 * 2**20, (grown, offloaded, pool, resident)

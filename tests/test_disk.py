@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ from safetensors.torch import save_file
 
 import weightlift
 import weightlift.disk as disk
-from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from conftest import BIG_LLAMA, assert_same, hook_counts, measure_in_subprocess, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError
 
 
@@ -284,43 +280,29 @@ def test_config_errors():
         OffloadConfig(source="disk", disk_path="/tmp/x", host_budget="lots")
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, torch
-    from safetensors.torch import load_file
-    import transformers as tf, weightlift
-    cfg = tf.LlamaConfig(**{config})
-    def status(key):  # bytes, from /proc/self/status (Linux)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    torch.zeros(1) @ torch.zeros(1)  # load torch's kernels before the baseline
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM, what ru_maxrss reports) so import-time peaks do not hide growth
-    base = status("VmRSS")
-    assert status("VmHWM") < base + {slack}, "peak was not reset"
-    with torch.device("meta"):
-        model = tf.LlamaForCausalLM(cfg).eval()
-    model.load_state_dict(load_file(sys.argv[1]), strict=False, assign=True)
-    model.model.rotary_emb.inv_freq = model.model.rotary_emb.original_inv_freq = torch.load(sys.argv[2])
-    config = weightlift.OffloadConfig(source="disk", disk_path=sys.argv[3], prefetch_step=2, host_budget={budget})
-    with weightlift.offload(model, device="cpu", config=config) as handle:
-        with torch.inference_mode():
-            logits = model(torch.load(sys.argv[4])).logits
-        report = handle.report()
-    peak = status("VmHWM")
-    torch.save(logits, sys.argv[5])
-    print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_bytes)
-    """
-)
+CHILD = """
+from safetensors.torch import load_file
+base = reset_peak()
+with torch.device("meta"):
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{config})).eval()
+model.load_state_dict(load_file(sys.argv[1]), strict=False, assign=True)
+model.model.rotary_emb.inv_freq = model.model.rotary_emb.original_inv_freq = torch.load(sys.argv[2])
+config = weightlift.OffloadConfig(source="disk", disk_path=sys.argv[3], prefetch_step=2, host_budget={budget})
+with weightlift.offload(model, device="cpu", config=config) as handle:
+    with torch.inference_mode():
+        logits = model(torch.load(sys.argv[4])).logits
+    report = handle.report()
+peak = status("VmHWM")
+torch.save(logits, sys.argv[5])
+print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_bytes)
+"""
 
 
 def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
     import transformers as tf
 
-    config = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
-                  num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**config)).eval()
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**BIG_LLAMA)).eval()
     ids = torch.randint(0, 256, (1, 16))
     with torch.inference_mode():
         ref = model(ids).logits
@@ -332,14 +314,10 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
     torch.save(model.model.rotary_emb.inv_freq, tmp_path / "inv_freq.pt")
     torch.save(ids, tmp_path / "ids.pt")
     del model
-    script = CHILD.format(config=config, budget=budget, slack=8 * 2**20)
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "resident.safetensors"), str(tmp_path / "inv_freq.pt"),
-         str(tmp_path / "cache"), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    grown, offloaded, pool, resident_bytes = measure_in_subprocess(
+        CHILD.format(config=BIG_LLAMA, budget=budget), tmp_path / "resident.safetensors", tmp_path / "inv_freq.pt",
+        tmp_path / "cache", tmp_path / "ids.pt", tmp_path / "logits.pt",
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    grown, offloaded, pool, resident_bytes = map(int, out.stdout.split()[-4:])
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
     assert offloaded >= 4 * budget and pool <= budget
     overhead = 48 * 2**20  # activations, allocator and library state touched on the first forward
