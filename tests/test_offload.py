@@ -308,3 +308,41 @@ def test_non_contiguous_and_view_weights_keep_their_layout():
         with torch.inference_mode():
             out = model(x)
     assert torch.equal(out, ref)
+
+
+class RepackOnFirstUse(nn.Module):
+    """Like bitsandbytes 4-bit on avx512_bf16 CPUs: the first forward replaces the weight's data."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+        self.packed = False
+
+    def forward(self, x):
+        if not self.packed:
+            self.weight.data = self.weight.data.t().contiguous().t()  # same values, new memory and strides
+            self.packed = True
+        return x @ self.weight.T
+
+
+def test_weights_replaced_during_a_forward_are_detected_and_kept(caplog):
+    model = _stack()
+    for layer in model.layers:
+        layer.fc = RepackOnFirstUse(layer.fc)
+    reference = _stack()
+    for layer in reference.layers:
+        layer.fc = RepackOnFirstUse(layer.fc)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = [reference(x) for _ in range(3)]
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        report = handle.report()
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert report.replaced == 6
+    assert "was replaced during a forward" in caplog.text and "Run one forward before offload()" in caplog.text
+    # after remove() the repacked weights stay (the format's state and its data agree)
+    assert all(layer.fc.weight.stride() == (1, 32) for layer in model.layers)
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref[0])

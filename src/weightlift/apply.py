@@ -237,8 +237,7 @@ def offload(
             load_now=lambda p, s, after: engine.load_now(jobs[p], after),
         )
         for position, layer in enumerate(handle.layers):
-            weights = [e.tensor for e in layer.master.layout.entries]
-            handle.install_hooks(layer, LayerHook(prefetcher, position, layer.name, weights))
+            handle.install_hooks(layer, LayerHook(prefetcher, position, layer))
         prefetcher.prime()
     except BaseException:
         handle.remove()

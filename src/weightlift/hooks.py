@@ -30,11 +30,19 @@ def _requires_grad(values: Any) -> bool:
 class LayerHook:
     """Pre- and post-forward hook of one offloaded layer at ``position`` in the schedule."""
 
-    def __init__(self, prefetcher: Prefetcher, position: int, name: str, weights: list[torch.Tensor]) -> None:
+    def __init__(self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer) -> None:
         self.prefetcher = prefetcher
         self.position = position
-        self.name = name
-        self.weights = weights
+        self.name = layer.name
+        self.layer = layer
+        self.weights = [e.tensor for e in layer.master.layout.entries]
+        # tensors moved with ``.data =`` and where their slot view starts: a format that replaces one
+        # during a forward (repacking on first use) is detected after the layer runs
+        self.watch = [
+            (e, e.tensor.data_ptr())
+            for e in layer.master.layout.entries
+            if e.parts.kind == "plain" or e.parts.kind.startswith("storage subclass")
+        ]
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and (
@@ -49,6 +57,20 @@ class LayerHook:
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.prefetcher.after(self.position)
+        if any(e.tensor.data_ptr() != ptr for e, ptr in self.watch):
+            self._replaced()
+
+    def _replaced(self) -> None:
+        for entry, ptr in list(self.watch):
+            if entry.tensor.data_ptr() != ptr:
+                self.watch.remove((entry, ptr))
+                self.layer.replaced.append(entry)
+                log.warning(
+                    "`%s.%s` was replaced during a forward (a format repacking its weights on first use): it now "
+                    "stays resident and keeps its new contents after remove(). Run one forward before offload() "
+                    "so that weightlift streams the repacked form",
+                    self.name, entry.qualname,
+                )  # fmt: skip
 
 
 def is_offloaded(model: nn.Module) -> bool:
@@ -69,6 +91,7 @@ class OffloadedLayer:
     module: nn.Module
     master: HostMaster
     hooks: list[RemovableHandle] = field(default_factory=list)
+    replaced: list = field(default_factory=list)  # entries a format replaced after offload: left as they are
 
 
 class OffloadHandle:
@@ -178,6 +201,7 @@ class OffloadHandle:
             copies=prefetcher.copies if prefetcher else 0,
             prefetch_hits=prefetcher.hits if prefetcher else 0,
             prefetch_misses=prefetcher.misses if prefetcher else 0,
+            replaced=sum(len(layer.replaced) for layer in self.layers),
         )
 
     def remove(self) -> None:
@@ -190,6 +214,8 @@ class OffloadHandle:
             for h in layer.hooks:
                 h.remove()
             for entry in layer.master.layout.entries:
+                if any(entry is r for r in layer.replaced):
+                    continue
                 if entry.device.type == "meta":  # it came without data: give it back without reading any
                     leaves = list(entry.specs)
                 else:

@@ -26,6 +26,7 @@ class OffloadReport:
     copies: int  # layer copies issued so far (prefetches and synchronous loads)
     prefetch_hits: int
     prefetch_misses: int  # layers that ran before their copy was started: loaded synchronously
+    replaced: int = 0  # offloaded tensors a format replaced during a forward: now resident, see the log
 
     @property
     def saved_bytes(self) -> int:
@@ -52,6 +53,8 @@ class OffloadReport:
             ("host RAM for masters", format_size(self.host_bytes)),
             ("prefetch", f"step {self.prefetch_step}: {self.copies} copies, "
                          f"{self.prefetch_hits} hits, {self.prefetch_misses} misses"),
+            *([("replaced after offload", f"{self.replaced} tensors (now resident; see the log)")]
+              if self.replaced else []),
         ]  # fmt: skip
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
