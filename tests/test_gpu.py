@@ -69,3 +69,30 @@ def test_gpu_state_dict_and_remove_from_a_model_that_started_on_the_gpu():
                 assert torch.equal(model.state_dict()[key].to(dev), value)
         assert torch.equal(run(model, ids)[0], ref)
     assert_same(model, snap)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "bnb-nf4"])
+def test_gpu_quantized_formats(fmt):
+    """torchao int4 weight-only runs only on CUDA; the others are checked on the accelerator too."""
+    dev = _device()
+    model = tiny("llama").to(dev)
+    if fmt == "bnb-nf4":
+        pytest.importorskip("bitsandbytes")
+        from test_quantized import _bnb4, _replace_linears
+
+        model.cpu()
+        _replace_linears(model, lambda lin: _bnb4("nf4", True)(lin).to(dev))
+        model.to(dev)
+    else:
+        pytest.importorskip("torchao")
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        model.to(torch.bfloat16)
+        quantize_(model.model.layers, Int4WeightOnlyConfig(group_size=32) if fmt == "int4" else Int8WeightOnlyConfig())
+    ids = prompt().to(dev)
+    ref = run(model, ids)
+    with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)) as handle:
+        out = run(model, ids)
+        assert handle.report().prefetch_misses == 0
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert torch.equal(run(model, ids)[0], ref[0])
