@@ -228,7 +228,10 @@ def offload(
             for entry in master.layout.entries:
                 entry.parts.install(entry.tensor, entry.views(slot))
             master.release_originals()  # with a slab, the original storages can now be freed
-        jobs = [layer.master.job(handle.pool.slots[schedule.slot_of[p]], dev) for p, layer in enumerate(handle.layers)]
+        jobs = [
+            handle.timeline.timed(layer.name, layer.master.job(handle.pool.slots[schedule.slot_of[p]], dev))
+            for p, layer in enumerate(handle.layers)
+        ]
         handle.engine = engine = make_engine(dev)
         handle.prefetcher = prefetcher = Prefetcher(
             schedule,
@@ -237,7 +240,7 @@ def offload(
             load_now=lambda p, s, after: engine.load_now(jobs[p], after),
         )
         for position, layer in enumerate(handle.layers):
-            handle.install_hooks(layer, LayerHook(prefetcher, position, layer))
+            handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline))
         prefetcher.prime()
     except BaseException:
         handle.remove()

@@ -7,6 +7,7 @@ model is recognised as offloaded by finding them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import OffloadError
 from .pool import DevicePool
-from .report import OffloadReport
+from .report import OffloadReport, Timeline
 from .schedule import Prefetcher
 from .storage import HostMaster
 
@@ -30,8 +31,10 @@ def _requires_grad(values: Any) -> bool:
 class LayerHook:
     """Pre- and post-forward hook of one offloaded layer at ``position`` in the schedule."""
 
-    def __init__(self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer) -> None:
+    def __init__(self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer, timeline: Timeline) -> None:
         self.prefetcher = prefetcher
+        self.timeline = timeline
+        self.started = 0.0
         self.position = position
         self.name = layer.name
         self.layer = layer
@@ -53,9 +56,13 @@ class LayerHook:
                 "layers, so autograd would read the wrong weights. Run the model under "
                 "`torch.inference_mode()` or `torch.no_grad()`"
             )
+        start = time.perf_counter()
         self.prefetcher.before(self.position)
+        self.started = time.perf_counter()
+        self.timeline.add("compute", "wait", self.name, start, self.started)
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.timeline.add("compute", "compute", self.name, self.started, time.perf_counter())
         self.prefetcher.after(self.position)
         if any(e.tensor.data_ptr() != ptr for e, ptr in self.watch):
             self._replaced()
@@ -110,6 +117,7 @@ class OffloadHandle:
         self.engine: Any = None
         self.prefetcher: Prefetcher | None = None
         self.cache: Any = None  # the disk tier's open cache file, if any
+        self.timeline = Timeline()
         self.removed = False
 
     def __repr__(self) -> str:
@@ -202,7 +210,19 @@ class OffloadHandle:
             prefetch_hits=prefetcher.hits if prefetcher else 0,
             prefetch_misses=prefetcher.misses if prefetcher else 0,
             replaced=sum(len(layer.replaced) for layer in self.layers),
+            copy_seconds=sum(t["copy"] for t in self.timeline.totals.values()),
+            exposed_copy_seconds=sum(t["wait"] for t in self.timeline.totals.values()),
+            compute_seconds=sum(t["compute"] for t in self.timeline.totals.values()),
         )
+
+    def timings(self) -> list[dict]:
+        """Per offloaded layer, seconds so far: copying it, compute waiting for it, and its forward."""
+        return [{"layer": layer.name, **self.timeline.totals.get(layer.name, {"copy": 0.0, "wait": 0.0,
+                 "compute": 0.0})} for layer in self.layers]  # fmt: skip
+
+    def trace(self, path: str) -> None:
+        """Write the recent timeline as a Chrome/Perfetto trace: a compute lane and a copy lane."""
+        self.timeline.trace(path)
 
     def remove(self) -> None:
         """Undo everything: hooks gone, every tensor back on its device with its original bytes."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections import deque
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .config import format_size
 
@@ -27,6 +31,9 @@ class OffloadReport:
     prefetch_hits: int
     prefetch_misses: int  # layers that ran before their copy was started: loaded synchronously
     replaced: int = 0  # offloaded tensors a format replaced during a forward: now resident, see the log
+    copy_seconds: float = 0.0  # time the copy engine spent transferring layers
+    exposed_copy_seconds: float = 0.0  # time compute waited for a copy (or loaded one itself, on a miss)
+    compute_seconds: float = 0.0  # time spent inside offloaded layers' forwards
 
     @property
     def saved_bytes(self) -> int:
@@ -53,8 +60,55 @@ class OffloadReport:
             ("host RAM for masters", format_size(self.host_bytes)),
             ("prefetch", f"step {self.prefetch_step}: {self.copies} copies, "
                          f"{self.prefetch_hits} hits, {self.prefetch_misses} misses"),
+            ("time in offloaded layers", f"compute {self.compute_seconds:.3f} s, waited for copies "
+                                         f"{self.exposed_copy_seconds:.3f} s, copying {self.copy_seconds:.3f} s"),
             *([("replaced after offload", f"{self.replaced} tensors (now resident; see the log)")]
               if self.replaced else []),
         ]  # fmt: skip
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+class Timeline:
+    """Where time goes, cheap enough to leave on: host-clock intervals per lane.
+
+    Lanes: ``compute`` (the thread running the model: each offloaded layer's forward, and the time it
+    waited for its copy before starting) and ``copy`` (the copy engine's thread: each layer's
+    transfer). Totals per layer are kept for the report; the last ``keep`` intervals for `trace`.
+    On accelerator targets the intervals are host times (kernel launches and copy issue), not device
+    times.
+    """
+
+    def __init__(self, keep: int = 200_000) -> None:
+        self.origin = time.perf_counter()
+        self.events: deque[tuple[str, str, float, float]] = deque(maxlen=keep)
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def add(self, lane: str, kind: str, layer: str, start: float, end: float) -> None:
+        self.events.append((lane, f"{kind} {layer}" if kind != "compute" else layer, start, end))
+        sums = self.totals.setdefault(layer, {"copy": 0.0, "wait": 0.0, "compute": 0.0})
+        sums[kind] += end - start
+
+    def timed(self, layer: str, job):
+        """``job`` wrapped so that its run is recorded on the copy lane."""
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                job()
+            finally:
+                self.add("copy", "copy", layer, start, time.perf_counter())
+
+        return run
+
+    def trace(self, path: str | Path) -> None:
+        """Write a Chrome / Perfetto trace (JSON, ``chrome://tracing`` or ui.perfetto.dev)."""
+        lanes = {"compute": 1, "copy": 2}
+        events: list[dict] = [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}}
+            for lane, tid in lanes.items()
+        ]
+        for lane, name, start, end in list(self.events):
+            events.append({"name": name, "ph": "X", "pid": 1, "tid": lanes[lane], "cat": name.split()[0],
+                           "ts": (start - self.origin) * 1e6, "dur": (end - start) * 1e6})  # fmt: skip
+        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

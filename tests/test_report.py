@@ -1,0 +1,59 @@
+"""Timing and trace: where time goes, per layer, with a compute lane and a copy lane."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import weightlift
+from conftest import prompt, run, tiny
+from weightlift import OffloadConfig
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_trace_has_one_compute_event_per_layer_per_forward(tmp_path, source):
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids)
+    disk = {"source": "disk", "disk_path": str(tmp_path / "cache")} if source == "disk" else {}
+    config = OffloadConfig(group_size=5, num_in_group=4, prefetch_step=2, **disk)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        handle.timeline.events.clear()  # keep only the forwards below
+        out = run(model, ids, new_tokens=4)
+        handle.trace(tmp_path / "trace.json")
+        report = handle.report()
+        timings = handle.timings()
+    # timing is always on: outputs are the resident ones all the same
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1][:, : ids.shape[1] + 4], ref[1][:, : ids.shape[1] + 4])
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    events = trace["traceEvents"]
+    lanes = {e["args"]["name"]: e["tid"] for e in events if e["ph"] == "M"}
+    assert set(lanes) == {"compute", "copy"}
+    forwards = 1 + 4  # the logits forward, then generate's four
+    offloaded = [f"model.layers.{i}" for i in (1, 2, 3, 4)]
+    compute = [
+        e for e in events if e["ph"] == "X" and e["tid"] == lanes["compute"] and not e["name"].startswith("wait")
+    ]
+    assert sorted(e["name"] for e in compute) == sorted(offloaded * forwards)
+    waits = [e for e in events if e["ph"] == "X" and e["name"].startswith("wait ")]
+    assert len(waits) == len(compute)
+    copies = [e for e in events if e["ph"] == "X" and e["tid"] == lanes["copy"]]
+    assert copies and all(e["name"].startswith("copy model.layers.") for e in copies)
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in events if e["ph"] == "X")
+    assert [t["layer"] for t in timings] == offloaded
+    assert report.compute_seconds > 0 and report.copy_seconds > 0
+    assert report.compute_seconds == pytest.approx(sum(t["compute"] for t in timings))
+
+
+def test_report_prints_and_round_trips_to_a_dict():
+    model = tiny("llama")
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        run(model, prompt(), new_tokens=2)
+        report = handle.report()
+    text = str(report)
+    assert "device pool" in text and "3 slots" in text and "time in offloaded layers" in text
+    data = report.to_dict()
+    assert data["saved_bytes"] == report.offloaded_bytes - report.pool_bytes
+    assert json.loads(json.dumps(data)) == data
