@@ -325,3 +325,37 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
     assert grown < offloaded  # far below what holding the model would take
     print(f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} "
           f"MiB, resident {resident_bytes / 2**20:.1f} MiB")  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["disk", "checkpoint"])
+@pytest.mark.parametrize("budget_slabs", [None, 1])
+def test_staging_ring_path_on_cpu(tmp_path, monkeypatch, source, budget_slabs):
+    """The accelerator path (disk -> staging ring -> slot), exercised on the CPU by forcing it."""
+    import weightlift.apply as apply_module
+
+    monkeypatch.setattr(apply_module, "_stages", lambda device: True)
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids)
+    if source == "checkpoint":
+        model.save_pretrained(tmp_path, max_shard_size="200KB")
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path, prefetch_step=3)) as handle:
+        slot = handle.report().slot_bytes
+    budget = None if budget_slabs is None else budget_slabs * slot + 100
+    config = OffloadConfig(source=source, disk_path=str(tmp_path), prefetch_step=2, host_budget=budget)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        out = run(model, ids)
+        report = handle.report()
+        assert len(handle.ring.slabs) == (budget_slabs or 2)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.prefetch_misses == 0
+    assert report.host_bytes == (budget_slabs or 2) * report.slot_bytes  # the ring, nothing else
+    assert torch.equal(run(model, ids)[0], ref[0])
+
+
+def test_staging_ring_below_one_slab_states_the_minimum(tmp_path, monkeypatch):
+    import weightlift.apply as apply_module
+
+    monkeypatch.setattr(apply_module, "_stages", lambda device: True)
+    with pytest.raises(OffloadError, match=r"below the 148480 bytes of one staging slab"):
+        weightlift.offload(tiny("llama"), device="cpu", config=_disk(tmp_path, host_budget=10_000_000 // 100))

@@ -96,3 +96,22 @@ def test_gpu_quantized_formats(fmt):
         assert handle.report().prefetch_misses == 0
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert torch.equal(run(model, ids)[0], ref[0])
+
+
+@pytest.mark.parametrize("source", ["disk", "checkpoint"])
+def test_gpu_streams_from_disk_through_the_staging_ring(tmp_path, source):
+    dev = _device()
+    model = tiny("llama")
+    if source == "checkpoint":
+        model.save_pretrained(tmp_path, max_shard_size="200KB")
+    ids = prompt().to(dev)
+    model.to(dev)
+    ref = run(model, ids)
+    model.to("cpu")
+    config = OffloadConfig(source=source, disk_path=str(tmp_path), prefetch_step=2)
+    with weightlift.offload(model, device=dev, config=config) as handle:
+        out = run(model, ids)
+        report = handle.report()
+        assert all(slab.is_pinned() for slab in handle.ring.slabs)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.prefetch_misses == 0 and report.host_bytes >= 2 * report.slot_bytes

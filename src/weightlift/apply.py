@@ -15,7 +15,7 @@ from .checkpoint import CheckpointFiles
 from .config import OffloadConfig, format_size
 from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
-from .engine import make_engine
+from .engine import StagedEngine, StagedJob, StagingRing, make_engine
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stack
@@ -143,6 +143,11 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
     return entries, list(resident.values())
 
 
+def _stages(device: torch.device) -> bool:
+    """Whether disk reads go through a host staging ring (accelerators) or straight into the slot (CPU)."""
+    return device.type != "cpu"
+
+
 def offload(
     model: nn.Module,
     *,
@@ -175,18 +180,20 @@ def offload(
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
     pool_bytes = schedule.n_slots * slot_bytes
-    if config.host_budget is not None and dev.type == "cpu" and pool_bytes > config.host_budget:
+    if config.host_budget is not None and not _stages(dev) and pool_bytes > config.host_budget:
         raise OffloadError(
             f"`host_budget`={config.host_budget} bytes is below the {pool_bytes} bytes this plan needs "
             f"({schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
         )
-    cache = None
-    if config.source != "host":
-        if dev.type != "cpu":
+    cache, ring_slabs = None, 0
+    if config.source != "host" and _stages(dev):  # disk -> host staging ring -> device
+        ring_slabs = 2 if config.host_budget is None else min(2, config.host_budget // max(slot_bytes, 1))
+        if ring_slabs < 1:
             raise OffloadError(
-                f"`source`={config.source!r} streams to CPU targets in this version; for an accelerator use "
-                "source='host'"
+                f"`host_budget`={config.host_budget} bytes is below the {slot_bytes} bytes of one staging slab "
+                "(the largest offloaded layer); raise it"
             )
+    if config.source != "host":
         folder = Path(config.disk_path).expanduser()
         materialized = not any(e.tensor.is_meta for es in entries.values() for e in es)
         if config.source == "disk":
@@ -228,11 +235,21 @@ def offload(
             for entry in master.layout.entries:
                 entry.parts.install(entry.tensor, entry.views(slot))
             master.release_originals()  # with a slab, the original storages can now be freed
-        jobs = [
-            handle.timeline.timed(layer.name, layer.master.job(handle.pool.slots[schedule.slot_of[p]], dev))
-            for p, layer in enumerate(handle.layers)
-        ]
-        handle.engine = engine = make_engine(dev)
+        slots = [handle.pool.slots[schedule.slot_of[p]] for p in range(len(handle.layers))]
+        if ring_slabs:
+            handle.ring = StagingRing(ring_slabs, slot_bytes, pin=dev.type != "cpu")
+            engine = StagedEngine(dev, handle.ring)
+            jobs = [
+                StagedJob(handle.timeline.timed_read(layer.name, layer.master.read), slot, layer.master.layout.nbytes)
+                for layer, slot in zip(handle.layers, slots)
+            ]
+        else:
+            engine = make_engine(dev)
+            jobs = [
+                handle.timeline.timed(layer.name, layer.master.job(slot, dev))
+                for layer, slot in zip(handle.layers, slots)
+            ]
+        handle.engine = engine
         handle.prefetcher = prefetcher = Prefetcher(
             schedule,
             start=lambda p, s: engine.start(jobs[p]),

@@ -314,6 +314,10 @@ class DiskMaster:
     def job(self, slot: torch.Tensor, device: torch.device) -> Job:
         return partial(self.cache.read_into, self.index, slot)
 
+    def read(self, buffer: torch.Tensor) -> None:
+        """Read this layer, in the slot layout, into a CPU ``buffer`` (a staging slab)."""
+        self.cache.read_into(self.index, buffer)
+
 
 def open_cache(folder: Path, stack: str, layouts: dict[int, Layout], materialized: bool) -> LayerCache:
     """The cache for these layers in ``folder``: reused when it holds the same bytes, written when absent

@@ -13,7 +13,9 @@ Both engines share one interface:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -102,6 +104,100 @@ class StreamEngine:
 
     def close(self) -> None:
         self.synchronize()
+
+
+@dataclass
+class StagedJob:
+    """A disk-to-device transfer: ``read(buffer)`` fills a host staging buffer in the slot layout, which is
+    then copied to ``dst`` (the slot), ``nbytes`` of it."""
+
+    read: Callable[[torch.Tensor], None]
+    dst: torch.Tensor
+    nbytes: int
+
+
+class StagingRing:
+    """A fixed ring of host staging slabs (pinned for accelerators); a slab is reused only once the copy
+    out of it has finished."""
+
+    def __init__(self, count: int, nbytes: int, pin: bool) -> None:
+        self.slabs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+        self._busy: list[torch.Event | None] = [None] * count
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.untyped_storage().nbytes() for s in self.slabs)
+
+    def acquire(self) -> int:
+        with self._lock:
+            index, self._next = self._next, (self._next + 1) % len(self.slabs)
+        if self._busy[index] is not None:
+            self._busy[index].synchronize()  # the copy out of this slab is done
+        return index
+
+    def release(self, index: int, done: torch.Event | None) -> None:
+        self._busy[index] = done
+
+
+class StagedEngine:
+    """Disk to device: a reader thread fills staging slabs ahead (file reads release the GIL), and the
+    copy to the slot is issued from that thread on a side stream, after the compute that last read the
+    slot. On a CPU target the copy is a plain ``copy_`` in the reader thread."""
+
+    def __init__(self, device: torch.device, ring: StagingRing) -> None:
+        self.device, self.ring = device, ring
+        self._accel = device.type != "cpu"
+        self._stream = torch.Stream(device=device) if self._accel else None
+        self._reader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightlift-read")
+        self._last: cf.Future | None = None
+
+    def _event(self, stream: torch.Stream | None) -> torch.Event | None:
+        if not self._accel:
+            return None
+        event = torch.Event(device=self.device)
+        event.record(stream)
+        return event
+
+    def _transfer(self, job: StagedJob, stream: torch.Stream | None, ready: torch.Event | None):
+        slab = self.ring.acquire()
+        buffer = self.ring.slabs[slab]
+        job.read(buffer)
+        if self._accel:
+            torch.accelerator.set_stream(stream)  # this thread's current stream
+            if ready is not None:
+                stream.wait_event(ready)  # the slot's last reader has run
+        job.dst[: job.nbytes].copy_(buffer[: job.nbytes], non_blocking=self._accel)
+        done = self._event(stream)
+        self.ring.release(slab, done)
+        return done
+
+    def start(self, job: StagedJob) -> cf.Future:
+        ready = self._event(torch.accelerator.current_stream(self.device)) if self._accel else None
+        self._last = self._reader.submit(self._transfer, job, self._stream, ready)
+        return self._last
+
+    def wait(self, ticket: cf.Future) -> None:
+        done = ticket.result()
+        if done is not None:
+            torch.accelerator.current_stream(self.device).wait_event(done)
+
+    def load_now(self, job: StagedJob, after: cf.Future | None) -> None:
+        if after is not None:
+            self.wait(after)
+        compute = torch.accelerator.current_stream(self.device) if self._accel else None
+        self._transfer(job, compute, None)
+
+    def synchronize(self) -> None:
+        if self._last is not None:
+            self._last.exception()
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def close(self) -> None:
+        self.synchronize()
+        self._reader.shutdown(wait=True)
 
 
 def make_engine(device: torch.device) -> ThreadEngine | StreamEngine:

@@ -118,6 +118,7 @@ class OffloadHandle:
         self.prefetcher: Prefetcher | None = None
         self.cache: Any = None  # the disk tier's open cache file, if any
         self.timeline = Timeline()
+        self.ring: Any = None  # the host staging ring of a disk source on an accelerator
         self.removed = False
 
     def __repr__(self) -> str:
@@ -204,7 +205,7 @@ class OffloadHandle:
             pool_bytes=pool.nbytes if pool else 0,
             slots=len(pool) if pool else 0,
             slot_bytes=pool.slot_bytes if pool else 0,
-            host_bytes=sum(layer.master.allocated for layer in self.layers),
+            host_bytes=sum(layer.master.allocated for layer in self.layers) + (self.ring.nbytes if self.ring else 0),
             prefetch_step=self._step,
             copies=prefetcher.copies if prefetcher else 0,
             prefetch_hits=prefetcher.hits if prefetcher else 0,
@@ -245,6 +246,6 @@ class OffloadHandle:
             tensor.data = tensor.data.to(device)
         if self.cache is not None:
             self.cache.close()
-        self.layers, self.moved, self.pool, self.engine, self.cache = [], [], None, None, None
+        self.layers, self.moved, self.pool, self.engine, self.cache, self.ring = [], [], None, None, None, None
         self.removed = True
         log.info("weightlift: removed offloading from %s", type(self.model).__name__)

@@ -101,6 +101,14 @@ class Timeline:
 
         return run
 
+    def timed_read(self, layer: str, read):
+        """``read(buffer)`` wrapped so that its run is recorded on the copy lane."""
+
+        def run(buffer) -> None:
+            self.timed(layer, lambda: read(buffer))()
+
+        return run
+
     def trace(self, path: str | Path) -> None:
         """Write a Chrome / Perfetto trace (JSON, ``chrome://tracing`` or ui.perfetto.dev)."""
         lanes = {"compute": 1, "copy": 2}
