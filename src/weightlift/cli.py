@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from .errors import OffloadError
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 EPILOG = """examples:
+  weightlift bench smollm2 --plot t.png  resident vs offloaded prefill/decode, a timeline and a bar chart
   weightlift demo                      SmolLM2 resident, then with 24 of 30 layers streamed from a disk
                                        cache (written on the first run); same answer
   weightlift demo --source host        stream from host RAM instead
@@ -29,12 +31,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .hf import chat_ids, greedy, load_gguf, smollm2_file
 
     device = resolve_device(args.device)
-    source = args.source or ("disk" if device.type == "cpu" else "host")
+    config = _offload_config(args, device)
+    source = config.source
     path = smollm2_file()
     model, tokenizer = load_gguf(path)
     ids = chat_ids(tokenizer, args.prompt)
-    disk = {"source": "disk", "disk_path": args.cache_dir} if source == "disk" else {}
-    config = OffloadConfig(group_size=5, num_in_group=4, prefetch_step=2, **disk)
     resident, t_resident = greedy(model, ids, args.tokens)
     with offload(model, device=device, config=config) as handle:
         streamed, t_streamed = greedy(model, ids, args.tokens)
@@ -69,6 +70,66 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _offload_config(args: argparse.Namespace, device) -> OffloadConfig:
+    source = args.source or ("disk" if device.type == "cpu" else "host")
+    disk = {"source": source, "disk_path": args.cache_dir} if source != "host" else {}
+    return OffloadConfig(group_size=args.group_size, num_in_group=args.num_in_group,
+                         prefetch_step=args.prefetch_step, **disk)  # fmt: skip
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import offload
+    from .apply import resolve_device
+    from .hf import chat_ids, load_model, measure_decode
+
+    device = resolve_device(args.device)
+    config = _offload_config(args, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    ids = chat_ids(tokenizer, DEMO_PROMPT) if tokenizer is not None else torch.arange(3, 35)[None]
+    model.to(device)
+    resident = measure_decode(model, ids.to(device), args.tokens)
+    model.to("cpu")
+    with offload(model, device=device, config=config) as handle:
+        handle.timeline.events.clear()
+        offloaded = measure_decode(model, ids.to(device), args.tokens)
+        report = handle.report()
+        if args.trace:
+            handle.trace(args.trace)
+        events = list(handle.timeline.events)
+    same = torch.equal(resident["tokens"].cpu(), offloaded["tokens"].cpu())
+    forwards = args.tokens  # prefill + tokens - 1 decode steps
+    step_resident, step_offloaded = 1 / resident["decode_tokens_per_s"], 1 / offloaded["decode_tokens_per_s"]
+    copy_per_forward = report.copy_seconds / max(forwards, 1)
+    result = {
+        "model": args.model, "device": str(device), "config": dataclasses.asdict(config),
+        "tokens": args.tokens, "threads": torch.get_num_threads(), "identical": same,
+        "resident": {k: v for k, v in resident.items() if k != "tokens"},
+        "offloaded": {k: v for k, v in offloaded.items() if k != "tokens"},
+        "slowdown": step_offloaded / step_resident,
+        "copy_seconds_per_forward": copy_per_forward,
+        "overlap_efficiency": max(step_resident, copy_per_forward) / step_offloaded,
+        "report": report.to_dict(),
+    }  # fmt: skip
+    if args.plot:
+        from .report import plot_timeline
+
+        plot_timeline(events, {"resident": step_resident, "offloaded": step_offloaded}, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"model: {args.model}, device: {device}, {args.tokens} tokens, {result['threads']} threads")
+        print(f"{'':10}{'prefill s':>11}{'decode tok/s':>14}")
+        for key in ("resident", "offloaded"):
+            print(f"{key:10}{result[key]['prefill_s']:>11.3f}{result[key]['decode_tokens_per_s']:>14.1f}")
+        print(f"slowdown {result['slowdown']:.2f}x, overlap efficiency {result['overlap_efficiency']:.2f} "
+              f"(max of the resident step and the copy time per forward, over the offloaded step)")  # fmt: skip
+        print(f"identical tokens: {'yes' if same else 'NO'}\n")
+        print(report)
+    return 0 if same else 1
+
+
 def default_cache_dir() -> str:
     return os.environ.get("WEIGHTLIFT_CACHE") or str(Path.home() / ".cache" / "weightlift")
 
@@ -99,6 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=_demo)
+    bench = sub.add_parser(
+        "bench", help="measure resident vs offloaded prefill and decode on a model",
+        description="Measure prefill and decode resident, then offloaded, in one process; same tokens required.",
+    )  # fmt: skip
+    bench.add_argument("model", help="'smollm2', a .gguf file, or a transformers model folder")
+    bench.add_argument("--group-size", type=int, default=1)
+    bench.add_argument("--num-in-group", type=int, default=1)
+    bench.add_argument("--prefetch-step", type=int, default=2)
+    bench.add_argument("--tokens", type=int, default=16, help="new tokens (default 16)")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    bench.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of the offloaded run")
+    bench.add_argument("--plot", default=None, help="draw the timeline and time per token to this PNG")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    for p in (demo, bench):
+        if p is bench:
+            p.add_argument("--device", default=None, help="target device (default: the accelerator if any, else cpu)")
+            p.add_argument(
+                "--source",
+                choices=["disk", "host", "checkpoint"],
+                default=None,
+                help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
+            )
+            p.add_argument(
+                "--cache-dir",
+                default=default_cache_dir(),
+                help="folder of the layer cache, or of the checkpoint with --source checkpoint",
+            )
+    bench.set_defaults(run=_bench)
     return parser
 
 

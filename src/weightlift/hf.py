@@ -54,6 +54,45 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_token=None) -> dict:
+    """Prefill seconds and decode tokens/s of a greedy continuation (KV cache), and the tokens.
+
+    ``before_token()`` runs untimed before each decode step (a benchmark evicting the page cache, say).
+    """
+    start = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill = time.perf_counter() - start
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    generated, seconds = [nxt], 0.0
+    for _ in range(tokens - 1):
+        if before_token is not None:
+            before_token()
+        start = time.perf_counter()
+        out = model(nxt, past_key_values=past, use_cache=True)
+        seconds += time.perf_counter() - start
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        generated.append(nxt)
+    return {"prefill_s": prefill, "decode_tokens_per_s": (tokens - 1) / seconds, "tokens": torch.cat(generated, 1)}
+
+
+def load_model(name: str) -> tuple[nn.Module, object]:
+    """``smollm2`` (the embedded model), a ``.gguf`` file, or a transformers model folder."""
+    if name == "smollm2":
+        return load_gguf(smollm2_file())
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return load_gguf(path)
+    if not (path / "config.json").is_file():
+        raise OffloadError(
+            f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
+
+
+@torch.inference_mode()
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
     """Greedy continuation of ``ids`` (KV cache on) and the seconds it took."""
     start = time.perf_counter()

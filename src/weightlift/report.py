@@ -120,3 +120,33 @@ class Timeline:
             events.append({"name": name, "ph": "X", "pid": 1, "tid": lanes[lane], "cat": name.split()[0],
                            "ts": (start - self.origin) * 1e6, "dur": (end - start) * 1e6})  # fmt: skip
         Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
+def plot_timeline(events: list[tuple[str, str, float, float]], per_token: dict[str, float], path: str | Path) -> None:
+    """A PNG: the compute and copy lanes of the last forwards, and seconds per token of each run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import OffloadError
+
+        raise OffloadError("`--plot` needs matplotlib: `pip install 'weightlift[plot]'`") from None
+    fig, (lanes, bars) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    recent = events[-400:]
+    origin = min((start for _, _, start, _ in recent), default=0.0)
+    colours = {"compute": "#4477aa", "wait": "#ee6677", "copy": "#228833"}
+    for lane, name, start, end in recent:
+        kind = "wait" if name.startswith("wait ") else ("copy" if lane == "copy" else "compute")
+        row = 1 if lane == "compute" else 0
+        lanes.broken_barh([((start - origin) * 1e3, (end - start) * 1e3)], (row - 0.4, 0.8), color=colours[kind])
+    lanes.set_yticks([0, 1], ["copy", "compute"])
+    lanes.set_xlabel("ms")
+    lanes.set_title("timeline (blue: layer forward, red: waiting for its copy, green: copy)")
+    bars.bar(list(per_token), [v * 1e3 for v in per_token.values()], color=["#777777", "#4477aa"])
+    bars.set_ylabel("ms per token")
+    bars.set_title("decode step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
