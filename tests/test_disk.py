@@ -28,18 +28,21 @@ def _cache_file(folder: Path) -> Path:
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "mixtral", "gpt2"])
 @pytest.mark.parametrize("group,num,step", [(1, 1, 1), (1, 1, 3), (3, 2, 2)])
-def test_disk_equals_resident(tmp_path, family, group, num, step):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-into-slots"])
+def test_disk_equals_resident(tmp_path, family, group, num, step, mapped):
     model = tiny(family)
     ids = prompt()
     ref = run(model, ids)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    config = _disk(tmp_path, group_size=group, num_in_group=num, prefetch_step=step)
+    config = _disk(tmp_path, group_size=group, num_in_group=num, prefetch_step=step, mmap=mapped)
     with weightlift.offload(model, device="cpu", config=config) as handle:
         out = run(model, ids)
         report = handle.report()
         state = model.state_dict()
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-    assert report.source == str(_cache_file(tmp_path)) and report.host_bytes == 0
+    assert report.source == str(_cache_file(tmp_path)) + (" (mapped)" if mapped else "") and report.host_bytes == 0
+    # mapped: no pool is allocated, a layer's pages are held only while it runs (one slot's worth)
+    assert report.slots == (1 if mapped else len(set(handle.prefetcher.schedule.slot_of)))
     assert report.prefetch_misses == 0
     assert all(torch.equal(state[k], v) for k, v in expected.items())
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # restored from disk
@@ -263,10 +266,11 @@ def test_disk_full_leaves_no_cache_a_later_run_would_trust(tmp_path, monkeypatch
         assert torch.equal(run(model, ids)[0], ref[0])
 
 
-def test_host_budget_below_the_pool_states_the_minimum(tmp_path):
+@pytest.mark.parametrize("mapped,minimum", [(False, 445440), (True, 148480)])
+def test_host_budget_below_the_pool_states_the_minimum(tmp_path, mapped, minimum):
     model = tiny("llama")
-    with pytest.raises(OffloadError, match=r"`host_budget`=1000 bytes is below the 445440 bytes"):
-        weightlift.offload(model, device="cpu", config=_disk(tmp_path, host_budget=1000))
+    with pytest.raises(OffloadError, match=rf"`host_budget`=1000 bytes is below the {minimum} bytes"):
+        weightlift.offload(model, device="cpu", config=_disk(tmp_path, host_budget=1000, mmap=mapped))
 
 
 def test_config_errors():
@@ -287,7 +291,8 @@ with torch.device("meta"):
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**{config})).eval()
 model.load_state_dict(load_file(sys.argv[1]), strict=False, assign=True)
 model.model.rotary_emb.inv_freq = model.model.rotary_emb.original_inv_freq = torch.load(sys.argv[2])
-config = weightlift.OffloadConfig(source="disk", disk_path=sys.argv[3], prefetch_step=2, host_budget={budget})
+config = weightlift.OffloadConfig(source="disk", disk_path=sys.argv[3], prefetch_step=2, host_budget={budget},
+                                  mmap={mapped})
 with weightlift.offload(model, device="cpu", config=config) as handle:
     with torch.inference_mode():
         logits = model(torch.load(sys.argv[4])).logits
@@ -298,7 +303,8 @@ print(peak - base, report.offloaded_bytes, report.pool_bytes, report.resident_by
 """
 
 
-def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-into-slots"])
+def test_peak_rss_stays_near_resident_plus_budget(tmp_path, mapped):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -306,7 +312,7 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
     ids = torch.randint(0, 256, (1, 16))
     with torch.inference_mode():
         ref = model(ids).logits
-    with weightlift.offload(model, device="cpu", config=_disk(tmp_path / "cache")) as handle:
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path / "cache", mmap=False)) as handle:
         slot = handle.report().slot_bytes
     budget = 2 * slot
     resident = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
@@ -315,8 +321,8 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path):
     torch.save(ids, tmp_path / "ids.pt")
     del model
     grown, offloaded, pool, resident_bytes = measure_in_subprocess(
-        CHILD.format(config=BIG_LLAMA, budget=budget), tmp_path / "resident.safetensors", tmp_path / "inv_freq.pt",
-        tmp_path / "cache", tmp_path / "ids.pt", tmp_path / "logits.pt",
+        CHILD.format(config=BIG_LLAMA, budget=budget, mapped=mapped), tmp_path / "resident.safetensors",
+        tmp_path / "inv_freq.pt", tmp_path / "cache", tmp_path / "ids.pt", tmp_path / "logits.pt",
     )  # fmt: skip
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
     assert offloaded >= 4 * budget and pool <= budget

@@ -20,7 +20,7 @@ from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stack
 from .pool import DevicePool
-from .schedule import Prefetcher, make_schedule
+from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import Entry, HostMaster, Layout, storage_key
 from .tensors import attribute_tensors, take_apart
 
@@ -143,6 +143,20 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
     return entries, list(resident.values())
 
 
+def _engine_and_jobs(handle: OffloadHandle, schedule, dev: torch.device, ring_slabs: int, slot_bytes: int):
+    """The copy engine and each offloaded position's transfer into its slot."""
+    slots = [handle.pool.slots[schedule.slot_of[p]] for p in range(len(handle.layers))]
+    if ring_slabs:
+        handle.ring = StagingRing(ring_slabs, slot_bytes, pin=dev.type != "cpu")
+        jobs = [
+            StagedJob(handle.timeline.timed_read(layer.name, layer.master.read), slot, layer.master.layout.nbytes)
+            for layer, slot in zip(handle.layers, slots)
+        ]
+        return StagedEngine(dev, handle.ring), jobs
+    jobs = [handle.timeline.timed(layer.name, layer.master.job(slot, dev)) for layer, slot in zip(handle.layers, slots)]
+    return make_engine(dev), jobs
+
+
 def _stages(device: torch.device) -> bool:
     """Whether disk reads go through a host staging ring (accelerators) or straight into the slot (CPU)."""
     return device.type != "cpu"
@@ -179,11 +193,12 @@ def offload(
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
-    pool_bytes = schedule.n_slots * slot_bytes
+    mapped = config.source == "disk" and config.mmap and not _stages(dev)  # compute on the mapped cache
+    pool_bytes = slot_bytes if mapped else schedule.n_slots * slot_bytes
     if config.host_budget is not None and not _stages(dev) and pool_bytes > config.host_budget:
         raise OffloadError(
             f"`host_budget`={config.host_budget} bytes is below the {pool_bytes} bytes this plan needs "
-            f"({schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
+            f"({1 if mapped else schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
         )
     cache, ring_slabs = None, 0
     if config.source != "host" and _stages(dev):  # disk -> host staging ring -> device
@@ -209,7 +224,9 @@ def offload(
     handle = OffloadHandle(model, dev, stack_name, len(stack), schedule.step)
     handle.cache = cache
     try:
-        handle.pool = DevicePool(schedule.n_slots, slot_bytes, dev)
+        handle.pool = DevicePool(0 if mapped else schedule.n_slots, slot_bytes, dev)
+        mapping = cache.map() if mapped else None
+        handle.mapped_window = slot_bytes if mapped else 0
         for t in resident:
             if t.device != dev:
                 handle.moved.append((t, t.device))
@@ -231,31 +248,27 @@ def offload(
                 master = HostMaster.build(layouts[index], pin=pin)
             layer = OffloadedLayer(index, f"{stack_name}.{index}", stack[index], master)
             handle.layers.append(layer)
-            slot = handle.pool.slots[schedule.slot_of[position]]
+            target = mapping.region(index) if mapping else handle.pool.slots[schedule.slot_of[position]]
             for entry in master.layout.entries:
-                entry.parts.install(entry.tensor, entry.views(slot))
+                entry.parts.install(entry.tensor, entry.views(target))
             master.release_originals()  # with a slab, the original storages can now be freed
-        slots = [handle.pool.slots[schedule.slot_of[p]] for p in range(len(handle.layers))]
-        if ring_slabs:
-            handle.ring = StagingRing(ring_slabs, slot_bytes, pin=dev.type != "cpu")
-            engine = StagedEngine(dev, handle.ring)
-            jobs = [
-                StagedJob(handle.timeline.timed_read(layer.name, layer.master.read), slot, layer.master.layout.nbytes)
-                for layer, slot in zip(handle.layers, slots)
-            ]
+        if mapping is not None:
+            handle.engine = None
+            indices = schedule.offloaded
+            handle.prefetcher = prefetcher = MappedPrefetcher(
+                schedule,
+                willneed=lambda p: handle.timeline.timed(handle.layers[p].name, lambda: mapping.willneed(indices[p]))(),
+                release=lambda p: mapping.release(indices[p]),
+                check=cache.file.check,
+            )
         else:
-            engine = make_engine(dev)
-            jobs = [
-                handle.timeline.timed(layer.name, layer.master.job(slot, dev))
-                for layer, slot in zip(handle.layers, slots)
-            ]
-        handle.engine = engine
-        handle.prefetcher = prefetcher = Prefetcher(
-            schedule,
-            start=lambda p, s: engine.start(jobs[p]),
-            wait=engine.wait,
-            load_now=lambda p, s, after: engine.load_now(jobs[p], after),
-        )
+            handle.engine, jobs = _engine_and_jobs(handle, schedule, dev, ring_slabs, slot_bytes)
+            handle.prefetcher = prefetcher = Prefetcher(
+                schedule,
+                start=lambda p, s: handle.engine.start(jobs[p]),
+                wait=handle.engine.wait,
+                load_now=lambda p, s, after: handle.engine.load_now(jobs[p], after),
+            )
         for position, layer in enumerate(handle.layers):
             handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline))
         prefetcher.prime()

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of the disk tier's layer cache (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, group_size=5, num_in_group=4, prefetch_step=2)
     bench = sub.add_parser(
         "bench", help="measure resident vs offloaded prefill and decode on a model",
         description="Measure prefill and decode resident, then offloaded, in one process; same tokens required.",

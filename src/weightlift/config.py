@@ -67,7 +67,9 @@ class OffloadConfig:
     ``disk_path`` instead of host RAM (written on first use, reused after), and reads each layer ahead
     straight into its slot; ``source="checkpoint"`` reads them in place from the safetensors checkpoint
     in the folder ``disk_path`` (nothing written). ``host_budget`` (bytes or "512MiB") caps the RAM the
-    pool and staging may take; a plan that needs more is refused with the minimum.
+    pool and staging may take; a plan that needs more is refused with the minimum. With ``source="disk"``
+    on a CPU target the cache is mapped and layers are computed on in place, with no copy (``mmap=True``,
+    the default); ``mmap=False`` reads each layer into a pool slot instead.
     """
 
     group_size: int = 1
@@ -78,6 +80,7 @@ class OffloadConfig:
     source: str = "host"
     disk_path: str | os.PathLike | None = None
     host_budget: int | str | None = None
+    mmap: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("group_size", self.group_size)
@@ -114,6 +117,8 @@ class OffloadConfig:
             raise OffloadError(f"`source`={self.source!r} needs `disk_path`, a folder")
         if self.source == "host" and self.disk_path is not None:
             raise OffloadError("`disk_path` is given but `source`='host': pass source='disk' to stream from disk")
+        if not isinstance(self.mmap, bool):
+            raise OffloadError(f"`mmap` must be True or False, got {self.mmap!r}")
         if self.host_budget is not None:
             object.__setattr__(self, "host_budget", parse_size(self.host_budget, name="host_budget"))
         if self.layers is not None and (not isinstance(self.layers, str) or not self.layers.strip()):

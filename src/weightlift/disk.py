@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -228,7 +229,44 @@ class LayerCache:
         return out
 
     def close(self) -> None:
+        if getattr(self, "mapping", None) is not None:
+            self.mapping.close()
+            self.mapping = None
         self.file.close()
+
+    def map(self) -> Mapping:
+        """Map the file (private, copy-on-write) so layers can be read in place, with no copy."""
+        self.mapping = Mapping(self)
+        return self.mapping
+
+
+class Mapping:
+    """The cache file mapped into memory: each offloaded layer's tensors point at its own page-aligned
+    range, so a warm page cache serves them with no copy at all. ``willneed`` asks the kernel to read a
+    layer ahead; ``release`` drops a layer's pages from this process once it has run (they stay in the
+    page cache, reclaimable), which bounds the resident set to about one layer."""
+
+    def __init__(self, cache: LayerCache) -> None:
+        self.cache = cache
+        self._mm = mmap.mmap(cache.file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def region(self, index: int) -> torch.Tensor:
+        layer = self.cache.layers[index]
+        return self.bytes[layer.offset : layer.offset + layer.nbytes]
+
+    def willneed(self, index: int) -> None:
+        layer = self.cache.layers[index]
+        self._mm.madvise(mmap.MADV_WILLNEED, layer.offset, _round(layer.nbytes))
+
+    def release(self, index: int) -> None:
+        layer = self.cache.layers[index]
+        self._mm.madvise(mmap.MADV_DONTNEED, layer.offset, _round(layer.nbytes))
+
+    def close(self) -> None:
+        self.bytes = None
+        with contextlib.suppress(BufferError):  # a tensor view is still held: the mapping goes when it does
+            self._mm.close()
 
 
 def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> tuple[bytes, dict[int, int]]:

@@ -119,6 +119,7 @@ class OffloadHandle:
         self.cache: Any = None  # the disk tier's open cache file, if any
         self.timeline = Timeline()
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
+        self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
         self.removed = False
 
     def __repr__(self) -> str:
@@ -156,9 +157,9 @@ class OffloadHandle:
         def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
             master = layer.master
             by_name = {prefix + e.qualname: e for e in master.layout.entries}
-            slot_leaves = {}
-            for e in master.layout.entries:
-                for view, true in zip(e.views(self._slot_of(layer)), master.leaves(e)):
+            slot_leaves, slot = {}, self._slot_of(layer)
+            for e in master.layout.entries if slot is not None else ():  # mapped layers read their true bytes
+                for view, true in zip(e.views(slot), master.leaves(e)):
                     slot_leaves[(view.data_ptr(), view.dtype, view.shape, view.stride())] = true
             for key in [k for k in state_dict if k.startswith(prefix)]:
                 value = state_dict[key]
@@ -176,8 +177,10 @@ class OffloadHandle:
 
         return hook
 
-    def _slot_of(self, layer: OffloadedLayer) -> torch.Tensor:
+    def _slot_of(self, layer: OffloadedLayer) -> torch.Tensor | None:
         assert self.pool is not None and self.prefetcher is not None
+        if not self.pool.slots:
+            return None
         position = self.prefetcher.schedule.offloaded.index(layer.index)
         return self.pool.slots[self.prefetcher.schedule.slot_of[position]]
 
@@ -196,15 +199,17 @@ class OffloadHandle:
         pool = self.pool
         return OffloadReport(
             device=str(self.device),
-            source=str(self.cache.path) if self.cache is not None else "host",
+            source=(
+                f"{self.cache.path}{' (mapped)' if self.mapped_window else ''}" if self.cache is not None else "host"
+            ),
             stack=self._stack,
             layers=self._n_layers,
             layers_offloaded=len(self.layers),
             offloaded_bytes=sum(layer.master.layout.data_bytes for layer in self.layers),
             resident_bytes=self.resident_bytes,
-            pool_bytes=pool.nbytes if pool else 0,
-            slots=len(pool) if pool else 0,
-            slot_bytes=pool.slot_bytes if pool else 0,
+            pool_bytes=(pool.nbytes if pool is not None else 0) + self.mapped_window,
+            slots=(len(pool) if pool is not None else 0) + (1 if self.mapped_window else 0),
+            slot_bytes=pool.slot_bytes if pool is not None else 0,
             host_bytes=sum(layer.master.allocated for layer in self.layers) + (self.ring.nbytes if self.ring else 0),
             prefetch_step=self._step,
             copies=prefetcher.copies if prefetcher else 0,
@@ -231,6 +236,7 @@ class OffloadHandle:
             return
         if self.engine is not None:
             self.engine.close()
+        self.mapped_window = 0
         for layer in self.layers:
             for h in layer.hooks:
                 h.remove()

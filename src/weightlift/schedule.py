@@ -132,3 +132,36 @@ class Prefetcher:
 
     def tickets(self) -> Sequence[Any]:
         return [s.ticket for s in self.slots if s.ticket is not None]
+
+
+@dataclass
+class MappedPrefetcher:
+    """The run-time side of a mapped disk source: every layer is always addressable (its pages come from
+    the page cache or fault in from disk), so nothing can be out of place. After layer ``k`` runs, its
+    pages are released and the layer ``step`` ahead is read ahead by the kernel."""
+
+    schedule: Schedule
+    willneed: Callable[[int], None]
+    release: Callable[[int], None]
+    check: Callable[[], None]  # refuses a file changed after setup before its pages are touched
+    hits: int = 0
+    misses: int = 0
+    copies: int = 0
+
+    def prime(self) -> None:
+        for position in range(self.schedule.step):
+            self.willneed(position)
+            self.copies += 1
+
+    def before(self, position: int) -> None:
+        self.check()
+        self.hits += 1
+
+    def ensure(self, position: int) -> None:
+        self.check()
+
+    def after(self, position: int) -> None:
+        self.release(position)
+        if self.schedule.step:
+            self.willneed(self.schedule.ahead(position))
+            self.copies += 1
