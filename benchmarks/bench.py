@@ -80,9 +80,11 @@ class Bench:
         self.machine = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
                         "torch": torch.__version__}  # fmt: skip
         self.threads = torch.get_num_threads()
+        self.budget: int | None = None  # the host budget of the model being measured, on every row
 
     def record(self, model_name: str, scenario: str, result: dict, **extra) -> dict:
         row = {**self.machine, "model": model_name, "scenario": scenario, "threads": torch.get_num_threads(),
+               "budget": self.budget,
                **{k: v for k, v in result.items() if k != "tokens"}, **extra}  # fmt: skip
         self.rows.append(row)
         print(json.dumps(row), flush=True)
@@ -93,10 +95,11 @@ class Bench:
         self.record(name, "resident", result, baseline="itself")
         return result
 
-    def weightlift(self, name, model, ids, base, scenario, *, step=2, threads=None, cold=False, budget=None):
+    def weightlift(self, name, model, ids, base, scenario, *, step=2, threads=None, cold=False, budget=None, mmap=True):
         torch.set_num_threads(threads or self.threads)
         folder = self.work / f"weightlift-{name.split()[0]}"
-        config = weightlift.OffloadConfig(source="disk", disk_path=str(folder), prefetch_step=step, host_budget=budget)
+        config = weightlift.OffloadConfig(source="disk", disk_path=str(folder), prefetch_step=step, host_budget=budget,
+                                          mmap=mmap)  # fmt: skip
         try:
             with weightlift.offload(model, device="cpu", config=config) as handle:
                 evict(folder)
@@ -115,14 +118,30 @@ class Bench:
                            offloaded_bytes=report.offloaded_bytes, pool_bytes=report.pool_bytes,
                            resident_bytes=report.resident_bytes, host_budget=budget)  # fmt: skip
 
+    def host_tier(self, name, model, ids, base) -> None:
+        """weightlift's host tier on a CPU target: masters stay in RAM, layers are copied into pool slots."""
+        torch.set_num_threads(max(1, self.threads - 1))
+        try:
+            with weightlift.offload(model, device="cpu", config=weightlift.OffloadConfig(prefetch_step=2)) as handle:
+                result = measure_decode(model, ids, self.tokens)
+                report = handle.report()
+        finally:
+            torch.set_num_threads(self.threads)
+        assert torch.equal(result["tokens"], base["tokens"]), f"{name}: host tier changed the tokens"
+        step_time, base_step = 1 / result["decode_tokens_per_s"], 1 / base["decode_tokens_per_s"]
+        copy_only = report.copy_seconds / self.tokens
+        self.record(name, "weightlift host tier (RAM -> slots), step 2, a core left to the copier", result,
+                    baseline="resident, same run", slowdown=step_time / base_step,
+                    overlap_efficiency=max(base_step, copy_only) / step_time)  # fmt: skip
+
     def peer(self, name, make, ids, base, scenario, evict_folder: Path) -> None:
         try:
             model = make()
-        except Exception as err:  # a peer that cannot run here is reported, not fatal
-            self.record(name, scenario, {}, error=f"{type(err).__name__}: {err}"[:300])
+            evict(evict_folder)
+            result = measure_decode(model, ids, self.tokens)
+        except Exception as err:  # a peer that cannot run this model is reported, not fatal
+            self.record(name, scenario, {}, error=f"{type(err).__name__}: {str(err).splitlines()[0]}"[:300])
             return
-        evict(evict_folder)
-        result = measure_decode(model, ids, self.tokens)
         self.record(name, scenario, result, baseline="resident, same run",
                     slowdown=base["decode_tokens_per_s"] / result["decode_tokens_per_s"],
                     same_tokens=bool(torch.equal(result["tokens"], base["tokens"])))  # fmt: skip
@@ -131,17 +150,22 @@ class Bench:
         model = build()
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         budget = int(size * budget_fraction) if budget_fraction else None
+        self.budget = budget
         base = self.resident(name, model, ids)
-        self.weightlift(name, model, ids, base, "weightlift disk, prefetch step 2", budget=budget)
-        if self.threads > 1:
-            self.weightlift(name, model, ids, base, "weightlift disk, step 2, a core left to the reader",
-                            threads=self.threads - 1, budget=budget)  # fmt: skip
+        self.weightlift(name, model, ids, base, "weightlift disk (mapped), step 2", budget=budget)
         if quick:
             return
-        self.weightlift(name, model, ids, base, "weightlift disk, prefetch off", step=0, budget=budget)
-        self.weightlift(name, model, ids, base, "weightlift disk, cold, prefetch off", step=0, cold=True)
-        self.weightlift(name, model, ids, base, "weightlift disk, cold, step 2, a core left to the reader",
-                        threads=max(1, self.threads - 1), cold=True)  # fmt: skip
+        self.host_tier(name, model, ids, base)
+        spare = max(1, self.threads - 1)
+        self.weightlift(name, model, ids, base, "weightlift disk (read into slots), step 2, a core left to the reader",
+                        threads=spare, budget=budget, mmap=False)  # fmt: skip
+        self.weightlift(name, model, ids, base, "weightlift disk (read into slots), prefetch off", step=0,
+                        budget=budget, mmap=False)  # fmt: skip
+        self.weightlift(name, model, ids, base, "cold: weightlift disk (mapped), step 2", cold=True)
+        self.weightlift(name, model, ids, base, "cold: weightlift disk (read into slots), step 2, a core left",
+                        threads=spare, cold=True, mmap=False)  # fmt: skip
+        self.weightlift(name, model, ids, base, "cold: weightlift disk (read into slots), prefetch off", step=0,
+                        cold=True, mmap=False)  # fmt: skip
         del model
 
         def accelerate_disk():
@@ -221,12 +245,16 @@ def main() -> None:
     bench = Bench(args.tokens, Path(tempfile.mkdtemp(prefix="weightlift-bench-")))
     smollm2, tokenizer = load_gguf(smollm2_file())
     ids = chat_ids(tokenizer, PROMPT)
-    bench.all_scenarios("SmolLM2-135M fp32", lambda: smollm2, ids, quick=args.quick)
+    first = [smollm2]  # the loaded model serves the weightlift rows; each peer loads its own
+
+    def smollm2_model():
+        return first.pop() if first else load_gguf(smollm2_file())[0]
+
+    bench.all_scenarios("SmolLM2-135M fp32", smollm2_model, ids, quick=args.quick)
     random_ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))
     for quant in (None, "int8", "nf4"):
         name = f"random Llama 24x768 {quant or 'fp32'}"
-        bench.all_scenarios(name, random_llama(24, quant), random_ids, quick=args.quick or quant is not None,
-                            budget_fraction=0.25)  # fmt: skip
+        bench.all_scenarios(name, random_llama(24, quant), random_ids, quick=args.quick, budget_fraction=0.25)
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "bench.jsonl", "a") as f:
         for row in bench.rows:
