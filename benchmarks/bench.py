@@ -184,6 +184,14 @@ class Bench:
                                    offload_to_disk_path=str(self.work / f"diffusers-{name.split()[0]}"))  # fmt: skip
             return peer
 
+        def accelerate_cpu():
+            from accelerate import cpu_offload
+
+            peer = build()
+            cpu_offload(peer, execution_device=torch.device("cpu"))
+            return peer
+
+        self.peer(name, accelerate_cpu, ids, base, "accelerate cpu_offload (RAM, no prefetch)", self.work)
         self.peer(
             name, accelerate_disk, ids, base, "accelerate disk_offload", self.work / f"accelerate-{name.split()[0]}"
         )
