@@ -151,6 +151,20 @@ def measure_in_subprocess(body: str, *args: object) -> list[int]:
     return [int(x) for x in out.stdout.strip().splitlines()[-1].split()]
 
 
+def assert_refused(model: nn.Module, folder, config, match: str) -> None:
+    """`offload` raises an OffloadError matching ``match``, leaves the model and every file in ``folder`` as
+    they were."""
+    import weightlift
+
+    snap, hooks = snapshot(model), hook_counts(model)
+    files = {p: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(weightlift.OffloadError, match=match):
+        weightlift.offload(model, device="cpu", config=config)
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+    assert {p: p.read_bytes() for p in folder.iterdir()} == files  # nothing written over
+
+
 def has_accelerator() -> bool:
     return torch.accelerator.is_available()
 

@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import weightlift
-from conftest import BIG_LLAMA, assert_same, hook_counts, measure_in_subprocess, prompt, run, snapshot, tiny
+from conftest import (
+    BIG_LLAMA,
+    assert_refused,
+    measure_in_subprocess,
+    prompt,
+    run,
+    tiny,
+)
 from weightlift import OffloadConfig, OffloadError
 from weightlift.hf import load_streaming
 
@@ -87,13 +94,7 @@ def test_quantized_checkpoints_stream_in_place(tmp_path, fmt):
 
 
 def _refused(model, tmp_path, match):
-    snap, hooks = snapshot(model), hook_counts(model)
-    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(OffloadError, match=match):
-        weightlift.offload(model, device="cpu", config=_ckpt(tmp_path))
-    assert_same(model, snap, same_storage=True)
-    assert hook_counts(model) == hooks
-    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert_refused(model, tmp_path, _ckpt(tmp_path), match)
 
 
 def _saved(tmp_path):

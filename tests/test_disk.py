@@ -13,7 +13,17 @@ from safetensors.torch import save_file
 
 import weightlift
 import weightlift.disk as disk
-from conftest import BIG_LLAMA, assert_same, hook_counts, measure_in_subprocess, prompt, run, snapshot, tiny
+from conftest import (
+    BIG_LLAMA,
+    assert_refused,
+    assert_same,
+    hook_counts,
+    measure_in_subprocess,
+    prompt,
+    run,
+    snapshot,
+    tiny,
+)
 from weightlift import OffloadConfig, OffloadError
 
 
@@ -147,13 +157,7 @@ def _written(tmp_path) -> tuple[torch.nn.Module, Path]:
 
 
 def _refused(model, tmp_path, match):
-    snap, hooks = snapshot(model), hook_counts(model)
-    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(OffloadError, match=match):
-        weightlift.offload(model, device="cpu", config=_disk(tmp_path))
-    assert_same(model, snap, same_storage=True)
-    assert hook_counts(model) == hooks
-    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files  # nothing written over
+    assert_refused(model, tmp_path, _disk(tmp_path), match)
 
 
 def test_truncated_cache(tmp_path):

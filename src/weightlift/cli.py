@@ -134,6 +134,19 @@ def default_cache_dir() -> str:
     return os.environ.get("WEIGHTLIFT_CACHE") or str(Path.home() / ".cache" / "weightlift")
 
 
+def _add_place_args(parser: argparse.ArgumentParser, sources: list[str], folder: str) -> None:
+    """Where the model runs and where its offloaded weights live."""
+    parser.add_argument("--device", default=None, help="target device (default: the accelerator if any, else cpu)")
+    parser.add_argument(
+        "--source",
+        choices=sources,
+        default=None,
+        help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
+    )
+    parser.add_argument("--cache-dir", default=default_cache_dir(),
+                        help=f"{folder} (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightlift",
@@ -146,18 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded SmolLM2 model resident and offloaded, compare answers")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--tokens", type=int, default=32, help="new tokens to generate (default 32)")
-    demo.add_argument("--device", default=None, help="target device (default: the accelerator if any, else cpu)")
-    demo.add_argument(
-        "--source",
-        choices=["disk", "host"],
-        default=None,
-        help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
-    )
-    demo.add_argument(
-        "--cache-dir",
-        default=default_cache_dir(),
-        help="folder of the disk tier's layer cache (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)",
-    )
+    _add_place_args(demo, ["disk", "host"], "folder of the disk tier's layer cache")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=_demo, group_size=5, num_in_group=4, prefetch_step=2)
     bench = sub.add_parser(
@@ -173,20 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of the offloaded run")
     bench.add_argument("--plot", default=None, help="draw the timeline and time per token to this PNG")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
-    for p in (demo, bench):
-        if p is bench:
-            p.add_argument("--device", default=None, help="target device (default: the accelerator if any, else cpu)")
-            p.add_argument(
-                "--source",
-                choices=["disk", "host", "checkpoint"],
-                default=None,
-                help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
-            )
-            p.add_argument(
-                "--cache-dir",
-                default=default_cache_dir(),
-                help="folder of the layer cache, or of the checkpoint with --source checkpoint",
-            )
+    _add_place_args(bench, ["disk", "host", "checkpoint"], "folder of the layer cache, or of the checkpoint")
     bench.set_defaults(run=_bench)
     return parser
 
