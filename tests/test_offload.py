@@ -346,3 +346,17 @@ def test_weights_replaced_during_a_forward_are_detected_and_kept(caplog):
     assert all(layer.fc.weight.stride() == (1, 32) for layer in model.layers)
     with torch.inference_mode():
         assert torch.equal(model(x), ref[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_half_precision_models(tmp_path, dtype, source):
+    model = tiny("llama").to(dtype)
+    ids = prompt()
+    ref = run(model, ids)
+    disk = {"source": "disk", "disk_path": str(tmp_path)} if source == "disk" else {}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2, **disk)) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.offloaded_bytes == sum(2 * p.numel() for p in model.model.layers.parameters())
