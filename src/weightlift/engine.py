@@ -20,6 +20,8 @@ from functools import partial
 
 import torch
 
+from .pool import pinned_empty
+
 Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
 Job = Callable[[], None]
 
@@ -121,14 +123,12 @@ class StagingRing:
     out of it has finished."""
 
     def __init__(self, count: int, nbytes: int, pin: bool) -> None:
-        self.slabs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+        allocated = [pinned_empty(nbytes, pin) for _ in range(count)]
+        self.slabs = [slab for slab, _ in allocated]
+        self.nbytes = sum(taken for _, taken in allocated)  # host bytes really taken (pinned rounding included)
         self._busy: list[torch.Event | None] = [None] * count
         self._next = 0
         self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.untyped_storage().nbytes() for s in self.slabs)
 
     def acquire(self) -> int:
         with self._lock:

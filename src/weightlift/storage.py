@@ -14,6 +14,7 @@ import torch
 
 from .dtypes import storage_span
 from .engine import Job, copy_job
+from .pool import pinned_empty
 from .tensors import Parts, byte_view, typed_view
 
 ALIGN = 512  # slot offsets: the CUDA caching allocator's alignment, so kernels see the same alignment
@@ -102,10 +103,10 @@ class HostMaster:
         if not pin and all(s.device.type == "cpu" for s in layout.sources):
             originals = {id(e): list(e.parts.leaves) for e in layout.entries}
             return cls(layout, originals, None, 0)
-        slab = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+        slab, taken = pinned_empty(layout.nbytes, pin)
         for source, offset in zip(layout.sources, layout.offsets):
             slab[offset : offset + source.numel()].copy_(source)
-        return cls(layout, None, slab, slab.untyped_storage().nbytes())
+        return cls(layout, None, slab, taken)
 
     def release_originals(self) -> None:
         """Once the slab holds the bytes, drop our references so the original storages can be freed."""
