@@ -149,6 +149,18 @@ def test_tensor_type_that_cannot_be_taken_apart_is_refused_before_anything_moves
     assert hook_counts(model) == hooks
 
 
+def test_opaque_tensor_outside_the_offloaded_layers_is_left_resident():
+    model = tiny("llama")
+    ids = prompt()
+    w = model.model.norm.weight
+    model.model.norm.weight = nn.Parameter(Opaque(w.detach()), requires_grad=False)
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        out = run(model, ids)
+        assert handle.report().layers_offloaded == 5
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def test_storage_subclass_streams_like_a_plain_tensor():
     class Tagged(torch.Tensor):
         pass

@@ -79,6 +79,16 @@ def _keys(name: str, t: torch.Tensor, adapters: Sequence) -> set[tuple]:
         return {("object", id(t))}
 
 
+def _resident_leaves(t: torch.Tensor, adapters: Sequence) -> list[torch.Tensor]:
+    """The plain tensors behind a resident tensor, for counting its bytes; a type weightlift cannot take
+    apart stays resident and uncounted (it is never streamed, so it need not be understood)."""
+    try:
+        return take_apart("resident tensor", t, adapters).leaves
+    except OffloadError:
+        log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
+        return []
+
+
 def _unique_bytes(tensors: list[torch.Tensor]) -> int:
     spans: dict[tuple, list[int]] = {}
     for t in tensors:
@@ -237,9 +247,7 @@ def offload(
                     torch.utils.swap_tensors(
                         t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
                     )
-        handle.resident_bytes = _unique_bytes(
-            [leaf for t in resident for leaf in take_apart("resident", t, adapters).leaves]
-        )
+        handle.resident_bytes = _unique_bytes([leaf for t in resident for leaf in _resident_leaves(t, adapters)])
         pin = dev.type != "cpu"
         for position, index in enumerate(schedule.offloaded):
             if cache is not None:
