@@ -29,15 +29,17 @@ def _ckpt(tmp_path, **kw) -> OffloadConfig:
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
 @pytest.mark.parametrize("shard", ["200KB", "50MB"], ids=["sharded", "single-file"])
-def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-into-slots"])
+def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard, mapped):
     model = tiny(family)
     ids = prompt()
     ref = run(model, ids)
     model.save_pretrained(tmp_path, max_shard_size=shard)
     assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "200KB")
-    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path, mmap=mapped)) as handle:
         out = run(model, ids)
-        assert handle.report().source == str(tmp_path)
+        assert handle.report().source == str(tmp_path) + (" (mapped)" if mapped else "")
+        assert handle.report().slots == (1 if mapped else 3)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert torch.equal(run(model, ids)[0], ref[0])
 

@@ -203,7 +203,7 @@ def offload(
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
-    mapped = config.source == "disk" and config.mmap and not _stages(dev)  # compute on the mapped cache
+    mapped = config.source != "host" and config.mmap and not _stages(dev)  # compute on the mapped files
     pool_bytes = slot_bytes if mapped else schedule.n_slots * slot_bytes
     if config.host_budget is not None and not _stages(dev) and pool_bytes > config.host_budget:
         raise OffloadError(
@@ -234,9 +234,9 @@ def offload(
     handle = OffloadHandle(model, dev, stack_name, len(stack), schedule.step)
     handle.cache = cache
     try:
-        handle.pool = DevicePool(0 if mapped else schedule.n_slots, slot_bytes, dev)
-        mapping = cache.map() if mapped else None
-        handle.mapped_window = slot_bytes if mapped else 0
+        mapping = cache.map() if mapped else None  # None: a checkpoint that cannot be mapped is read instead
+        handle.pool = DevicePool(0 if mapping else schedule.n_slots, slot_bytes, dev)
+        handle.mapped_window = slot_bytes if mapping else 0
         for t in resident:
             if t.device != dev:
                 handle.moved.append((t, t.device))
@@ -256,9 +256,12 @@ def offload(
                 master = HostMaster.build(layouts[index], pin=pin)
             layer = OffloadedLayer(index, f"{stack_name}.{index}", stack[index], master)
             handle.layers.append(layer)
-            target = mapping.region(index) if mapping else handle.pool.slots[schedule.slot_of[position]]
             for entry in master.layout.entries:
-                entry.parts.install(entry.tensor, entry.views(target))
+                if mapping is not None:
+                    views = mapping.views(index, entry)
+                else:
+                    views = entry.views(handle.pool.slots[schedule.slot_of[position]])
+                entry.parts.install(entry.tensor, views)
             master.release_originals()  # with a slab, the original storages can now be freed
         if mapping is not None:
             handle.engine = None
@@ -267,7 +270,7 @@ def offload(
                 schedule,
                 willneed=lambda p: handle.timeline.timed(handle.layers[p].name, lambda: mapping.willneed(indices[p]))(),
                 release=lambda p: mapping.release(indices[p]),
-                check=cache.file.check,
+                check=mapping.check,
             )
         else:
             handle.engine, jobs = _engine_and_jobs(handle, schedule, dev, ring_slabs, slot_bytes)

@@ -11,14 +11,16 @@ layer cache (``source="disk"``) for them.
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .disk import Stamped, fresh_leaf, pread_into, read_header
+from .disk import MappedFile, Stamped, fresh_leaf, pread_into, read_header
 from .errors import OffloadError
 from .storage import Entry, Layout
+from .tensors import typed_view
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,6 +37,7 @@ class _Read:
     offset: int  # absolute file offset
     nbytes: int
     slot_offset: int
+    itemsize: int
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -110,7 +113,7 @@ class CheckpointFiles:
                     raise OffloadError(f"`{name}` in `{path}` has {end - begin} bytes for its shape: {_FIX}")
                 if data_start + end > path.stat().st_size:
                     raise OffloadError(f"`{path}` is truncated: `{name}` ends past the end of the file; {_FIX}")
-                read = _Read(files.index(path), data_start + begin, end - begin, slot_offset)
+                read = _Read(files.index(path), data_start + begin, end - begin, slot_offset, spec.element_size())
                 reads.setdefault(index, []).append(read)
         return cls(folder, files, reads)
 
@@ -139,6 +142,49 @@ class CheckpointFiles:
                         f"`{entry.qualname}` of layer {index} differs from the checkpoint in `{self.path}`: the model "
                         "changed after loading; use source='disk' to write a layer cache of the weights in memory"
                     )
+
+    def map(self) -> CheckpointMapping | None:
+        """Map the checkpoint's files to compute on them in place; None when a tensor is not aligned to its
+        element size in its file (then layers are read into slots instead)."""
+        if any(r.offset % r.itemsize for reads in self.reads.values() for r in reads):
+            return None
+        self.mapping = CheckpointMapping(self)
+        return self.mapping
+
+    def close(self) -> None:
+        if getattr(self, "mapping", None) is not None:
+            self.mapping.close()
+            self.mapping = None
+        for f in self.files:
+            f.close()
+
+
+class CheckpointMapping:
+    """The checkpoint files mapped: each offloaded tensor points at its bytes in its file (no copy), with
+    the same read-ahead and release per layer as the layer cache's `disk.Mapping`."""
+
+    def __init__(self, checkpoint: CheckpointFiles) -> None:
+        self.checkpoint = checkpoint
+        self.files = [MappedFile(f) for f in checkpoint.files]
+
+    def check(self) -> None:
+        for f in self.checkpoint.files:
+            f.check()
+
+    def views(self, index: int, entry: Entry) -> list[torch.Tensor]:
+        (spec,), (slot_offset,) = entry.specs, entry.offsets
+        r = self.checkpoint._by_leaf[(index, slot_offset)]
+        return [typed_view(self.files[r.file].bytes, r.offset, spec)]
+
+    def _advise(self, advice: int, index: int) -> None:
+        for r in self.checkpoint.reads[index]:
+            self.files[r.file].advise(advice, r.offset, r.nbytes)
+
+    def willneed(self, index: int) -> None:
+        self._advise(mmap.MADV_WILLNEED, index)
+
+    def release(self, index: int) -> None:
+        self._advise(mmap.MADV_DONTNEED, index)
 
     def close(self) -> None:
         for f in self.files:

@@ -240,6 +240,24 @@ class LayerCache:
         return self.mapping
 
 
+class MappedFile:
+    """One file mapped privately (copy-on-write), as a uint8 tensor, with page-granular advice."""
+
+    def __init__(self, file: Stamped) -> None:
+        self.file = file
+        self._mm = mmap.mmap(file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def advise(self, advice: int, start: int, length: int) -> None:
+        begin = start - start % PAGE
+        self._mm.madvise(advice, begin, min(_round(start + length) - begin, len(self._mm) - begin))
+
+    def close(self) -> None:
+        self.bytes = None
+        with contextlib.suppress(BufferError):  # a tensor view is still held: the mapping goes when it does
+            self._mm.close()
+
+
 class Mapping:
     """The cache file mapped into memory: each offloaded layer's tensors point at its own page-aligned
     range, so a warm page cache serves them with no copy at all. ``willneed`` asks the kernel to read a
@@ -248,25 +266,23 @@ class Mapping:
 
     def __init__(self, cache: LayerCache) -> None:
         self.cache = cache
-        self._mm = mmap.mmap(cache.file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self.mapped = MappedFile(cache.file)
+        self.check = cache.file.check
 
-    def region(self, index: int) -> torch.Tensor:
+    def views(self, index: int, entry: Entry) -> list[torch.Tensor]:
         layer = self.cache.layers[index]
-        return self.bytes[layer.offset : layer.offset + layer.nbytes]
+        return entry.views(self.mapped.bytes[layer.offset : layer.offset + layer.nbytes])
 
     def willneed(self, index: int) -> None:
         layer = self.cache.layers[index]
-        self._mm.madvise(mmap.MADV_WILLNEED, layer.offset, _round(layer.nbytes))
+        self.mapped.advise(mmap.MADV_WILLNEED, layer.offset, layer.nbytes)
 
     def release(self, index: int) -> None:
         layer = self.cache.layers[index]
-        self._mm.madvise(mmap.MADV_DONTNEED, layer.offset, _round(layer.nbytes))
+        self.mapped.advise(mmap.MADV_DONTNEED, layer.offset, layer.nbytes)
 
     def close(self) -> None:
-        self.bytes = None
-        with contextlib.suppress(BufferError):  # a tensor view is still held: the mapping goes when it does
-            self._mm.close()
+        self.mapped.close()
 
 
 def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> tuple[bytes, dict[int, int]]:
