@@ -54,39 +54,36 @@ def resolve_device(device: str | torch.device | int | None) -> torch.device:
     return torch.device(dev.type, index)
 
 
-def _tensors(root: nn.Module, params_only: bool = False) -> Iterator[tuple[str, torch.Tensor, bool]]:
+def _tensors(root: nn.Module, with_attributes: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(dotted name, tensor, persistent) for every parameter and buffer of ``root`` (shared ones repeated),
-    and, unless ``params_only``, every tensor held in plain attributes (see `attribute_tensors`)."""
+    and, ``with_attributes``, every tensor held in plain attributes (see `attribute_tensors`)."""
     for mname, m in root.named_modules(remove_duplicate=False):
         dot = f"{mname}." if mname else ""
         for attr, t in m._parameters.items():
             if t is not None:
                 yield dot + attr, t, True
-                if not params_only:
+                if with_attributes:
                     yield from ((f"{dot}{attr}.{path}", a, True) for path, a in attribute_tensors(t))
         for attr, t in m._buffers.items():
             if t is not None:
                 yield dot + attr, t, attr not in m._non_persistent_buffers_set
-        if not params_only:
+        if with_attributes:
             yield from ((dot + path, a, True) for path, a in attribute_tensors(m))
+
+
+def _leaves(name: str, t: torch.Tensor, adapters: Sequence) -> list[torch.Tensor] | None:
+    """The plain tensors behind ``t``, or None for a type weightlift cannot take apart (harmless as long as
+    it is not offloaded: it stays resident, and is neither counted nor streamed)."""
+    try:
+        return take_apart(name, t, adapters).leaves
+    except OffloadError:
+        return None
 
 
 def _keys(name: str, t: torch.Tensor, adapters: Sequence) -> set[tuple]:
     """Storages a tensor reads; a tensor that cannot be taken apart is keyed by itself."""
-    try:
-        return {storage_key(leaf) for leaf in take_apart(name, t, adapters).leaves}
-    except OffloadError:
-        return {("object", id(t))}
-
-
-def _resident_leaves(t: torch.Tensor, adapters: Sequence) -> list[torch.Tensor]:
-    """The plain tensors behind a resident tensor, for counting its bytes; a type weightlift cannot take
-    apart stays resident and uncounted (it is never streamed, so it need not be understood)."""
-    try:
-        return take_apart("resident tensor", t, adapters).leaves
-    except OffloadError:
-        log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
-        return []
+    leaves = _leaves(name, t, adapters)
+    return {("object", id(t))} if leaves is None else {storage_key(leaf) for leaf in leaves}
 
 
 def _unique_bytes(tensors: list[torch.Tensor]) -> int:
@@ -133,10 +130,10 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
     if config.params and not entries:
         raise OffloadError(
             f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
-            f"look like {[q for q, *_ in _tensors(stack[0], params_only=True)][:4]}"
+            f"look like {[q for q, *_ in _tensors(stack[0], with_attributes=False)][:4]}"
         )
     resident = {}
-    for name, t, _ in _tensors(model, params_only=True):
+    for name, t, _ in _tensors(model, with_attributes=False):
         if id(t) not in chosen:
             resident[id(t)] = t
             if t.is_meta:
@@ -247,7 +244,13 @@ def offload(
                     torch.utils.swap_tensors(
                         t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
                     )
-        handle.resident_bytes = _unique_bytes([leaf for t in resident for leaf in _resident_leaves(t, adapters)])
+        counted = []
+        for t in resident:
+            leaves = _leaves("resident tensor", t, adapters)
+            if leaves is None:
+                log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
+            counted += leaves or []
+        handle.resident_bytes = _unique_bytes(counted)
         pin = dev.type != "cpu"
         for position, index in enumerate(schedule.offloaded):
             if cache is not None:

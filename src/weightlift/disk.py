@@ -362,11 +362,8 @@ class DiskMaster:
     def leaves(self, entry: Entry) -> list[torch.Tensor]:
         return self.cache.read_leaves(self.index, entry)
 
-    def true_tensor(self, entry: Entry) -> torch.Tensor:
-        return entry.parts.build(self.leaves(entry))
-
     def job(self, slot: torch.Tensor, device: torch.device) -> Job:
-        return partial(self.cache.read_into, self.index, slot)
+        return partial(self.read, slot)
 
     def read(self, buffer: torch.Tensor) -> None:
         """Read this layer, in the slot layout, into a CPU ``buffer`` (a staging slab)."""

@@ -157,14 +157,21 @@ class OffloadHandle:
         def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
             master = layer.master
             by_name = {prefix + e.qualname: e for e in master.layout.entries}
+            true_leaves: dict[int, list[torch.Tensor]] = {}  # read once per entry (from disk, for disk sources)
+
+            def leaves(e):
+                if id(e) not in true_leaves:
+                    true_leaves[id(e)] = master.leaves(e)
+                return true_leaves[id(e)]
+
             slot_leaves, slot = {}, self._slot_of(layer)
             for e in master.layout.entries if slot is not None else ():  # mapped layers read their true bytes
-                for view, true in zip(e.views(slot), master.leaves(e)):
+                for view, true in zip(e.views(slot), leaves(e)):
                     slot_leaves[(view.data_ptr(), view.dtype, view.shape, view.stride())] = true
             for key in [k for k in state_dict if k.startswith(prefix)]:
                 value = state_dict[key]
                 if key in by_name:
-                    state_dict[key] = master.true_tensor(by_name[key])
+                    state_dict[key] = by_name[key].parts.build(leaves(by_name[key]))
                 elif isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
                     found = slot_leaves.get((value.data_ptr(), value.dtype, value.shape, value.stride()))
                     if found is not None:

@@ -130,9 +130,6 @@ class Prefetcher:
         slot.ticket = self.start(position, self.schedule.slot_of[position])
         self.copies += 1
 
-    def tickets(self) -> Sequence[Any]:
-        return [s.ticket for s in self.slots if s.ticket is not None]
-
 
 @dataclass
 class MappedPrefetcher:

@@ -121,9 +121,6 @@ class HostMaster:
             return self.originals[id(entry)]
         return entry.views(self.slab)
 
-    def true_tensor(self, entry: Entry) -> torch.Tensor:
-        return entry.parts.build(self.leaves(entry))
-
     def job(self, slot: torch.Tensor, device: torch.device) -> Job:
         return copy_job(self.pairs(slot), device)
 
