@@ -200,6 +200,20 @@ def test_cache_of_another_model_shape_or_dtype(tmp_path):
     _refused(model, tmp_path, r"`mlp.up_proj.weight` of layer 1 in .* is float64 \(128, 64\), the model's is float32")
 
 
+def test_cache_with_other_offsets_is_refused(tmp_path):
+    model, path = _written(tmp_path)
+    raw = path.read_bytes()
+    (n,) = __import__("struct").unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    manifest["2"][1][0][1][0][3] += 512  # layer 2's first tensor now claims another offset
+    header["__metadata__"]["manifest"] = json.dumps(manifest)
+    body = json.dumps(header, separators=(",", ":")).encode()
+    assert len(body) <= n
+    path.write_bytes(raw[:8] + body + b" " * (n - len(body)) + raw[8 + n :])
+    _refused(model, tmp_path, "layer 2 in .* is laid out unlike the model's")
+
+
 def test_foreign_file_is_never_written_over(tmp_path):
     model, path = _written(tmp_path)
     save_file({"x": torch.zeros(3)}, str(path))

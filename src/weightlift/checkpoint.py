@@ -68,6 +68,7 @@ class CheckpointFiles:
     def __init__(self, folder: Path, files: list[Path], reads: dict[int, list[_Read]]) -> None:
         self.path, self.reads = folder, reads
         self.files = [Stamped(p) for p in files]
+        self.mapping: CheckpointMapping | None = None
         self._by_leaf: dict[tuple[int, int], _Read] = {(i, r.slot_offset): r for i, rs in reads.items() for r in rs}
 
     @classmethod
@@ -152,7 +153,7 @@ class CheckpointFiles:
         return self.mapping
 
     def close(self) -> None:
-        if getattr(self, "mapping", None) is not None:
+        if self.mapping is not None:
             self.mapping.close()
             self.mapping = None
         for f in self.files:

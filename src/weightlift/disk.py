@@ -159,6 +159,7 @@ class LayerCache:
     def __init__(self, path: Path, stack: str, manifest: dict, layers: dict[int, CachedLayer]) -> None:
         self.path, self.stack, self.manifest, self.layers = path, stack, manifest, layers
         self.file = Stamped(path)
+        self.mapping: Mapping | None = None
 
     @classmethod
     def open(cls, path: Path) -> LayerCache:
@@ -211,6 +212,9 @@ class LayerCache:
                     raise OffloadError(
                         f"`{name}` of layer {key} in `{self.path}` has another structure than the model's"
                     )
+            raise OffloadError(  # same tensors, other offsets: reading it would hand layers the wrong bytes
+                f"layer {key} in `{self.path}` is laid out unlike the model's: delete the file to rebuild the cache"
+            )
 
     def read_into(self, index: int, slot: torch.Tensor) -> None:
         """Read layer ``index`` into the uint8 CPU tensor ``slot`` (its first ``nbytes`` bytes)."""
@@ -229,7 +233,7 @@ class LayerCache:
         return out
 
     def close(self) -> None:
-        if getattr(self, "mapping", None) is not None:
+        if self.mapping is not None:
             self.mapping.close()
             self.mapping = None
         self.file.close()
