@@ -18,7 +18,7 @@ from .dtypes import storage_span
 from .engine import StagedEngine, StagedJob, StagingRing, make_engine
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
-from .models import find_stack
+from .models import find_stacks
 from .pool import DevicePool
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import Entry, HostMaster, Layout, storage_key
@@ -95,26 +95,39 @@ def _unique_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(end - start for start, end in spans.values())
 
 
-def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: OffloadConfig, adapters: Sequence):
-    """Entries to offload per stack index, and the parameters and buffers kept resident. Touches nothing."""
-    layer_of = {id(layer): i for i, layer in enumerate(stack)}
+def layer_list(stacks: Sequence[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:
+    """The layers of one or several stacks as one list, in order: their dotted names and modules."""
+    names = [f"{name}.{i}" for name, stack in stacks for i in range(len(stack))]
+    return names, [layer for _, stack in stacks for layer in stack]
+
+
+def _owner(name: str, index_of: dict[str, int]) -> int:
+    """Position of the layer whose subtree holds the tensor at dotted ``name``, or -1."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        found = index_of.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return -1
+
+
+def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config: OffloadConfig, adapters: Sequence):
+    """Entries to offload per layer position, and the parameters and buffers kept resident. Touches nothing."""
+    index_of = {name: i for i, name in enumerate(names)}
     owners: dict[tuple, set[int]] = defaultdict(set)
     for name, t, _ in _tensors(model):
-        owner = -1
-        if name.startswith(stack_name + "."):
-            head = name[len(stack_name) + 1 :].split(".", 1)[0]
-            owner = layer_of.get(id(stack[int(head)]), -1) if head.isdigit() else -1
+        owner = _owner(name, index_of)
         if t.numel():
             for key in _keys(name, t, adapters):
                 owners[key].add(owner)
 
     entries: dict[int, list[Entry]] = {}
     chosen: set[int] = set()
-    for index, layer in enumerate(stack):
+    for index, layer in enumerate(layers):
         if not config.offloads_layer(index):
             continue
         seen: set[int] = set()
-        prefix = f"{stack_name}.{index}"
+        prefix = names[index]
         for qualname, t, persistent in _tensors(layer):
             if id(t) in seen or not persistent or t.numel() == 0:
                 continue
@@ -130,7 +143,7 @@ def _collect(model: nn.Module, stack_name: str, stack: nn.Module, config: Offloa
     if config.params and not entries:
         raise OffloadError(
             f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
-            f"look like {[q for q, *_ in _tensors(stack[0], with_attributes=False)][:4]}"
+            f"look like {[q for q, *_ in _tensors(layers[0], with_attributes=False)][:4]}"
         )
     resident = {}
     for name, t, _ in _tensors(model, with_attributes=False):
@@ -194,9 +207,16 @@ def offload(
             f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
             "offloading it again"
         )
-    stack_name, stack = find_stack(model, config.layers)
+    stacks = find_stacks(model, config.layers)
+    stack_name = "+".join(name for name, _ in stacks)
+    names, layers = layer_list(stacks)
+    if config.indices is not None and config.indices and config.indices[-1] >= len(layers):
+        raise OffloadError(
+            f"`indices`={config.indices!r} names position {config.indices[-1]}, but `{stack_name}` has "
+            f"{len(layers)} layers (positions 0-{len(layers) - 1})"
+        )
     adapters = (*adapters, *BUILTIN_ADAPTERS)
-    entries, resident = _collect(model, stack_name, stack, config, adapters)
+    entries, resident = _collect(model, names, layers, config, adapters)
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
@@ -221,14 +241,14 @@ def offload(
         if config.source == "disk":
             cache = open_cache(folder, stack_name, layouts, materialized)
         else:
-            cache = CheckpointFiles.open(folder, stack_name, layouts)
+            cache = CheckpointFiles.open(folder, names, layouts)
             try:
                 if materialized:
                     cache.check_equal(layouts)
             except BaseException:
                 cache.close()
                 raise
-    handle = OffloadHandle(model, dev, stack_name, len(stack), schedule.step)
+    handle = OffloadHandle(model, dev, stack_name, len(layers), schedule.step)
     handle.cache = cache
     try:
         mapping = cache.map() if mapped else None  # None: a checkpoint that cannot be mapped is read instead
@@ -257,7 +277,7 @@ def offload(
                 master = DiskMaster(layouts[index], cache, index)
             else:
                 master = HostMaster.build(layouts[index], pin=pin)
-            layer = OffloadedLayer(index, f"{stack_name}.{index}", stack[index], master)
+            layer = OffloadedLayer(index, names[index], layers[index], master)
             handle.layers.append(layer)
             for entry in master.layout.entries:
                 if mapping is not None:

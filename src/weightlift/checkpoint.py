@@ -72,7 +72,7 @@ class CheckpointFiles:
         self._by_leaf: dict[tuple[int, int], _Read] = {(i, r.slot_offset): r for i, rs in reads.items() for r in rs}
 
     @classmethod
-    def open(cls, folder: Path, stack: str, layouts: dict[int, Layout]) -> CheckpointFiles:
+    def open(cls, folder: Path, names: list[str], layouts: dict[int, Layout]) -> CheckpointFiles:
         """Locate every offloaded tensor in the checkpoint and check its dtype and shape against the model."""
         where = _tensor_files(folder)
         headers: dict[Path, tuple[dict, int]] = {}
@@ -80,7 +80,7 @@ class CheckpointFiles:
         reads: dict[int, list[_Read]] = {}
         for index, layout in layouts.items():
             for entry in layout.entries:
-                name = f"{stack}.{index}.{entry.qualname}"
+                name = f"{names[index]}.{entry.qualname}"
                 if entry.parts.kind != "plain":
                     raise OffloadError(
                         f"`{name}` is a {entry.parts.kind}, which checkpoints store under other names: offload it "

@@ -61,7 +61,9 @@ class OffloadConfig:
     ``prefetch_step``-th next offloaded layer starts (0: no prefetch, each layer is loaded synchronously when
     it runs and counted as a miss; for measurements). ``params`` restricts offloading to parameters
     whose dotted name (inside the layer) has one of the given segments, e.g. ``("mlp",)``.
-    ``layers`` names the stack (``"model.layers"``) instead of detecting it.
+    ``layers`` names the stack (``"model.layers"``), or several (``("encoder.block", "decoder.block")``, in
+    execution order), instead of detecting them; several stacks are numbered as one list, in order.
+    ``indices`` offloads exactly these positions of that list instead of the group rule (plans use it).
 
     ``source="disk"`` keeps the offloaded layers' true weights in a layer cache file under the folder
     ``disk_path`` instead of host RAM (written on first use, reused after), and reads each layer ahead
@@ -76,7 +78,8 @@ class OffloadConfig:
     num_in_group: int = 1
     prefetch_step: int = 1
     params: tuple[str, ...] = ()
-    layers: str | None = None
+    layers: str | tuple[str, ...] | None = None
+    indices: tuple[int, ...] | None = None
     source: str = "host"
     disk_path: str | os.PathLike | None = None
     host_budget: int | str | None = None
@@ -121,10 +124,30 @@ class OffloadConfig:
             raise OffloadError(f"`mmap` must be True or False, got {self.mmap!r}")
         if self.host_budget is not None:
             object.__setattr__(self, "host_budget", parse_size(self.host_budget, name="host_budget"))
-        if self.layers is not None and (not isinstance(self.layers, str) or not self.layers.strip()):
-            raise OffloadError(f"`layers` must be a dotted module path like 'model.layers', got {self.layers!r}")
+        if self.layers is not None:
+            paths = (self.layers,) if isinstance(self.layers, str) else self.layers
+            try:
+                paths = tuple(paths)
+            except TypeError:
+                paths = (None,)
+            if not paths or any(not isinstance(p, str) or not p.strip() for p in paths):
+                raise OffloadError(
+                    "`layers` must be a dotted module path like 'model.layers' or a tuple of them, "
+                    f"got {self.layers!r}"
+                )
+            object.__setattr__(self, "layers", self.layers if isinstance(self.layers, str) else paths)
+        if self.indices is not None:
+            try:
+                indices = tuple(self.indices)
+            except TypeError:
+                indices = (None,)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+                raise OffloadError(f"`indices` must be a tuple of layer positions (ints >= 0), got {self.indices!r}")
+            object.__setattr__(self, "indices", tuple(sorted(set(indices))))
 
     def offloads_layer(self, index: int) -> bool:
+        if self.indices is not None:
+            return index in self.indices
         return index % self.group_size >= self.group_size - self.num_in_group
 
     def offloads_param(self, name: str) -> bool:

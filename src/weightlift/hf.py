@@ -114,8 +114,9 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
     from dataclasses import replace
 
     from . import offload
+    from .apply import layer_list
     from .config import OffloadConfig
-    from .models import find_stack
+    from .models import find_stacks
 
     try:
         from accelerate import init_empty_weights
@@ -134,10 +135,10 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
     if isinstance(dtype, torch.dtype):
         model.to(dtype)
     model.eval()
-    stack_name, stack = find_stack(model, config.layers)
+    names, layers = layer_list(find_stacks(model, config.layers))
     streamed = {
-        f"{stack_name}.{i}.{name}"
-        for i, layer in enumerate(stack)
+        f"{names[i]}.{name}"
+        for i, layer in enumerate(layers)
         if config.offloads_layer(i)
         for name, _ in layer.named_parameters()
         if config.offloads_param(name)

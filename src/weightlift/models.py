@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from .dtypes import nbytes
@@ -66,3 +68,10 @@ def find_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modul
             "pass `layers=` in OffloadConfig to choose one"
         )
     return best_name, best
+
+
+def find_stacks(model: nn.Module, layers: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The layer stacks to offload, as (dotted path, list module), in execution order."""
+    if layers is None or isinstance(layers, str):
+        return [find_stack(model, layers)]
+    return [find_stack(model, path) for path in layers]
