@@ -4,7 +4,8 @@ from .apply import offload
 from .config import OffloadConfig
 from .errors import OffloadError
 from .hooks import OffloadHandle
+from .plan import Plan, plan
 from .report import OffloadReport
 
-__all__ = ["OffloadConfig", "OffloadError", "OffloadHandle", "OffloadReport", "offload"]
+__all__ = ["OffloadConfig", "OffloadError", "OffloadHandle", "OffloadReport", "Plan", "offload", "plan"]
 __version__ = "0.1.0"

@@ -19,6 +19,8 @@ from .engine import StagedEngine, StagedJob, StagingRing, make_engine
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stacks
+from .plan import Plan, check_plan
+from .plan import plan as make_plan
 from .pool import DevicePool
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import Entry, HostMaster, Layout, storage_key
@@ -187,19 +189,25 @@ def offload(
     *,
     device: str | torch.device | None = None,
     config: OffloadConfig | None = None,
+    budget: int | str | None = None,
+    plan: Plan | None = None,
     adapters: Sequence[Adapter] = (),
 ) -> OffloadHandle:
     """Stream ``model``'s layer stack through a fixed pool of device buffers; everything else goes to ``device``.
 
+    Say how with one of: ``budget`` (device memory for weights, e.g. "6GiB": `weightlift.plan` measures
+    and chooses), ``plan`` (a saved `Plan`, refused for another model or device) or ``config`` (explicit
+    knobs; the default offloads every layer with prefetch step 1).
     Returns an `OffloadHandle`; ``handle.remove()`` (or leaving ``with offload(...)``) restores the model
     bit for bit. ``adapters`` teach it tensor types it cannot take apart by itself (`weightlift.adapters`).
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
     """
     if not isinstance(model, nn.Module):
         raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    if config is None:
-        config = OffloadConfig()
-    elif not isinstance(config, OffloadConfig):
+    given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]
+    if len(given) > 1:
+        raise OffloadError(f"pass one of `config`, `budget` or `plan`, not {' and '.join(f'`{g}`' for g in given)}")
+    if config is not None and not isinstance(config, OffloadConfig):
         raise OffloadError(f"`config` must be a weightlift.OffloadConfig, got {type(config).__name__}")
     dev = resolve_device(device)
     if is_offloaded(model):
@@ -207,6 +215,13 @@ def offload(
             f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
             "offloading it again"
         )
+    if budget is not None:
+        plan = make_plan(model, device=dev, budget=budget, adapters=adapters)
+    if plan is not None:
+        check_plan(plan, model, dev)
+        config = plan.config()
+    if config is None:
+        config = OffloadConfig()
     stacks = find_stacks(model, config.layers)
     stack_name = "+".join(name for name, _ in stacks)
     names, layers = layer_list(stacks)
@@ -249,6 +264,7 @@ def offload(
                 cache.close()
                 raise
     handle = OffloadHandle(model, dev, stack_name, len(layers), schedule.step)
+    handle.plan = plan
     handle.cache = cache
     try:
         mapping = cache.map() if mapped else None  # None: a checkpoint that cannot be mapped is read instead

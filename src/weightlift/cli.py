@@ -6,14 +6,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 from .config import OffloadConfig, format_size
 from .errors import OffloadError
+from .plan import default_cache_dir
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 EPILOG = """examples:
@@ -131,10 +130,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("WEIGHTLIFT_CACHE") or str(Path.home() / ".cache" / "weightlift")
-
-
 def _add_place_args(parser: argparse.ArgumentParser, sources: list[str], folder: str) -> None:
     """Where the model runs and where its offloaded weights live."""
     parser.add_argument("--device", default=None, help="target device (default: the accelerator if any, else cpu)")
@@ -144,7 +139,7 @@ def _add_place_args(parser: argparse.ArgumentParser, sources: list[str], folder:
         default=None,
         help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
     )
-    parser.add_argument("--cache-dir", default=default_cache_dir(),
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help=f"{folder} (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)")  # fmt: skip
 
 

@@ -120,6 +120,7 @@ class OffloadHandle:
         self.timeline = Timeline()
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
         self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
+        self.plan: Any = None  # the `Plan` applied, if any
         self.removed = False
 
     def __repr__(self) -> str:

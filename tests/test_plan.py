@@ -1,0 +1,203 @@
+"""The planner: the schedule simulation by hand, budgets respected exactly, plans as data, misuse refused."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import weightlift
+from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig, OffloadError, Plan
+from weightlift.plan import _spread_order, fingerprint, simulate
+
+# --------------------------------------------------------------------------------------- simulation by hand
+
+
+def test_nothing_offloaded_costs_compute_only():
+    assert simulate([1.0, 2.0, 3.0], 0.5, [], {}, {}, 1)[0] == pytest.approx(6.5)
+
+
+def test_no_prefetch_adds_every_copy():
+    duration, waits = simulate([1.0] * 4, 0.0, [0, 1, 2, 3], dict.fromkeys(range(4), 0.5), {}, 0)
+    assert duration == pytest.approx(6.0)
+    assert waits == [0.5] * 4
+
+
+def test_step_one_over_every_layer_cannot_overlap():
+    # the copy of layer k+1 is issued when layer k ends, and layer k+1 starts right then
+    duration, waits = simulate([1.0] * 4, 0.0, [0, 1, 2, 3], dict.fromkeys(range(4), 0.5), {}, 1)
+    assert duration == pytest.approx(6.0)
+    assert waits == [0.5] * 4
+
+
+def test_a_resident_layer_between_hides_a_copy_shorter_than_it():
+    offloaded = [1, 3]
+    duration, waits = simulate([1.0] * 4, 0.0, offloaded, {1: 0.8, 3: 0.8}, {}, 1)
+    assert duration == pytest.approx(4.0) and waits == [0.0] * 4
+    duration, waits = simulate([1.0] * 4, 0.0, offloaded, {1: 1.5, 3: 1.5}, {}, 1)
+    assert duration == pytest.approx(5.0)  # each copy shows 0.5 s past the layer it overlaps
+    assert waits == [0.0, 0.5, 0.0, 0.5]
+
+
+def test_link_bound_step_two_is_bounded_by_the_copies():
+    # copies of 2 s, compute 1 s: the engine is busy all the time, a forward of 4 layers takes 4 copies
+    duration, _ = simulate([1.0] * 4, 0.0, [0, 1, 2, 3], dict.fromkeys(range(4), 2.0), {}, 2)
+    assert duration == pytest.approx(8.0)
+
+
+def test_serial_cost_is_never_hidden():
+    duration, _ = simulate([1.0] * 2, 0.0, [0, 1], {0: 0.0, 1: 0.0}, {0: 0.25, 1: 0.25}, 1)
+    assert duration == pytest.approx(2.5)
+
+
+def test_a_pool_holding_every_layer_copies_nothing_after_the_first_forward():
+    duration, _ = simulate([1.0] * 3, 0.0, [0, 1, 2], dict.fromkeys(range(3), 5.0), {}, 3)
+    assert duration == pytest.approx(3.0)
+
+
+def test_spread_order_prefixes_are_spread():
+    for n in range(1, 33):
+        order = _spread_order(n)
+        assert sorted(order) == list(range(n))
+    assert _spread_order(8)[:2] == [4, 2] and sorted(_spread_order(8)[:4]) == [1, 2, 4, 6]
+
+
+# --------------------------------------------------------------------------------------- plans on a model
+
+
+def assert_refused(model, call, message):
+    """``call()`` raises an OffloadError containing ``message`` and leaves the model as it was."""
+    snap, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(OffloadError, match=re.escape(message)):
+        call()
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", layers=8)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return run(model, prompt())
+
+
+def _plan(model, budget, tmp_path, **kw):
+    return weightlift.plan(model, device="cpu", budget=budget, disk_path=tmp_path, reps=2, **kw)
+
+
+@pytest.mark.parametrize("budget", ["10MiB", "1000KiB", "700KiB", "400KiB", "214336"])
+def test_every_budget_is_respected_and_outputs_are_bitwise(model, reference, tmp_path, budget):
+    snap = snapshot(model)
+    plan = _plan(model, budget, tmp_path)
+    limit = weightlift.config.parse_size(budget)
+    assert plan.device_bytes <= limit
+    with weightlift.offload(model, plan=plan) as handle:
+        logits, tokens = run(model, prompt())
+        report = handle.report()
+    assert report.device_bytes == plan.device_bytes <= limit
+    assert report.resident_bytes == plan.resident_bytes and report.pool_bytes == plan.pool_bytes
+    assert report.layers_offloaded == len(plan.offloaded) and report.prefetch_misses == 0
+    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
+    assert_same(model, snap)
+
+
+def test_everything_fits_offloads_nothing(model, tmp_path):
+    plan = _plan(model, "1GiB", tmp_path)
+    assert plan.offloaded == [] and plan.pool_bytes == 0 and plan.source == "host"
+    assert plan.device_bytes == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+
+
+def test_the_minimum_offloads_every_layer_into_one_window(model, tmp_path):
+    plan = _plan(model, "214336", tmp_path)
+    assert plan.offloaded == list(range(8)) and plan.pool_bytes == plan.layer_bytes[0]
+    assert "offloaded" in str(plan) and "model.layers.7" in str(plan)
+
+
+def test_below_the_minimum_states_it_and_leaves_the_model_alone(model, tmp_path):
+    assert_refused(
+        model,
+        lambda: weightlift.offload(model, device="cpu", budget="214335"),
+        "too small for LlamaForCausalLM: the smallest plan needs 209.31 KiB (214336 bytes)",
+    )
+
+
+def test_offload_with_a_budget_plans_and_applies(model, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTLIFT_CACHE", str(tmp_path))
+    with weightlift.offload(model, device="cpu", budget="400KiB") as handle:
+        logits, tokens = run(model, prompt())
+        assert handle.plan is not None and handle.report().device_bytes <= 400 * 1024
+        assert str(tmp_path) in handle.report().source
+    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
+
+
+def test_plan_round_trips_through_json(model, tmp_path):
+    plan = _plan(model, "700KiB", tmp_path)
+    text = plan.to_json()
+    again = Plan.from_json(text)
+    assert again == plan and again.config() == plan.config()
+    assert json.loads(text)["workloads"]["decode"]["predicted_s"] == plan.predicted_s
+    assert {"prefill", "decode"} == set(plan.workloads) and plan.goal == "decode"
+    assert plan.bound in ("compute", "link")
+
+
+def test_a_plan_for_another_model_is_refused(model, tmp_path):
+    plan = _plan(model, "700KiB", tmp_path)
+    other = tiny("llama", layers=6)
+    assert_refused(other, lambda: weightlift.offload(other, plan=plan), "`plan` was made for another model")
+    assert fingerprint(other) != plan.fingerprint
+
+
+def test_a_plan_for_another_device_is_refused(model, tmp_path):
+    plan = Plan.from_dict({**_plan(model, "700KiB", tmp_path).to_dict(), "device": "meta"})
+    assert_refused(model, lambda: weightlift.offload(model, plan=plan), "`plan` was made for device meta")
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [("{not json", "`plan` is not valid JSON"), ('{"model": "x"}', "`plan` is not a weightlift plan")],
+)
+def test_a_damaged_plan_file_is_refused(bad, message):
+    with pytest.raises(OffloadError, match=message):
+        Plan.from_json(bad)
+
+
+def test_one_way_to_say_how(model, tmp_path):
+    assert_refused(
+        model,
+        lambda: weightlift.offload(model, config=OffloadConfig(), budget="1GiB"),
+        "pass one of `config`, `budget` or `plan`, not `config` and `budget`",
+    )
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"budget": "lots"}, "`budget`='lots' is not a size"),
+        ({"budget": "1GiB", "sample": "text"}, "`sample` must be a tensor"),
+    ],
+)
+def test_bad_plan_arguments(model, tmp_path, kw, message):
+    with pytest.raises(OffloadError, match=message):
+        weightlift.plan(model, device="cpu", disk_path=tmp_path, **kw)
+
+
+def test_a_model_without_a_language_head_needs_a_sample(tmp_path):
+    blocks = torch.nn.Sequential(torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)]))
+    with pytest.raises(OffloadError, match="`sample` is needed for Sequential: pass an input"):
+        weightlift.plan(blocks, device="cpu", budget="1GiB", disk_path=tmp_path)
+    plan = weightlift.plan(blocks, device="cpu", budget=2 * 16 * 17 * 4 + 1024, disk_path=tmp_path,
+                           sample=torch.ones(2, 16), reps=2)  # fmt: skip
+    assert plan.goal == "sample" and len(plan.offloaded) >= 2
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        expected = blocks(x)
+        with weightlift.offload(blocks, plan=plan):
+            assert torch.equal(blocks(x), expected)
