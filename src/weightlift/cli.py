@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -16,6 +20,12 @@ from .plan import default_cache_dir
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 EPILOG = """examples:
+  weightlift inspect smollm2 --budget 300MiB   layers, bytes, formats, and what fits in 300 MiB
+  weightlift plan smollm2 --budget 300MiB --out plan.json
+                                       measure this machine, choose what to offload, save the plan
+  weightlift generate smollm2 --budget 300MiB --prompt "Why is the sky blue?"
+                                       chat with the model within 300 MiB of weights, streamed
+  weightlift bench smollm2 --budget 300MiB     predicted vs measured time per forward
   weightlift bench smollm2 --plot t.png  resident vs offloaded prefill/decode, a timeline and a bar chart
   weightlift demo                      SmolLM2 resident, then with 24 of 30 layers streamed from a disk
                                        cache (written on the first run); same answer
@@ -79,13 +89,13 @@ def _offload_config(args: argparse.Namespace, device) -> OffloadConfig:
 def _bench(args: argparse.Namespace) -> int:
     from . import offload
     from .apply import resolve_device
-    from .hf import chat_ids, load_model, measure_decode
+    from .hf import chat_ids, measure_decode
 
     device = resolve_device(args.device)
     config = _offload_config(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args.model)
     ids = chat_ids(tokenizer, DEMO_PROMPT) if tokenizer is not None else torch.arange(3, 35)[None]
     model.to(device)
     resident = measure_decode(model, ids.to(device), args.tokens)
@@ -143,6 +153,158 @@ def _add_place_args(parser: argparse.ArgumentParser, sources: list[str], folder:
                         help=f"{folder} (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)")  # fmt: skip
 
 
+def _load(name: str):
+    """The model and tokenizer; libraries' progress bars are shown only on a terminal (quiet when piped)."""
+    from .hf import load_model
+
+    if sys.stderr.isatty():
+        return load_model(name)
+    with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars write to sys.stderr; logging keeps its stream
+        return load_model(name)
+
+
+def _layer_formats(layer) -> list[str]:
+    from .tensors import take_apart
+
+    found = []
+    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+        try:
+            kind = take_apart(name, t, ()).kind
+        except OffloadError:
+            kind = f"unsupported {type(t).__name__}"
+        label = str(t.dtype).removeprefix("torch.") if kind == "plain" else kind
+        if label not in found:
+            found.append(label)
+    return found
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .plan import _analyse
+
+    model, _ = _load(args.model)
+    info = _analyse(model, None, ())
+    total = info.other_bytes + sum(info.data_bytes)
+    largest = max(info.nbytes, default=0)
+    minimum = info.other_bytes + largest
+    layers = [{"name": n, "bytes": b, "formats": _layer_formats(m)} for n, b, m in zip(info.names, info.data_bytes,
+                                                                                      info.layers)]  # fmt: skip
+    result = {"model": args.model, "class": type(model).__name__, "stacks": info.stacks, "layers": layers,
+              "total_bytes": total, "outside_layers_bytes": info.other_bytes, "largest_layer_slot_bytes": largest,
+              "minimum_budget_bytes": minimum}  # fmt: skip
+    if args.budget is not None:
+        from .config import parse_size
+
+        budget = parse_size(args.budget, name="--budget")
+        fits = total <= budget
+        room = budget - minimum
+        resident_layers = 0
+        for b in sorted(info.data_bytes):
+            if room < b:
+                break
+            room -= b
+            resident_layers += 1
+        result["budget"] = {"bytes": budget, "everything_fits": fits, "possible": budget >= minimum,
+                            "resident_layers_at_most": len(layers) if fits else resident_layers}  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.model}: {type(model).__name__}, {len(layers)} layers in {', '.join(info.stacks)}")
+    print(f"weights {format_size(total)}: {format_size(info.other_bytes)} outside the layers, "
+          f"largest layer {format_size(largest)}")  # fmt: skip
+    width = max(len(layer["name"]) for layer in layers)
+    for layer in layers:
+        print(f"  {layer['name'].ljust(width)}  {format_size(layer['bytes']):>11}  {', '.join(layer['formats'])}")
+    print(f"smallest budget that runs it: {format_size(minimum)} (everything outside the layers + one layer slot)")
+    if "budget" in result:
+        b = result["budget"]
+        if b["everything_fits"]:
+            print(f"budget {format_size(b['bytes'])}: everything fits, nothing needs offloading")
+        elif not b["possible"]:
+            print(f"budget {format_size(b['bytes'])}: too small (needs at least {format_size(minimum)})")
+        else:
+            print(f"budget {format_size(b['bytes'])}: at most {b['resident_layers_at_most']} of {len(layers)} layers "
+                  "stay resident; `weightlift plan` chooses which")  # fmt: skip
+    return 0
+
+
+def _make_plan(args: argparse.Namespace, model):
+    from .apply import resolve_device
+    from .plan import Plan, plan
+
+    device = resolve_device(args.device)
+    if getattr(args, "plan", None):
+        try:
+            text = Path(args.plan).read_text()
+        except OSError as e:
+            raise OffloadError(f"`--plan`={args.plan!r} cannot be read ({e.strerror}): give a file from "
+                               "`weightlift plan --out`") from None  # fmt: skip
+        return Plan.from_json(text)
+    return plan(model, device=device, budget=args.budget, host_budget=args.host_budget, disk_path=args.cache_dir)
+
+
+def _plan(args: argparse.Namespace) -> int:
+
+    model, _ = _load(args.model)
+    result = _make_plan(args, model)
+    if args.out:
+        Path(args.out).write_text(result.to_json())
+    print(result.to_json() if args.json else result)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from . import offload
+    from .apply import resolve_device
+    from .hf import chat_ids
+
+    model, tokenizer = _load(args.model)
+    if tokenizer is None:
+        raise OffloadError(f"`model`={args.model!r} has no tokenizer files: generate needs a tokenizer")
+    device = resolve_device(args.device)
+    plan = _make_plan(args, model) if args.budget is not None or args.plan else None
+    ids = chat_ids(tokenizer, args.prompt).to(device)
+    streamer = None
+    if not args.json:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    handle = offload(model, device=device, plan=plan) if plan is not None else None
+    if handle is None:
+        model.to(device)
+    with handle if handle is not None else nullcontext():
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature \
+            else {"do_sample": False}  # fmt: skip
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
+                                 streamer=streamer, pad_token_id=tokenizer.eos_token_id, **sampling)  # fmt: skip
+        seconds = time.perf_counter() - start
+        report = handle.report() if handle is not None else None
+    new = out[0, ids.shape[1]:]
+    held = report.device_bytes if report is not None else sum(
+        t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # fmt: skip
+    summary = {"model": args.model, "device": str(device), "new_tokens": int(new.numel()),
+               "tokens_per_s": new.numel() / seconds, "weights_bytes": held,
+               "layers_offloaded": report.layers_offloaded if report else 0}  # fmt: skip
+    if args.json:
+        print(json.dumps({**summary, "text": tokenizer.decode(new, skip_special_tokens=True)}, indent=2))
+    else:
+        print(f"\n[{summary['new_tokens']} tokens, {summary['tokens_per_s']:.1f} tokens/s, weights in "
+              f"{'RAM' if device.type == 'cpu' else device}: {format_size(held)}, "
+              f"{summary['layers_offloaded']} layers offloaded]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _add_budget_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--budget", required=required, default=None,
+                        help="device memory for weights (on a CPU target: RAM), e.g. 4GiB or 300MB")  # fmt: skip
+    parser.add_argument("--host-budget", default=None, help="host RAM the plan may allocate (accelerator targets)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightlift",
@@ -172,7 +334,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, help="draw the timeline and time per token to this PNG")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_place_args(bench, ["disk", "host", "checkpoint"], "folder of the layer cache, or of the checkpoint")
+    bench.add_argument("--budget", default=None, help="plan for this budget and report predicted vs measured "
+                       "time per forward instead of using the knobs above")  # fmt: skip
+    bench.add_argument("--host-budget", default=None, help="host RAM the plan may allocate (with --budget)")
     bench.set_defaults(run=_bench)
+
+    model_help = "'smollm2' (the embedded model), a .gguf file, or a transformers model folder"
+    inspect = sub.add_parser("inspect", help="layers, bytes per layer, formats, and what fits in a budget")
+    inspect.add_argument("model", help=model_help)
+    inspect.add_argument("--budget", default=None, help="say what fits in this much memory, e.g. 4GiB")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=_inspect)
+
+    plan = sub.add_parser("plan", help="measure this machine and model, choose what to offload for a budget")
+    plan.add_argument("model", help=model_help)
+    _add_budget_args(plan, required=True)
+    plan.add_argument("--out", default=None, help="save the plan as JSON (for generate/bench --plan)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_place_args(plan, ["disk", "host"], "folder of the layer cache when layers stream from disk")
+    plan.set_defaults(run=_plan)
+
+    gen = sub.add_parser("generate", help="chat with a model within a memory budget, output streamed")
+    gen.add_argument("model", help=model_help)
+    gen.add_argument("--prompt", required=True, help="the user turn (chat-formatted with the model's template)")
+    gen.add_argument("--tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    _add_budget_args(gen, required=False)
+    gen.add_argument("--plan", default=None, help="apply a plan saved by `weightlift plan --out`")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _add_place_args(gen, ["disk", "host"], "folder of the layer cache when layers stream from disk")
+    gen.set_defaults(run=_generate)
     return parser
 
 
