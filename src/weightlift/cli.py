@@ -92,9 +92,11 @@ def _bench(args: argparse.Namespace) -> int:
     from .hf import chat_ids, measure_decode
 
     device = resolve_device(args.device)
-    config = _offload_config(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.budget is not None:
+        return _bench_plan(args, device)
+    config = _offload_config(args, device)
     model, tokenizer = _load(args.model)
     ids = chat_ids(tokenizer, DEMO_PROMPT) if tokenizer is not None else torch.arange(3, 35)[None]
     model.to(device)
@@ -296,6 +298,37 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"\n[{summary['new_tokens']} tokens, {summary['tokens_per_s']:.1f} tokens/s, weights in "
               f"{'RAM' if device.type == 'cpu' else device}: {format_size(held)}, "
               f"{summary['layers_offloaded']} layers offloaded]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _bench_plan(args: argparse.Namespace, device) -> int:
+    """Predicted vs measured seconds per forward (prefill and decode) under the plan for ``--budget``."""
+    from . import offload
+    from .plan import language_model_workloads, time_forwards
+
+    model, _ = _load(args.model)
+    plan = _make_plan(args, model)
+    runners = language_model_workloads(model, device)
+    resident = time_forwards(runners, device) if device.type == "cpu" else {}
+    with offload(model, device=device, plan=plan) as handle:
+        measured = time_forwards(runners, device)
+        report = handle.report()
+    rows = {name: {"predicted_s": plan.workloads[name].predicted_s, "measured_s": measured[name],
+                   "resident_s": resident.get(name),
+                   "error": measured[name] / plan.workloads[name].predicted_s - 1} for name in measured}  # fmt: skip
+    result = {"model": args.model, "device": str(device), "budget": plan.budget, "threads": torch.get_num_threads(),
+              "layers_offloaded": len(plan.offloaded), "prefetch_step": plan.prefetch_step, "bound": plan.bound,
+              "forwards": rows, "plan": plan.to_dict(), "report": report.to_dict()}  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(plan.summary())
+    print(f"\n{'forward':10}{'predicted ms':>14}{'measured ms':>13}{'error':>8}{'resident ms':>13}")
+    for name, row in rows.items():
+        res = f"{row['resident_s'] * 1e3:>13.2f}" if row["resident_s"] is not None else f"{'-':>13}"
+        print(f"{name:10}{row['predicted_s'] * 1e3:>14.2f}{row['measured_s'] * 1e3:>13.2f}{row['error']:>+8.0%}{res}")
+    print(f"\nmeasured device memory for weights {format_size(report.device_bytes)} "
+          f"(plan: {format_size(plan.device_bytes)}, budget {format_size(plan.budget)})")  # fmt: skip
     return 0
 
 

@@ -461,6 +461,16 @@ def measure_layers(
     return compute, other
 
 
+def time_forwards(runners: dict[str, Callable[[], Any]], device: torch.device, reps: int = 10) -> dict[str, float]:
+    """Median seconds of one forward of each workload (after one warm-up), for comparing with a plan."""
+    out = {}
+    with torch.inference_mode():
+        for name, run in runners.items():
+            run()
+            out[name] = _time(run, device, reps)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- choosing
 
 
