@@ -18,7 +18,7 @@ from .dtypes import storage_span
 from .engine import StagedEngine, StagedJob, StagingRing, make_engine
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
-from .models import find_stack
+from .models import single_stack
 from .pool import DevicePool
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import Entry, HostMaster, Layout, storage_key
@@ -194,7 +194,7 @@ def offload(
             f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
             "offloading it again"
         )
-    stack_name, stack = find_stack(model, config.layers)
+    stack_name, stack = single_stack(model, config.layers)
     adapters = (*adapters, *BUILTIN_ADAPTERS)
     entries, resident = _collect(model, stack_name, stack, config, adapters)
     schedule = make_schedule(sorted(entries), config.prefetch_step)

@@ -115,7 +115,7 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
 
     from . import offload
     from .config import OffloadConfig
-    from .models import find_stack
+    from .models import single_stack
 
     try:
         from accelerate import init_empty_weights
@@ -134,7 +134,7 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
     if isinstance(dtype, torch.dtype):
         model.to(dtype)
     model.eval()
-    stack_name, stack = find_stack(model, config.layers)
+    stack_name, stack = single_stack(model, config.layers)
     streamed = {
         f"{stack_name}.{i}.{name}"
         for i, layer in enumerate(stack)
