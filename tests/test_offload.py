@@ -360,3 +360,18 @@ def test_half_precision_models(tmp_path, dtype, source):
         report = handle.report()
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert report.offloaded_bytes == sum(2 * p.numel() for p in model.model.layers.parameters())
+
+
+def test_offload_and_remove_inside_inference_mode():
+    model = tiny("llama")
+    ids = prompt()
+    snap = snapshot(model)
+    expected = run(model, ids)
+    with torch.inference_mode():
+        handle = weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2))
+    got = run(model, ids)
+    with torch.inference_mode():
+        handle.remove()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert_same(model, snap)
+    assert not any(p.is_inference() for p in model.parameters())

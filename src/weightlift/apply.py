@@ -184,6 +184,7 @@ def _stages(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+@torch.inference_mode(False)  # slots and masters must be normal tensors: the copy thread runs outside the mode
 def offload(
     model: nn.Module,
     *,
@@ -201,6 +202,7 @@ def offload(
     Returns an `OffloadHandle`; ``handle.remove()`` (or leaving ``with offload(...)``) restores the model
     bit for bit. ``adapters`` teach it tensor types it cannot take apart by itself (`weightlift.adapters`).
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
+    May be called inside ``torch.inference_mode()``.
     """
     if not isinstance(model, nn.Module):
         raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")

@@ -238,6 +238,7 @@ class OffloadHandle:
         """Write the recent timeline as a Chrome/Perfetto trace: a compute lane and a copy lane."""
         self.timeline.trace(path)
 
+    @torch.inference_mode(False)  # the restored tensors are normal tensors, as they were
     def remove(self) -> None:
         """Undo everything: hooks gone, every tensor back on its device with its original bytes."""
         if self.removed:
