@@ -179,6 +179,44 @@ def _engine_and_jobs(handle: OffloadHandle, schedule, dev: torch.device, ring_sl
     return make_engine(dev), jobs
 
 
+def _move(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
+    """Move resident tensors to ``dev`` in place, recording where they were for `remove()`."""
+    for t in tensors:
+        if t.device != dev:
+            handle.moved.append((t, t.device))
+            moved = t.to(dev)
+            if type(t) in (torch.Tensor, nn.Parameter):
+                t.data = moved
+            else:
+                new = nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
+                torch.utils.swap_tensors(t, new)
+
+
+DENOISERS = ("transformer", "unet", "prior", "decoder")
+
+
+def _offload_pipeline(pipe, device, **how) -> OffloadHandle:
+    """A diffusers pipeline: its denoiser (``transformer`` or ``unet``) is offloaded, its other modules
+    (text encoders, VAE) go to the device whole; `remove()` puts every one back."""
+    denoiser = next((getattr(pipe, n) for n in DENOISERS if isinstance(getattr(pipe, n, None), nn.Module)), None)
+    if denoiser is None:
+        names = ", ".join(f"`{k}`" for k, v in pipe.components.items() if isinstance(v, nn.Module)) or "none"
+        raise OffloadError(
+            f"`model` ({type(pipe).__name__}) is a pipeline without a `transformer` or `unet`: offload the component "
+            f"that holds the layers (its modules: {names})"
+        )
+    handle = offload(denoiser, device=device, **how)
+    try:
+        others = {id(m): m for m in pipe.components.values() if isinstance(m, nn.Module) and m is not denoiser}
+        tensors = {id(t): t for m in others.values() for t in (*m.parameters(), *m.buffers())}
+        _move(handle, list(tensors.values()), handle.device)
+        handle.resident_bytes += _unique_bytes([t for t in tensors.values() if type(t) in (torch.Tensor, nn.Parameter)])
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
 def _stages(device: torch.device) -> bool:
     """Whether disk reads go through a host staging ring (accelerators) or straight into the slot (CPU)."""
     return device.type != "cpu"
@@ -202,8 +240,11 @@ def offload(
     Returns an `OffloadHandle`; ``handle.remove()`` (or leaving ``with offload(...)``) restores the model
     bit for bit. ``adapters`` teach it tensor types it cannot take apart by itself (`weightlift.adapters`).
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
-    May be called inside ``torch.inference_mode()``.
+    May be called inside ``torch.inference_mode()``. A diffusers pipeline may be passed: its ``transformer``
+    or ``unet`` is offloaded (``budget`` is for its weights) and its other modules go to ``device`` whole.
     """
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "components", None), dict):
+        return _offload_pipeline(model, device, config=config, budget=budget, plan=plan, adapters=adapters)
     if not isinstance(model, nn.Module):
         raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]
@@ -272,16 +313,7 @@ def offload(
         mapping = cache.map() if mapped else None  # None: a checkpoint that cannot be mapped is read instead
         handle.pool = DevicePool(0 if mapping else schedule.n_slots, slot_bytes, dev)
         handle.mapped_window = slot_bytes if mapping else 0
-        for t in resident:
-            if t.device != dev:
-                handle.moved.append((t, t.device))
-                moved = t.to(dev)
-                if type(t) in (torch.Tensor, nn.Parameter):
-                    t.data = moved
-                else:
-                    torch.utils.swap_tensors(
-                        t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
-                    )
+        _move(handle, resident, dev)
         counted = []
         for t in resident:
             leaves = _leaves("resident tensor", t, adapters)

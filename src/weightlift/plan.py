@@ -3,9 +3,10 @@
 What is measured (on this machine, for this model):
 
 - each layer's compute time, and the rest of a forward (embeddings, head), on sample inputs: for a
-  language model a prefill of 32 tokens and a decode step with its KV cache. The model runs under a
-  temporary offload of every layer with prefetch off, so it needs no more device memory than the
-  smallest plan, and the clock stops outside each layer's load (synchronising the device around it);
+  language model a prefill of 32 tokens and a decode step with its KV cache. A model already on the
+  target (a CPU target) runs as it is; otherwise under a temporary offload of every layer with prefetch
+  off, so it needs no more device memory than the smallest plan, and the clock stops outside each
+  layer's load (synchronising the device around each layer);
 - the link: pinned host to device copies on an accelerator; on a CPU target, where offloaded layers are
   computed on in place from the mapped layer cache, the cost of faulting a layer's pages in (serial,
   inside compute) and, when the offloaded bytes cannot stay in the page cache, the disk read (ahead).
@@ -424,34 +425,46 @@ def measure_layers(
     layers: Sequence[nn.Module], run: Callable[[], Any], device: torch.device, reps: int = 5
 ) -> tuple[list[float], float]:
     """Median compute seconds of each layer, and of the rest of the forward, over ``reps`` runs of ``run``
-    (after one warm-up). Hooks added last, so the clock starts after any load an earlier hook does."""
+    (after one warm-up). The clock of a layer starts after its other pre-hooks (a load by weightlift's
+    own hook, say) and that load counts neither as the layer's compute nor as the rest of the forward."""
     marks: dict[int, list[float]] = {}
     starts: dict[int, float] = {}
+    loads: list[float] = []
     handles = []
     for i, layer in enumerate(layers):
 
-        def before(module, args, i=i):
+        def enter(module, args, i=i):
             _sync(device)
             starts[i] = time.perf_counter()
+
+        def before(module, args, i=i):
+            _sync(device)
+            now = time.perf_counter()
+            loads.append(now - starts[i])
+            starts[i] = now
 
         def after(module, args, output, i=i):
             _sync(device)
             marks.setdefault(i, []).append(time.perf_counter() - starts.pop(i))
 
-        handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+        handles += [
+            layer.register_forward_pre_hook(enter, prepend=True),
+            layer.register_forward_pre_hook(before),
+            layer.register_forward_hook(after),
+        ]
     try:
         with torch.inference_mode():
             run()
-            marks.clear()
             totals = []
             per_run: list[list[float]] = []
             for _ in range(reps):
                 marks.clear()
+                loads.clear()
                 _sync(device)
                 start = time.perf_counter()
                 run()
                 _sync(device)
-                totals.append(time.perf_counter() - start)
+                totals.append(time.perf_counter() - start - sum(loads))
                 per_run.append([sum(marks.get(i, [])) for i in range(len(layers))])
     finally:
         for h in handles:
@@ -549,14 +562,18 @@ def plan(
         copy_rate = h2d_bandwidth(dev, largest)
         fault, link = 0.0, f"pinned host RAM -> {dev} at {copy_rate / 1e9:.1f} GB/s"
 
-    # compute per layer, under a temporary offload of every layer with prefetch off
+    # compute per layer: in place when the model already lives on the device (a CPU target), else under a
+    # temporary offload of every layer with prefetch off (so it needs no more device memory than any plan)
     measured: dict[str, tuple[list[float], float]] = {}
-    probe = offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks), prefetch_step=0))
+    in_place = all(t.device == dev for t in (*model.parameters(), *model.buffers()))
+    probe = None if in_place else offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks),
+                                                                                   prefetch_step=0))  # fmt: skip
     try:
         for name, run in runners.items():
             measured[name] = measure_layers(info.layers, run, dev, reps)
     finally:
-        probe.remove()
+        if probe is not None:
+            probe.remove()
 
     def memory(chosen: list[int], step: int, src: str) -> tuple[int, int, int]:
         slot = max((info.nbytes[i] for i in chosen), default=0)
