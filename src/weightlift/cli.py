@@ -183,6 +183,7 @@ def _layer_formats(layer) -> list[str]:
 def _inspect(args: argparse.Namespace) -> int:
     from .plan import _analyse
 
+    _check_budgets(args)
     model, _ = _load(args.model)
     info = _analyse(model, None, ())
     total = info.other_bytes + sum(info.data_bytes)
@@ -196,7 +197,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.budget is not None:
         from .config import parse_size
 
-        budget = parse_size(args.budget, name="--budget")
+        budget = parse_size(args.budget, name="budget")
         fits = total <= budget
         room = budget - minimum
         resident_layers = 0
@@ -229,11 +230,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_plan(args: argparse.Namespace, model):
-    from .apply import resolve_device
-    from .plan import Plan, plan
+def _check_budgets(args: argparse.Namespace):
+    """Budgets and a saved plan, checked before any model is loaded: the saved plan, if any."""
+    from .config import parse_size
+    from .plan import Plan
 
-    device = resolve_device(args.device)
+    for name in ("budget", "host_budget"):
+        if getattr(args, name, None) is not None:
+            parse_size(getattr(args, name), name=name)
     if getattr(args, "plan", None):
         try:
             text = Path(args.plan).read_text()
@@ -241,6 +245,16 @@ def _make_plan(args: argparse.Namespace, model):
             raise OffloadError(f"`--plan`={args.plan!r} cannot be read ({e.strerror}): give a file from "
                                "`weightlift plan --out`") from None  # fmt: skip
         return Plan.from_json(text)
+    return None
+
+
+def _make_plan(args: argparse.Namespace, model, saved=None):
+    from .apply import resolve_device
+    from .plan import plan
+
+    if saved is not None:
+        return saved
+    device = resolve_device(args.device)
     return plan(model, device=device, budget=args.budget, host_budget=args.host_budget, disk_path=args.cache_dir)
 
 
@@ -261,11 +275,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .apply import resolve_device
     from .hf import chat_ids
 
+    saved = _check_budgets(args)
+    device = resolve_device(args.device)
     model, tokenizer = _load(args.model)
     if tokenizer is None:
         raise OffloadError(f"`model`={args.model!r} has no tokenizer files: generate needs a tokenizer")
-    device = resolve_device(args.device)
-    plan = _make_plan(args, model) if args.budget is not None or args.plan else None
+    plan = _make_plan(args, model, saved) if args.budget is not None or saved is not None else None
     ids = chat_ids(tokenizer, args.prompt).to(device)
     streamer = None
     if not args.json:
@@ -306,6 +321,7 @@ def _bench_plan(args: argparse.Namespace, device) -> int:
     from . import offload
     from .plan import language_model_workloads, time_forwards
 
+    _check_budgets(args)
     model, _ = _load(args.model)
     plan = _make_plan(args, model)
     runners = language_model_workloads(model, device)
