@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import ops
 from .errors import OffloadError
+from .ops import first_tensor
 from .pool import DevicePool
 from .report import OffloadReport, Timeline
 from .schedule import Prefetcher
@@ -46,6 +48,7 @@ class LayerHook:
             for e in layer.master.layout.entries
             if e.parts.kind == "plain" or e.parts.kind.startswith("storage subclass")
         ]
+        self.key = ops.register(self)  # how the compiled ops find this hook
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and (
@@ -56,12 +59,28 @@ class LayerHook:
                 "layers, so autograd would read the wrong weights. Run the model under "
                 "`torch.inference_mode()` or `torch.no_grad()`"
             )
+        x = first_tensor(*args, *kwargs.values()) if torch.compiler.is_compiling() else None
+        if x is not None:  # traced: an op ordered before every read of the input (see `weightlift.ops`)
+            torch.ops.weightlift.wait(x, self.key)
+        else:
+            self.wait()
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        x = first_tensor(output) if torch.compiler.is_compiling() else None
+        if x is not None:  # traced: ordered after the compute that produced the output
+            torch.ops.weightlift.prefetch(x, self.key)
+        else:
+            self.prefetch()
+
+    def wait(self) -> None:
+        """Before the layer runs (eagerly, or inside the compiled ``weightlift::wait``)."""
         start = time.perf_counter()
         self.prefetcher.before(self.position)
         self.started = time.perf_counter()
         self.timeline.add("compute", "wait", self.name, start, self.started)
 
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def prefetch(self) -> None:
+        """After the layer ran (eagerly, or inside the compiled ``weightlift::prefetch``)."""
         self.timeline.add("compute", "compute", self.name, self.started, time.perf_counter())
         self.prefetcher.after(self.position)
         if any(e.tensor.data_ptr() != ptr for e, ptr in self.watch):
