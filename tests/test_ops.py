@@ -141,3 +141,13 @@ def test_compiled_tiny_llama_adds_no_graph_break_and_matches_compiled_resident()
     assert misses == 0 and report.prefetch_misses == 1
     # inductor fuses reductions differently from eager kernels: measured max |diff| 1.8e-7 on logits ~1e-1
     torch.testing.assert_close(first, eager_ref, rtol=0, atol=1e-5)
+
+
+def test_cuda_graph_capture_is_refused_where_it_cannot_work(tmp_path):
+    """`cuda_graph` needs a CUDA target and a capturable tier; the GPU side is in test_gpu.py."""
+    model = tiny("llama", layers=2)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1))
+    with handle, pytest.raises(OffloadError, match="needs a CUDA target"), handle.cuda_graph(None):
+        pass
+    with pytest.raises(OffloadError, match="removed handle"), handle.cuda_graph(None):
+        pass
