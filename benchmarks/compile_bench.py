@@ -2,7 +2,7 @@
 
 The step is one forward of a single token without KV cache (the weight-bound part of a decode step,
 with a fixed shape so that each compiled model compiles once). Every row of a model is measured in the
-same process, alternating, against ``eager resident`` of that model. Models: the embedded SmolLM2
+same process against ``eager resident`` of that model. Models: the embedded SmolLM2
 (every layer offloaded, prefetch_step=2) and, with ``--tiny``, the 5-layer test Llama.
 
 Writes JSON lines to ``benchmarks/results/compile.jsonl``.
@@ -48,25 +48,25 @@ def _compiled(model):
 
 
 def bench(name: str, model, steps: int) -> list[dict]:
-    """``model`` stays resident; a deep copy is offloaded once, so that no row recompiles."""
+    """Resident rows, then the offloaded rows on a deep copy, each phase compiled after a dynamo reset
+    (dynamo does not guard on module hooks, so a graph compiled without them must not be reused)."""
     ids = torch.tensor([[42]])
+    times: dict[str, float] = {}
+    torch._dynamo.reset()
+    resident_compiled, resident_compile_s, resident_breaks, resident_out = _compiled(model)
+    times["eager resident"] = _time(model, ids, steps)
+    times["compiled resident"] = _time(resident_compiled, ids, steps)
     offloaded = copy.deepcopy(model)
     handle = weightlift.offload(offloaded, device="cpu", config=OffloadConfig(prefetch_step=2))
     torch._dynamo.reset()
-    resident_compiled, resident_compile_s, resident_breaks, resident_out = _compiled(model)
     offloaded_compiled, offloaded_compile_s, offloaded_breaks, offloaded_out = _compiled(offloaded)
-    runs = {"eager resident": model, "compiled resident": resident_compiled,
-            "eager offloaded": offloaded, "compiled offloaded": offloaded_compiled}  # fmt: skip
-    times: dict[str, list[float]] = {run: [] for run in runs}
-    for _ in range(3):  # alternate, best of three rounds of each
-        for run, step in runs.items():
-            times[run].append(_time(step, ids, steps))
+    times["eager offloaded"] = _time(offloaded, ids, steps)
+    times["compiled offloaded"] = _time(offloaded_compiled, ids, steps)
     report = handle.report()
     handle.remove()
-    base = min(times["eager resident"])
+    base = min(times["eager resident"], _time(model, ids, steps))  # again at the end: drift check
     rows = []
-    for run, ts in times.items():
-        best = min(ts)
+    for run, best in times.items():
         rows.append({
             "model": name, "run": run, "step_ms": round(best * 1e3, 3), "steps_per_s": round(1 / best, 1),
             "vs_eager_resident": round(base / best, 3), "baseline": "eager resident",
