@@ -115,3 +115,86 @@ def test_gpu_streams_from_disk_through_the_staging_ring(tmp_path, source):
         assert all(slab.is_pinned() for slab in handle.ring.slabs)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert report.prefetch_misses == 0 and report.host_bytes >= 2 * report.slot_bytes
+
+
+def _cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need CUDA")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_cuda_graph_replays_an_offloaded_step(compiled):
+    """A captured forward replays with the same copies into the same slots: replays with new inputs equal
+    the same step run without a graph (eager: equal to the resident model), and the slots are left as the
+    capture found them, so eager runs after the replays are right too."""
+    dev = _cuda()
+    torch._dynamo.reset()
+    model = tiny("llama").to(dev)
+    inputs = [prompt(seed=s).to(dev) for s in (1, 2, 3)]
+    with torch.inference_mode():
+        refs = [model(ids).logits for ids in inputs]
+    with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)) as handle:
+        step = torch.compile(model) if compiled else model
+        static = inputs[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(side):  # warm-up (and compile) off the capture
+            for _ in range(3):
+                step(static)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.inference_mode():  # the same step, not captured (compiled: inductor's kernels, not eager's)
+            expected = [step(ids).logits for ids in inputs]
+        if not compiled:
+            assert all(torch.equal(e, r) for e, r in zip(expected, refs))
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), handle.cuda_graph(graph):
+            out = step(static).logits
+        for _ in range(2):
+            for ids, want in zip(inputs, expected):
+                static.copy_(ids)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, want)
+        with torch.inference_mode():  # eager after replays: the slots hold what the Python side thinks
+            assert torch.equal(model(inputs[1]).logits, refs[1])
+        assert handle.report().prefetch_misses == 0
+    torch._dynamo.reset()
+
+
+def test_gpu_capture_outside_cuda_graph_or_of_the_disk_tier_is_refused(tmp_path):
+    dev = _cuda()
+    model = tiny("llama").to(dev)
+    ids = prompt().to(dev)
+    with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)):
+        graph = torch.cuda.CUDAGraph()
+        refused = pytest.raises(weightlift.OffloadError, match=r"handle\.cuda_graph")
+        with refused, torch.inference_mode(), torch.cuda.graph(graph):
+            model(ids)
+    config = OffloadConfig(source="disk", disk_path=str(tmp_path), prefetch_step=2)
+    handle = weightlift.offload(model, device=dev, config=config)
+    with handle, pytest.raises(weightlift.OffloadError, match="disk tier"), handle.cuda_graph(torch.cuda.CUDAGraph()):
+        pass
+
+
+def test_gpu_capture_of_a_partial_step_is_refused():
+    """A step that leaves the slots holding other layers than it found cannot be replayed twice."""
+    from test_offload import Stack
+
+    dev = _cuda()
+    torch.manual_seed(0)
+    model = Stack().eval().to(dev)
+    x = torch.randn(4, 32, device=dev)
+    with torch.inference_mode():
+        ref = model(x)
+    with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=1)) as handle:
+        with torch.inference_mode():
+            model(x)
+        model.order = [0, 1]  # a step that stops after two of six layers
+        graph = torch.cuda.CUDAGraph()
+        refused = pytest.raises(weightlift.OffloadError, match="do not replay")
+        with refused, torch.inference_mode(), handle.cuda_graph(graph):
+            model(x)
+        model.order = list(range(6))
+        with torch.inference_mode():  # the Python side still knows what the slots hold
+            assert torch.equal(model(x), ref)

@@ -354,7 +354,7 @@ def offload(
                 load_now=lambda p, s, after: handle.engine.load_now(jobs[p], after),
             )
         for position, layer in enumerate(handle.layers):
-            handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline))
+            handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline, handle.check_capture))
         prefetcher.prime()
     except BaseException:
         handle.remove()

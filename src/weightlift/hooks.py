@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import ops
 from .errors import OffloadError
+from .ops import first_tensor
 from .pool import DevicePool
 from .report import OffloadReport, Timeline
 from .schedule import Prefetcher
@@ -31,8 +35,16 @@ def _requires_grad(values: Any) -> bool:
 class LayerHook:
     """Pre- and post-forward hook of one offloaded layer at ``position`` in the schedule."""
 
-    def __init__(self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer, timeline: Timeline) -> None:
+    def __init__(
+        self,
+        prefetcher: Prefetcher,
+        position: int,
+        layer: OffloadedLayer,
+        timeline: Timeline,
+        guard: Callable[[], None] = lambda: None,
+    ) -> None:
         self.prefetcher = prefetcher
+        self.guard = guard  # refuses a CUDA graph capture that `OffloadHandle.cuda_graph` does not manage
         self.timeline = timeline
         self.started = 0.0
         self.position = position
@@ -46,6 +58,7 @@ class LayerHook:
             for e in layer.master.layout.entries
             if e.parts.kind == "plain" or e.parts.kind.startswith("storage subclass")
         ]
+        self.key = ops.register(self)  # how the compiled ops find this hook
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and (
@@ -56,12 +69,30 @@ class LayerHook:
                 "layers, so autograd would read the wrong weights. Run the model under "
                 "`torch.inference_mode()` or `torch.no_grad()`"
             )
+        x = first_tensor(*args, *kwargs.values()) if torch.compiler.is_compiling() else None
+        if x is not None:  # traced: an op ordered before every read of the input (see `weightlift.ops`)
+            torch.ops.weightlift.wait(x, self.key)
+        else:
+            self.wait()
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        x = first_tensor(output) if torch.compiler.is_compiling() else None
+        if x is not None:  # traced: ordered after the compute that produced the output
+            torch.ops.weightlift.prefetch(x, self.key)
+        else:
+            self.prefetch()
+
+    def wait(self) -> None:
+        """Before the layer runs (eagerly, or inside the compiled ``weightlift::wait``)."""
+        self.guard()
         start = time.perf_counter()
         self.prefetcher.before(self.position)
         self.started = time.perf_counter()
         self.timeline.add("compute", "wait", self.name, start, self.started)
 
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def prefetch(self) -> None:
+        """After the layer ran (eagerly, or inside the compiled ``weightlift::prefetch``)."""
+        self.guard()
         self.timeline.add("compute", "compute", self.name, self.started, time.perf_counter())
         self.prefetcher.after(self.position)
         if any(e.tensor.data_ptr() != ptr for e, ptr in self.watch):
@@ -122,6 +153,7 @@ class OffloadHandle:
         self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
         self.plan: Any = None  # the `Plan` applied, if any
         self.removed = False
+        self._capturing = False  # inside `cuda_graph`
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else f"{len(self.layers)} layers offloaded to {self.device}"
@@ -201,6 +233,58 @@ class OffloadHandle:
             f"`load_state_dict` on {type(self.model).__name__} while it is offloaded would write into shared "
             "device slots: call `handle.remove()` first, load, then offload again"
         )
+
+    def check_capture(self) -> None:
+        """Refuse to run an offloaded layer inside a CUDA graph capture that `cuda_graph` does not manage."""
+        if self.device.type == "cuda" and not self._capturing and torch.cuda.is_current_stream_capturing():
+            raise OffloadError(
+                f"{type(self.model).__name__} is offloaded and a CUDA graph is being captured around it outside "
+                "`handle.cuda_graph(graph)`: the copies started before the capture cannot be waited on inside it, "
+                "and the copies the capture starts must be joined before it ends. Capture with "
+                "`with handle.cuda_graph(graph): ...` (torch.compile mode='reduce-overhead' is not supported)"
+            )
+
+    @contextmanager
+    def cuda_graph(self, graph: torch.cuda.CUDAGraph, **kwargs: Any) -> Iterator[None]:
+        """``torch.cuda.graph(graph, **kwargs)`` around one offloaded step (eager or compiled), so that each
+        ``graph.replay()`` makes the same copies into the same slots.
+
+        Before the capture every copy in flight lands; inside it the copy stream forks from the compute
+        stream by an event before each prefetch and joins it by an event at each wait, and the copies
+        still in flight at the end (the next step's first layers) are joined before the capture ends. The
+        step must leave the slots as it found them (one full forward through the offloaded layers, in
+        order): otherwise the next replay would read the wrong weights, and this raises `OffloadError`.
+        Counters in `report()` count the captured step once; replays run no Python and are not counted.
+        """
+        if self.removed or self.prefetcher is None:
+            raise OffloadError("`cuda_graph` on a removed handle: offload the model again")
+        if self.device.type != "cuda":
+            raise OffloadError(f"`cuda_graph` needs a CUDA target; this model is offloaded to `{self.device}`")
+        if self.ring is not None or self.cache is not None or not isinstance(self.prefetcher, Prefetcher):
+            raise OffloadError(
+                "`cuda_graph`: the disk tier cannot be captured (its reads run on a host thread, outside any "
+                "graph). Offload from host RAM (OffloadConfig(source='host')) to capture, or run without a graph"
+            )
+        prefetcher = self.prefetcher
+        prefetcher.settle(self.engine.synchronize)  # no event from before the capture is waited on in it
+        found = prefetcher.contents()
+        with torch.cuda.graph(graph, **kwargs):
+            self._capturing = True
+            try:
+                yield
+            finally:
+                self._capturing = False
+                prefetcher.join()  # a capture ends with every forked stream joined, even on an error
+        # nothing captured has run yet: the slots still hold what they held before; events recorded in a
+        # capture mean nothing to eager code
+        left = prefetcher.contents()
+        prefetcher.restore(found)
+        if left != found:
+            raise OffloadError(
+                f"the captured step leaves the slots holding positions {left}, not {found} as "
+                "it found them, so a replay after the first would read other layers' weights: capture one "
+                "full forward through every offloaded layer, in order, and do not replay this graph"
+            )
 
     def report(self) -> OffloadReport:
         prefetcher = self.prefetcher

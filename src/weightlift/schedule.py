@@ -122,6 +122,28 @@ class Prefetcher:
         if self.schedule.step:
             self._issue(self.schedule.ahead(position))
 
+    def contents(self) -> tuple[int | None, ...]:
+        """Which position each slot holds or is receiving."""
+        return tuple(slot.position for slot in self.slots)
+
+    def settle(self, synchronize: Callable[[], None]) -> None:
+        """Every copy in flight has landed (``synchronize`` waits for the engine): no ticket is left open."""
+        synchronize()
+        for slot in self.slots:
+            slot.ticket = None
+
+    def restore(self, contents: Sequence[int | None]) -> None:
+        """The slots hold ``contents`` (from `contents`), every copy landed: after a capture, which ran nothing."""
+        for slot, position in zip(self.slots, contents):
+            slot.position, slot.ticket = position, None
+
+    def join(self) -> None:
+        """Compute issued from now on waits for every copy in flight (the copy stream joins back)."""
+        for slot in self.slots:
+            if slot.ticket is not None:
+                self.wait(slot.ticket)
+                slot.ticket = None
+
     def _issue(self, position: int) -> None:
         slot = self.slots[self.schedule.slot_of[position]]
         if slot.position == position:
