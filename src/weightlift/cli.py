@@ -259,7 +259,7 @@ def _make_plan(args: argparse.Namespace, model, saved=None):
 
 
 def _plan(args: argparse.Namespace) -> int:
-
+    _check_budgets(args)
     model, _ = _load(args.model)
     result = _make_plan(args, model)
     if args.out:
