@@ -8,8 +8,10 @@ What is measured (on this machine, for this model):
   off, so it needs no more device memory than the smallest plan, and the clock stops outside each
   layer's load (synchronising the device around each layer);
 - the link: pinned host to device copies on an accelerator; on a CPU target, where offloaded layers are
-  computed on in place from the mapped layer cache, the cost of faulting a layer's pages in (serial,
-  inside compute) and, when the offloaded bytes cannot stay in the page cache, the disk read (ahead).
+  computed on in place from the mapped layer cache, what that adds to a layer's compute (page faults,
+  advice, hooks: serial; measured with weightlift itself on a few of the model's layers, see
+  `mapped_overhead`)
+  and, when the offloaded bytes cannot stay in the page cache, the disk read (ahead, overlappable).
 
 The predicted time of a forward comes from a small simulation of the schedule (`simulate`): one copy
 engine in FIFO order, the copy of offloaded position ``p + step`` issued when position ``p`` finishes,
@@ -22,11 +24,9 @@ that offloads fewer layers and then uses the smaller step wins (nothing is offlo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import mmap
 import os
 import statistics
 import tempfile
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 PROMPT_TOKENS = 32
+_WORKING_SET = 96 << 20  # bytes of probed layers: more than CPU caches hold
 _TIE = 0.02  # a plan must be predicted 2% faster to beat one that offloads fewer layers or uses fewer slots
 
 
@@ -153,7 +154,7 @@ class Plan:
     host_bytes: int  # host RAM the plan allocates: pinned masters, or the staging ring of the disk tier
     link: str  # what the copies go through
     copy_bytes_per_s: float  # overlappable transfer rate (0: nothing to overlap)
-    serial_s_per_byte: float  # time per byte spent inside compute (mapped page faults)
+    serial_s_per_byte: float  # time per byte an offloaded layer adds inside compute (mapped page faults)
     workloads: dict[str, Workload]
     goal: str  # the workload the plan was chosen for
 
@@ -328,40 +329,45 @@ def h2d_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
     return nbytes / max(seconds, 1e-9)
 
 
-def disk_costs(folder: Path, nbytes: int, reps: int = 3) -> tuple[float, float]:
-    """(seconds per byte to fault a mapped file's pages in from the page cache, disk read bytes per second),
-    measured on a temporary file of ``nbytes`` (at most 256 MiB) in ``folder``."""
+def disk_read_rate(folder: Path, nbytes: int) -> float:
+    """Bytes per second of one cold read (page cache dropped) of a temporary file of ``nbytes`` (at most
+    256 MiB) in ``folder``."""
     nbytes = min(max(nbytes, 1 << 20), 256 << 20)
-    nbytes -= nbytes % PAGE
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".weightlift-probe-") as f:
         block = os.urandom(1 << 20)
         for _ in range(nbytes >> 20):
             f.write(block)
-        f.write(block[: nbytes % (1 << 20)])
         f.flush()
         os.fsync(f.fileno())
-        mm = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        view = [torch.frombuffer(mm, dtype=torch.uint8)[::PAGE]]  # a list, so it can be dropped before close
-        try:
-            view[0].sum()  # the page cache holds the file: faults below are minor
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        buffer = bytearray(f.tell())
+        start = time.perf_counter()
+        got = os.preadv(f.fileno(), [buffer], 0)
+        return got / max(time.perf_counter() - start, 1e-9)
 
-            def touch() -> None:
-                mm.madvise(mmap.MADV_DONTNEED, 0, nbytes)
-                int(view[0].sum())
 
-            fault = _time(touch, torch.device("cpu"), reps) / nbytes
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            buffer = bytearray(nbytes)
-            start = time.perf_counter()
-            got = os.preadv(f.fileno(), [buffer], 0)
-            read = got / max(time.perf_counter() - start, 1e-9)
-        finally:
-            view.clear()
-            with contextlib.suppress(BufferError):
-                mm.close()
-    return fault, read
+def mapped_overhead(
+    model: nn.Module, info: _Model, run: Callable[[], Any], resident: Sequence[float], folder: Path, reps: int
+) -> float:
+    """Seconds per byte that computing on the mapped layer cache adds to a layer's compute on a CPU target
+    (page faults, read-ahead and release advice, the hooks: serial, inside compute), measured on this
+    model with weightlift itself: a few of its layers (spread along the stack, enough to hold 96 MiB, so
+    that as in the real run nothing stays in the CPU caches) are offloaded from a temporary cache and
+    their compute is compared with ``resident``, theirs without offloading."""
+    from .apply import offload
+
+    n = len(info.names)
+    picks = sorted(_spread_order(n)[: min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))])
+    picks = [i for i in picks if info.nbytes[i]]
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".weightlift-probe-") as tmp:
+        config = OffloadConfig(layers=tuple(info.stacks), indices=tuple(picks), source="disk", disk_path=tmp)
+        with offload(model, device=cpu, config=config):
+            mapped, _ = measure_layers(info.layers, run, cpu, reps)
+    rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
+    return statistics.median(rates) if rates else 0.0
 
 
 def _available_ram() -> int | None:
@@ -508,6 +514,18 @@ def _pinned_size(nbytes: int, device: torch.device) -> int:
     return nbytes
 
 
+def _too_small(model: nn.Module, budget: int, host_budget: int | None, minimum: int) -> None:
+    what = f"`budget`={format_size(budget)}"
+    if host_budget is not None:
+        what += f" with `host_budget`={format_size(host_budget)}"
+    raise OffloadError(
+        f"{what} is too small for {type(model).__name__}: the smallest plan needs {format_size(minimum)} "
+        f"({minimum} bytes) of device memory (the weights outside the layers plus one slot of the largest "
+        "layer); raise the budget"
+        + (" or `host_budget` (or give `disk_path` so layers stream from disk)" if host_budget is not None else "")
+    )
+
+
 def plan(
     model: nn.Module,
     *,
@@ -518,7 +536,7 @@ def plan(
     disk_path: str | os.PathLike | None = None,
     layers: str | Sequence[str] | None = None,
     adapters: Sequence = (),
-    reps: int = 5,
+    reps: int = 9,
 ) -> Plan:
     """Choose what to offload so the weights fit ``budget`` (device memory; on a CPU target, RAM) and a
     forward is predicted fastest; measure this machine and model to predict it. See the module docstring.
@@ -527,7 +545,8 @@ def plan(
     offloaded layers do not fit it they stream from a layer cache under ``disk_path`` (default
     `default_cache_dir`), as they always do on a CPU target. ``sample`` is one forward's input; without
     it a language model is timed on a prefill and a decode step and the plan is chosen for decode.
-    Raises `OffloadError` when no plan fits, stating the minimum budget.
+    Raises `OffloadError` when no plan fits, stating the minimum budget. Measuring runs the model; on a CPU
+    target a few layers are also offloaded for a moment (they come back bitwise equal, in new storage).
     """
     from .apply import offload, resolve_device
 
@@ -544,6 +563,8 @@ def plan(
     info = _analyse(model, layers, adapters)
     n = len(info.names)
     total = info.other_bytes + sum(info.data_bytes)
+    if budget < info.other_bytes + max(info.nbytes, default=0):  # refused before measuring anything
+        _too_small(model, budget, host_budget, info.other_bytes + max(info.nbytes, default=0))
     runners = sample_workloads(model, sample, dev)
     goal = "decode" if "decode" in runners else next(iter(runners))
     folder = Path(disk_path).expanduser() if disk_path is not None else default_cache_dir()
@@ -552,7 +573,8 @@ def plan(
     # the link, for the tier the offloaded layers will come from
     largest = max(info.nbytes, default=0)
     if cpu:
-        fault, read = disk_costs(folder, largest)
+        folder.mkdir(parents=True, exist_ok=True)
+        read, fault = disk_read_rate(folder, largest), 0.0
         available = _available_ram()
         warm = available is None or total <= 0.8 * available  # the page cache can keep the layer cache
         link = f"layer cache mapped in place from {folder}"
@@ -574,6 +596,8 @@ def plan(
     finally:
         if probe is not None:
             probe.remove()
+    if cpu and any(info.nbytes) and total > budget:  # offloading will be needed: what it adds per byte
+        fault = mapped_overhead(model, info, runners[goal], measured[goal][0], folder, reps)
 
     def memory(chosen: list[int], step: int, src: str) -> tuple[int, int, int]:
         slot = max((info.nbytes[i] for i in chosen), default=0)
@@ -588,7 +612,7 @@ def plan(
         return resident, pool, 2 * _pinned_size(slot, dev)
 
     # on an accelerator with a host budget, layers that do not fit host RAM come from a layer cache
-    staged_read = disk_costs(folder, largest)[1] if not cpu and host_budget is not None else 0.0
+    staged_read = disk_read_rate(folder, largest) if not cpu and host_budget is not None else 0.0
     spread = {p: r for r, p in enumerate(_spread_order(n))} if n else {}
     order = sorted(range(n), key=lambda i: (-info.nbytes[i], spread[i]))
     compute, other = measured[goal]
@@ -610,15 +634,7 @@ def plan(
                 if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
                     best = (predicted, need, chosen, step, src, resident, pool, host, rate)
     if best is None:
-        what = f"`budget`={format_size(budget)}"
-        if host_budget is not None:
-            what += f" with `host_budget`={format_size(host_budget)}"
-        raise OffloadError(
-            f"{what} is too small for {type(model).__name__}: the smallest plan needs {format_size(minimum or 0)} "
-            f"({minimum} bytes) of device memory (the weights outside the layers plus one slot of the largest "
-            "layer); raise the budget"
-            + (" or `host_budget` (or give `disk_path` so layers stream from disk)" if host_budget is not None else "")
-        )
+        _too_small(model, budget, host_budget, minimum or 0)
     predicted, need, chosen, step, src, resident, pool, host, rate = best
     result = Plan(
         model=type(model).__name__, fingerprint=fingerprint(model), device=str(dev), budget=budget,
