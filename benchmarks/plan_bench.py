@@ -11,7 +11,9 @@ and each budget from "everything fits" down to the minimum, on this machine's ta
    ``i % G >= G - N`` rule with the fewest offloaded layers that fits, step 1); the plan is measured
    again after them, and the difference between its two measurements is the run's noise.
 
-Every row records the device memory for weights the report gives, against the budget. Writes JSON lines
+Every time is the lower of two medians of 9 runs taken in interleaved rounds (``time_forwards``), the
+way the planner measures, so that a burst of other work on a shared machine during one round does not
+count. Every row records the device memory for weights the report gives, against the budget. Writes JSON lines
 to ``benchmarks/results/plan.jsonl`` and a Markdown table to ``benchmarks/results/plan.md``.
 Usage: ``.venv/bin/python benchmarks/plan_bench.py [--quick]``
 """

@@ -3,7 +3,9 @@
 What is measured (on this machine, for this model):
 
 - each layer's compute time, and the rest of a forward (embeddings, head), on sample inputs: for a
-  language model a prefill of 32 tokens and a decode step with its KV cache. A model already on the
+  language model a prefill of 32 tokens and a decode step with its KV cache (medians of several runs,
+  in two interleaved rounds of which the faster counts: other work on the machine during one round
+  does not skew the plan). A model already on the
   target (a CPU target) runs as it is; otherwise under a temporary offload of every layer with prefetch
   off, so it needs no more device memory than the smallest plan, and the clock stops outside each
   layer's load (synchronising the device around each layer);
@@ -480,13 +482,19 @@ def measure_layers(
     return compute, other
 
 
-def time_forwards(runners: dict[str, Callable[[], Any]], device: torch.device, reps: int = 10) -> dict[str, float]:
-    """Median seconds of one forward of each workload (after one warm-up), for comparing with a plan."""
-    out = {}
+def time_forwards(
+    runners: dict[str, Callable[[], Any]], device: torch.device, reps: int = 9, rounds: int = 2
+) -> dict[str, float]:
+    """Seconds of one forward of each workload: the lower of ``rounds`` medians of ``reps`` runs (after one
+    warm-up), the rounds interleaved across workloads, so that a burst of other work on the machine
+    during one round does not count. For comparing with a plan, which measures the same way."""
+    out: dict[str, float] = {}
     with torch.inference_mode():
-        for name, run in runners.items():
-            run()
-            out[name] = _time(run, device, reps)
+        for _ in range(rounds):
+            for name, run in runners.items():
+                run()
+                seconds = _time(run, device, reps)
+                out[name] = min(out.get(name, seconds), seconds)
     return out
 
 
@@ -591,8 +599,11 @@ def plan(
     probe = None if in_place else offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks),
                                                                                    prefetch_step=0))  # fmt: skip
     try:
-        for name, run in runners.items():
-            measured[name] = measure_layers(info.layers, run, dev, reps)
+        for _ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
+            for name, run in runners.items():
+                compute, other = measure_layers(info.layers, run, dev, reps)
+                if name not in measured or sum(compute) + other < sum(measured[name][0]) + measured[name][1]:
+                    measured[name] = (compute, other)
     finally:
         if probe is not None:
             probe.remove()
