@@ -200,16 +200,22 @@ def test_gpu_capture_of_a_partial_step_is_refused():
             assert torch.equal(model(x), ref)
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
-def test_gpu_plan_respects_the_budget_and_stays_bitwise(tmp_path, fraction):
-    import re
-
+def _eight_layers_and_reference():
+    """The device, an 8-layer tiny Llama back on the CPU, ids on the device, its resident output there."""
     dev = _device()
     model = tiny("llama", layers=8)
     ids = prompt().to(dev)
     model.to(dev)
-    ref_logits, ref_tokens = run(model, ids)
+    reference = run(model, ids)
     model.to("cpu")
+    return dev, model, ids, reference
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.0])
+def test_gpu_plan_respects_the_budget_and_stays_bitwise(tmp_path, fraction):
+    import re
+
+    dev, model, ids, (ref_logits, ref_tokens) = _eight_layers_and_reference()
     snap = snapshot(model)
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with pytest.raises(weightlift.OffloadError, match="the smallest plan needs") as err:
@@ -232,15 +238,11 @@ def test_gpu_plan_respects_the_budget_and_stays_bitwise(tmp_path, fraction):
 
 
 def test_gpu_plan_sends_layers_to_disk_when_the_host_budget_is_short(tmp_path):
-    dev = _device()
-    model = tiny("llama", layers=8)
-    ids = prompt().to(dev)
-    model.to(dev)
-    ref_logits, ref_tokens = run(model, ids)
-    model.to("cpu")
-    plan = weightlift.plan(model, device=dev, budget="300KiB", host_budget="400KiB", disk_path=tmp_path)
-    assert plan.source == "disk" and plan.host_bytes <= 400 * 1024
+    dev, model, ids, (ref_logits, ref_tokens) = _eight_layers_and_reference()
+    plan = weightlift.plan(model, device=dev, budget="300KiB", host_budget="600KiB", disk_path=tmp_path)
+    # pinned slabs round up to 256 KiB each: host RAM holds at most two layers, so the rest come from disk
+    assert plan.source == "disk" and plan.host_bytes <= 600 * 1024
     with weightlift.offload(model, plan=plan) as handle:
         logits, tokens = run(model, ids)
-        assert handle.report().host_bytes <= 400 * 1024
+        assert handle.report().host_bytes <= 600 * 1024
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
