@@ -60,10 +60,11 @@ def test_thread_engine_copies_on_its_own_thread_in_order():
     src = [torch.full((1 << 16,), float(i)) for i in range(5)]
     dst = [torch.empty(1 << 16) for _ in range(5)]
 
-    tickets = []
-    for i in range(5):
-        tickets.append(engine.start(copy_job([(dst[i], src[i])], CPU)))
-        tickets[-1].add_done_callback(lambda f, i=i: seen.append((i, threading.current_thread().name)))
+    def job(i):
+        copy_job([(dst[i], src[i])], CPU)()
+        seen.append((i, threading.current_thread().name))  # recorded by the thread that ran the copy
+
+    tickets = [engine.start(lambda i=i: job(i)) for i in range(5)]
     engine.wait(tickets[-1])
     engine.synchronize()
     assert [i for i, _ in seen] == list(range(5))
