@@ -108,6 +108,19 @@ def test_a_diffusers_pipeline_offloads_its_denoiser_and_gives_bitwise_images():
     assert_same(pipe.unet, snap)
 
 
+def test_a_pipeline_takes_a_plan_made_for_its_denoiser_on_a_sample(tmp_path):
+    pipe, kwargs = _tiny_pipeline()
+    inputs = (kwargs["sample"], kwargs["encoder_hidden_states"])
+    expected = pipe(*inputs)
+    total = sum(t.numel() * t.element_size() for t in (*pipe.unet.parameters(), *pipe.unet.buffers()))
+    plan = weightlift.plan(pipe.unet, device="cpu", budget=total * 9 // 10, sample=kwargs, disk_path=tmp_path, reps=2)
+    assert plan.goal == "sample" and plan.offloaded and plan.device_bytes <= total * 9 // 10
+    with weightlift.offload(pipe, plan=plan) as handle:
+        got = pipe(*inputs)
+        assert handle.report().layers_offloaded == len(plan.offloaded)
+    assert torch.equal(got, expected)
+
+
 def test_a_pipeline_without_a_denoiser_is_refused():
     pipe, _ = _tiny_pipeline()
     pipe.register_modules(unet=None)

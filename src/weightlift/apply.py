@@ -241,7 +241,8 @@ def offload(
     bit for bit. ``adapters`` teach it tensor types it cannot take apart by itself (`weightlift.adapters`).
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work.
     May be called inside ``torch.inference_mode()``. A diffusers pipeline may be passed: its ``transformer``
-    or ``unet`` is offloaded (``budget`` is for its weights) and its other modules go to ``device`` whole.
+    or ``unet`` is offloaded and its other modules go to ``device`` whole; for a budget, make the plan for
+    the denoiser with a sample input (``plan(pipe.unet, budget=..., sample=...)``) and pass ``plan=``.
     """
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "components", None), dict):
         return _offload_pipeline(model, device, config=config, budget=budget, plan=plan, adapters=adapters)
