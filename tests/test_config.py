@@ -41,6 +41,11 @@ def test_format_size():
         (dict(params=5), "params"),
         (dict(layers=""), "layers"),
         (dict(layers=3), "layers"),
+        (dict(layers=()), "layers"),
+        (dict(layers=("model.layers", "")), "layers"),
+        (dict(indices=(1, -2)), "indices"),
+        (dict(indices=(True,)), "indices"),
+        (dict(indices=3), "indices"),
     ],
 )
 def test_invalid_config_names_the_argument(kwargs, name):
@@ -64,3 +69,9 @@ def test_layer_rule_is_vllms():
     assert config.offloads_param("mlp.up_proj.weight")
     assert not config.offloads_param("self_attn.q_proj.weight")
     assert not config.offloads_param("mlpx.weight")
+
+
+def test_indices_override_the_group_rule_and_several_stacks_are_a_tuple():
+    config = OffloadConfig(group_size=4, num_in_group=1, indices=[5, 1, 5], layers=["encoder.block", "decoder.block"])
+    assert config.indices == (1, 5) and config.layers == ("encoder.block", "decoder.block")
+    assert [i for i in range(8) if config.offloads_layer(i)] == [1, 5]

@@ -375,3 +375,22 @@ def test_offload_and_remove_inside_inference_mode():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert_same(model, snap)
     assert not any(p.is_inference() for p in model.parameters())
+
+
+def test_indices_past_the_stack_are_refused_and_the_model_is_untouched():
+    model = tiny("llama")
+    snap, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(weightlift.OffloadError, match=r"`indices`=\(2, 5\) names position 5, but `model.layers` has 5"):
+        weightlift.offload(model, device="cpu", config=OffloadConfig(indices=(2, 5)))
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+
+
+def test_explicit_indices_offload_exactly_those_layers():
+    model = tiny("llama")
+    ids = prompt()
+    expected = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(indices=(0, 3), prefetch_step=2)) as handle:
+        got = run(model, ids)
+        assert [layer.index for layer in handle.layers] == [0, 3]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
