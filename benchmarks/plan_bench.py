@@ -33,7 +33,7 @@ import torch
 
 import weightlift
 from weightlift import OffloadConfig
-from weightlift.plan import _analyse, language_model_workloads, time_forwards
+from weightlift.measure import analyse, language_model_workloads, time_forwards
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,9 +74,8 @@ def measure(model, device, runners, **how) -> dict:
 
 
 def bench_model(name: str, model, device, work: Path, quick: bool, out) -> list[dict]:
-    info = _analyse(model, None, ())
-    total = info.other_bytes + sum(info.data_bytes)
-    minimum = info.other_bytes + max(info.nbytes)
+    info = analyse(model)
+    total, minimum = info.total_bytes, info.minimum_bytes
     fractions = [1.0, 0.5, 0.0] if quick else [1.0, 0.75, 0.5, 0.25, 0.0]
     runners = language_model_workloads(model, device)
     resident = time_forwards(runners, device) if device.type == "cpu" else {}

@@ -11,7 +11,7 @@ import torch
 import weightlift
 from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError, Plan
-from weightlift.plan import _spread_order, fingerprint, simulate
+from weightlift.plan import fingerprint, simulate
 
 # --------------------------------------------------------------------------------------- simulation by hand
 
@@ -56,13 +56,6 @@ def test_serial_cost_is_never_hidden():
 def test_a_pool_holding_every_layer_copies_nothing_after_the_first_forward():
     duration, _ = simulate([1.0] * 3, 0.0, [0, 1, 2], dict.fromkeys(range(3), 5.0), {}, 3)
     assert duration == pytest.approx(3.0)
-
-
-def test_spread_order_prefixes_are_spread():
-    for n in range(1, 33):
-        order = _spread_order(n)
-        assert sorted(order) == list(range(n))
-    assert _spread_order(8)[:2] == [4, 2] and sorted(_spread_order(8)[:4]) == [1, 2, 4, 6]
 
 
 # --------------------------------------------------------------------------------------- plans on a model

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from weightlift.schedule import Prefetcher, cyclic_slots, make_schedule
+from weightlift.schedule import Prefetcher, cyclic_slots, make_schedule, spread_order
 
 
 @pytest.mark.parametrize("n", range(1, 25))
@@ -92,3 +92,10 @@ def test_step_zero_loads_every_layer_when_it_runs():
         pf.after(p)
     assert [e[0] for e in rec.log] == ["sync"] * 4
     assert (pf.hits, pf.misses, pf.copies) == (0, 4, 4)
+
+
+def test_spread_order_prefixes_are_spread():
+    for n in range(1, 33):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+    assert spread_order(8)[:2] == [4, 2] and sorted(spread_order(8)[:4]) == [1, 2, 4, 6]

@@ -181,14 +181,13 @@ def _layer_formats(layer) -> list[str]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .plan import _analyse
+    from .measure import analyse
 
     _check_budgets(args)
     model, _ = _load(args.model)
-    info = _analyse(model, None, ())
-    total = info.other_bytes + sum(info.data_bytes)
+    info = analyse(model)
+    total, minimum = info.total_bytes, info.minimum_bytes
     largest = max(info.nbytes, default=0)
-    minimum = info.other_bytes + largest
     layers = [{"name": n, "bytes": b, "formats": _layer_formats(m)} for n, b, m in zip(info.names, info.data_bytes,
                                                                                       info.layers)]  # fmt: skip
     result = {"model": args.model, "class": type(model).__name__, "stacks": info.stacks, "layers": layers,
@@ -319,7 +318,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench_plan(args: argparse.Namespace, device) -> int:
     """Predicted vs measured seconds per forward (prefill and decode) under the plan for ``--budget``."""
     from . import offload
-    from .plan import language_model_workloads, time_forwards
+    from .measure import language_model_workloads, time_forwards
 
     _check_budgets(args)
     model, _ = _load(args.model)

@@ -1,19 +1,5 @@
-"""`plan()`: from a memory budget, the link and the model's per-layer compute to an offload config.
-
-What is measured (on this machine, for this model):
-
-- each layer's compute time, and the rest of a forward (embeddings, head), on sample inputs: for a
-  language model a prefill of 32 tokens and a decode step with its KV cache (medians of several runs,
-  in two interleaved rounds of which the faster counts: other work on the machine during one round
-  does not skew the plan). A model already on the
-  target (a CPU target) runs as it is; otherwise under a temporary offload of every layer with prefetch
-  off, so it needs no more device memory than the smallest plan, and the clock stops outside each
-  layer's load (synchronising the device around each layer);
-- the link: pinned host to device copies on an accelerator; on a CPU target, where offloaded layers are
-  computed on in place from the mapped layer cache, what that adds to a layer's compute (page faults,
-  advice, hooks: serial; measured with weightlift itself on a few of the model's layers, see
-  `mapped_overhead`)
-  and, when the offloaded bytes cannot stay in the page cache, the disk read (ahead, overlappable).
+"""`plan()`: from a memory budget, the link and the model's per-layer compute (see `measure`) to an
+offload config, and the `Plan` that says what it will cost.
 
 The predicted time of a forward comes from a small simulation of the schedule (`simulate`): one copy
 engine in FIFO order, the copy of offloaded position ``p + step`` issued when position ``p`` finishes,
@@ -30,10 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import statistics
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +26,19 @@ from torch import nn
 
 from .config import OffloadConfig, format_size, parse_size
 from .errors import OffloadError
-from .schedule import cyclic_slots
+from .measure import (
+    analyse,
+    available_ram,
+    disk_read_rate,
+    h2d_bandwidth,
+    mapped_overhead,
+    measure_layers,
+    sample_workloads,
+)
+from .schedule import cyclic_slots, spread_order
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
-PROMPT_TOKENS = 32
-_WORKING_SET = 96 << 20  # bytes of probed layers: more than CPU caches hold
 _TIE = 0.02  # a plan must be predicted 2% faster to beat one that offloads fewer layers or uses fewer slots
 
 
@@ -117,6 +106,21 @@ def simulate(
         t += other
         duration = t - begin
     return duration, waits
+
+
+def _copy_s(nbytes: int, bytes_per_s: float) -> float:
+    return nbytes / bytes_per_s if bytes_per_s else 0.0
+
+
+def predict(
+    compute: Sequence[float], other: float, layer_bytes: Sequence[int], offloaded: Sequence[int], step: int,
+    bytes_per_s: float, serial_s_per_byte: float,
+) -> tuple[float, list[float]]:
+    """`simulate` with each offloaded layer's copy and serial time from its bytes and the link's rates."""
+    return simulate(
+        compute, other, offloaded, {i: _copy_s(layer_bytes[i], bytes_per_s) for i in offloaded},
+        {i: layer_bytes[i] * serial_s_per_byte for i in offloaded}, step,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -187,17 +191,15 @@ class Plan:
         )
 
     def copy_s(self, index: int) -> float:
-        return self.layer_bytes[index] / self.copy_bytes_per_s if self.copy_bytes_per_s else 0.0
+        return _copy_s(self.layer_bytes[index], self.copy_bytes_per_s)
 
     def serial_s(self, index: int) -> float:
         return self.layer_bytes[index] * self.serial_s_per_byte
 
     def predict(self, compute_s: Sequence[float], other_s: float) -> tuple[float, list[float]]:
         """Seconds per forward for these measured compute times under this plan, and each layer's wait."""
-        return simulate(
-            compute_s, other_s, self.offloaded, {i: self.copy_s(i) for i in self.offloaded},
-            {i: self.serial_s(i) for i in self.offloaded}, self.prefetch_step,
-        )  # fmt: skip
+        return predict(compute_s, other_s, self.layer_bytes, self.offloaded, self.prefetch_step,
+                       self.copy_bytes_per_s, self.serial_s_per_byte)  # fmt: skip
 
     # -- JSON
 
@@ -260,7 +262,7 @@ class Plan:
         return f"{self.summary()}\n\n{table}"
 
 
-# ---------------------------------------------------------------------------------------------- analysis
+# ---------------------------------------------------------------------------------------------- identity
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -272,247 +274,7 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.blake2b(json.dumps([type(model).__name__, items]).encode(), digest_size=10).hexdigest()
 
 
-@dataclass
-class _Model:
-    stacks: list[str]
-    names: list[str]
-    layers: list[nn.Module]
-    nbytes: list[int]  # slot bytes per layer
-    data_bytes: list[int]  # weights per layer, as stored
-    other_bytes: int  # weights outside the offloadable tensors of the layers
-
-
-def _analyse(model: nn.Module, layers: Any, adapters: Sequence) -> _Model:
-    from .adapters import BUILTIN_ADAPTERS
-    from .apply import _collect, _leaves, _unique_bytes, layer_list
-    from .models import find_stacks
-    from .storage import Layout
-
-    stacks = find_stacks(model, layers)
-    names, modules = layer_list(stacks)
-    adapters = (*adapters, *BUILTIN_ADAPTERS)
-    entries, resident = _collect(model, names, modules, OffloadConfig(), adapters)
-    layouts = {i: Layout.of(es) for i, es in entries.items()}
-    counted = [leaf for t in resident for leaf in (_leaves("resident tensor", t, adapters) or [])]
-    return _Model(
-        [name for name, _ in stacks], names, modules,
-        [layouts[i].nbytes if i in layouts else 0 for i in range(len(modules))],
-        [layouts[i].data_bytes if i in layouts else 0 for i in range(len(modules))],
-        _unique_bytes(counted),
-    )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def h2d_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
-    """Bytes per second of a pinned host to ``device`` copy of ``nbytes``."""
-    nbytes = max(nbytes, 1 << 20)
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)
-    seconds = _time(lambda: dst.copy_(src, non_blocking=True), device, reps)
-    return nbytes / max(seconds, 1e-9)
-
-
-def disk_read_rate(folder: Path, nbytes: int) -> float:
-    """Bytes per second of one cold read (page cache dropped) of a temporary file of ``nbytes`` (at most
-    256 MiB) in ``folder``."""
-    nbytes = min(max(nbytes, 1 << 20), 256 << 20)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".weightlift-probe-") as f:
-        block = os.urandom(1 << 20)
-        for _ in range(nbytes >> 20):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        buffer = bytearray(f.tell())
-        start = time.perf_counter()
-        got = os.preadv(f.fileno(), [buffer], 0)
-        return got / max(time.perf_counter() - start, 1e-9)
-
-
-def mapped_overhead(
-    model: nn.Module, info: _Model, run: Callable[[], Any], resident: Sequence[float], folder: Path, reps: int
-) -> float:
-    """Seconds per byte that computing on the mapped layer cache adds to a layer's compute on a CPU target
-    (page faults, read-ahead and release advice, the hooks: serial, inside compute), measured on this
-    model with weightlift itself: a few of its layers (spread along the stack, enough to hold 96 MiB, so
-    that as in the real run nothing stays in the CPU caches) are offloaded from a temporary cache and
-    their compute is compared with ``resident``, theirs without offloading."""
-    from .apply import offload
-
-    n = len(info.names)
-    picks = sorted(_spread_order(n)[: min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))])
-    picks = [i for i in picks if info.nbytes[i]]
-    cpu = torch.device("cpu")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".weightlift-probe-") as tmp:
-        config = OffloadConfig(layers=tuple(info.stacks), indices=tuple(picks), source="disk", disk_path=tmp)
-        with offload(model, device=cpu, config=config):
-            mapped, _ = measure_layers(info.layers, run, cpu, reps)
-    rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
-    return statistics.median(rates) if rates else 0.0
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def language_model_workloads(model: nn.Module, device: torch.device, prompt_tokens: int = PROMPT_TOKENS):
-    """Runners for a prefill of ``prompt_tokens`` and a decode step (with the prefill's KV cache) of a
-    transformers-style language model, or None when the model does not look like one."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int) or not hasattr(model, "generate"):
-        return None
-    ids = torch.randint(3, max(vocab, 4), (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    state: dict = {}
-
-    def prefill() -> None:
-        state["cache"] = model(ids, use_cache=True).past_key_values
-
-    def decode() -> None:
-        if "cache" not in state:
-            prefill()
-        model(ids[:, -1:], past_key_values=state["cache"], use_cache=True)
-
-    return {"prefill": prefill, "decode": decode}
-
-
-def sample_workloads(model: nn.Module, sample: Any, device: torch.device) -> dict[str, Callable[[], Any]]:
-    """The forwards to measure: the given ``sample`` (a tensor, a tuple of args or a dict of kwargs), or,
-    for a language model, a prefill and a decode step."""
-    if sample is None:
-        found = language_model_workloads(model, device)
-        if found is None:
-            raise OffloadError(
-                f"`sample` is needed for {type(model).__name__}: pass an input for one forward (a tensor, a tuple "
-                "of arguments or a dict of keyword arguments) so weightlift can time its layers"
-            )
-        return found
-
-    def to(x):
-        return x.to(device) if isinstance(x, torch.Tensor) else x
-
-    if isinstance(sample, torch.Tensor):
-        return {"sample": lambda: model(to(sample))}
-    if isinstance(sample, dict):
-        return {"sample": lambda: model(**{k: to(v) for k, v in sample.items()})}
-    if isinstance(sample, (tuple, list)):
-        return {"sample": lambda: model(*[to(v) for v in sample])}
-    raise OffloadError(
-        f"`sample` must be a tensor, a tuple of arguments or a dict of keyword arguments, got {type(sample).__name__}"
-    )
-
-
-def measure_layers(
-    layers: Sequence[nn.Module], run: Callable[[], Any], device: torch.device, reps: int = 5
-) -> tuple[list[float], float]:
-    """Median compute seconds of each layer, and of the rest of the forward, over ``reps`` runs of ``run``
-    (after one warm-up). The clock of a layer starts after its other pre-hooks (a load by weightlift's
-    own hook, say) and that load counts neither as the layer's compute nor as the rest of the forward."""
-    marks: dict[int, list[float]] = {}
-    starts: dict[int, float] = {}
-    loads: list[float] = []
-    handles = []
-    for i, layer in enumerate(layers):
-
-        def enter(module, args, i=i):
-            _sync(device)
-            starts[i] = time.perf_counter()
-
-        def before(module, args, i=i):
-            _sync(device)
-            now = time.perf_counter()
-            loads.append(now - starts[i])
-            starts[i] = now
-
-        def after(module, args, output, i=i):
-            _sync(device)
-            marks.setdefault(i, []).append(time.perf_counter() - starts.pop(i))
-
-        handles += [
-            layer.register_forward_pre_hook(enter, prepend=True),
-            layer.register_forward_pre_hook(before),
-            layer.register_forward_hook(after),
-        ]
-    try:
-        with torch.inference_mode():
-            run()
-            totals = []
-            per_run: list[list[float]] = []
-            for _ in range(reps):
-                marks.clear()
-                loads.clear()
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                totals.append(time.perf_counter() - start - sum(loads))
-                per_run.append([sum(marks.get(i, [])) for i in range(len(layers))])
-    finally:
-        for h in handles:
-            h.remove()
-    compute = [statistics.median(r[i] for r in per_run) for i in range(len(layers))]
-    other = max(0.0, statistics.median(t - sum(r) for t, r in zip(totals, per_run)))
-    return compute, other
-
-
-def time_forwards(
-    runners: dict[str, Callable[[], Any]], device: torch.device, reps: int = 9, rounds: int = 2
-) -> dict[str, float]:
-    """Seconds of one forward of each workload: the lower of ``rounds`` medians of ``reps`` runs (after one
-    warm-up), the rounds interleaved across workloads, so that a burst of other work on the machine
-    during one round does not count. For comparing with a plan, which measures the same way."""
-    out: dict[str, float] = {}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, run in runners.items():
-                run()
-                seconds = _time(run, device, reps)
-                out[name] = min(out.get(name, seconds), seconds)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- choosing
-
-
-def _spread_order(n: int) -> list[int]:
-    """Positions 0..n-1 ordered so that every prefix is spread evenly along the stack (van der Corput)."""
-    order, seen = [], set()
-    k = 1
-    while len(order) < n:
-        for j in range(1, 2 * k, 2):
-            p = min(n - 1, int(j * n / (2 * k)))
-            if p not in seen:
-                seen.add(p)
-                order.append(p)
-        k *= 2
-    return order
 
 
 def _pinned_size(nbytes: int, device: torch.device) -> int:
@@ -568,29 +330,33 @@ def plan(
             "`model` has parameters on the meta device: plan() times the model's layers, so load its weights "
             "first, or offload with an explicit OffloadConfig"
         )
-    info = _analyse(model, layers, adapters)
+    info = analyse(model, layers, adapters)
     n = len(info.names)
-    total = info.other_bytes + sum(info.data_bytes)
-    if budget < info.other_bytes + max(info.nbytes, default=0):  # refused before measuring anything
-        _too_small(model, budget, host_budget, info.other_bytes + max(info.nbytes, default=0))
+    total = info.total_bytes
+    if budget < info.minimum_bytes:  # refused before measuring anything
+        _too_small(model, budget, host_budget, info.minimum_bytes)
+    offloading = total > budget  # else nothing is offloaded (an offloaded layer never predicts faster)
     runners = sample_workloads(model, sample, dev)
     goal = "decode" if "decode" in runners else next(iter(runners))
     folder = Path(disk_path).expanduser() if disk_path is not None else default_cache_dir()
     cpu = dev.type == "cpu"
 
-    # the link, for the tier the offloaded layers will come from
+    # the link, for the tier the offloaded layers will come from: measured only when layers must move
     largest = max(info.nbytes, default=0)
-    if cpu:
+    copy_rate, fault, link = 0.0, 0.0, ""
+    if cpu and offloading:
         folder.mkdir(parents=True, exist_ok=True)
-        read, fault = disk_read_rate(folder, largest), 0.0
-        available = _available_ram()
+        available = available_ram()
         warm = available is None or total <= 0.8 * available  # the page cache can keep the layer cache
         link = f"layer cache mapped in place from {folder}"
-        copy_rate = 0.0 if warm else read
-        link += " (page cache: page faults only)" if warm else f" (disk reads at {read / 1e6:.0f} MB/s)"
-    else:
+        if warm:
+            link += " (page cache: page faults only)"
+        else:
+            copy_rate = disk_read_rate(folder, largest)
+            link += f" (disk reads at {copy_rate / 1e6:.0f} MB/s)"
+    elif offloading:
         copy_rate = h2d_bandwidth(dev, largest)
-        fault, link = 0.0, f"pinned host RAM -> {dev} at {copy_rate / 1e9:.1f} GB/s"
+        link = f"pinned host RAM -> {dev} at {copy_rate / 1e9:.1f} GB/s"
 
     # compute per layer: in place when the model already lives on the device (a CPU target), else under a
     # temporary offload of every layer with prefetch off (so it needs no more device memory than any plan)
@@ -607,7 +373,7 @@ def plan(
     finally:
         if probe is not None:
             probe.remove()
-    if cpu and any(info.nbytes) and total > budget:  # offloading will be needed: what it adds per byte
+    if cpu and offloading and any(info.nbytes):  # what computing on the mapped cache adds per byte
         fault = mapped_overhead(model, info, runners[goal], measured[goal][0], folder, reps)
 
     def memory(chosen: list[int], step: int, src: str) -> tuple[int, int, int]:
@@ -623,13 +389,13 @@ def plan(
         return resident, pool, 2 * _pinned_size(slot, dev)
 
     # on an accelerator with a host budget, layers that do not fit host RAM come from a layer cache
-    staged_read = disk_read_rate(folder, largest) if not cpu and host_budget is not None else 0.0
-    spread = {p: r for r, p in enumerate(_spread_order(n))} if n else {}
+    staged_read = disk_read_rate(folder, largest) if not cpu and offloading and host_budget is not None else 0.0
+    spread = {p: r for r, p in enumerate(spread_order(n))} if n else {}
     order = sorted(range(n), key=lambda i: (-info.nbytes[i], spread[i]))
     compute, other = measured[goal]
     best: tuple | None = None
     minimum = None
-    for k in range(n + 1):
+    for k in range(n + 1 if offloading else 1):
         chosen = sorted(order[:k])
         for step in range(1, max(1, min(k, 8)) + 1) if k else [1]:
             for src in (["disk"] if cpu else ["host", "disk"] if staged_read else ["host"]) if k else ["host"]:
@@ -639,9 +405,7 @@ def plan(
                 if need > budget or (host_budget is not None and host > host_budget):
                     continue
                 rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
-                copies = {i: info.nbytes[i] / rate if rate else 0.0 for i in chosen}
-                serial = {i: info.nbytes[i] * fault for i in chosen}
-                predicted, _ = simulate(compute, other, chosen, copies, serial, step)
+                predicted, _ = predict(compute, other, info.nbytes, chosen, step, rate, fault)
                 if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
                     best = (predicted, need, chosen, step, src, resident, pool, host, rate)
     if best is None:

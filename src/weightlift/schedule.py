@@ -51,6 +51,20 @@ def cyclic_slots(n: int, step: int) -> tuple[int, ...]:
     return tuple(slots)
 
 
+def spread_order(n: int) -> list[int]:
+    """Positions 0..n-1 ordered so that every prefix is spread evenly along the stack (van der Corput)."""
+    order, seen = [], set()
+    k = 1
+    while len(order) < n:
+        for j in range(1, 2 * k, 2):
+            p = min(n - 1, int(j * n / (2 * k)))
+            if p not in seen:
+                seen.add(p)
+                order.append(p)
+        k *= 2
+    return order
+
+
 def make_schedule(offloaded: Sequence[int], prefetch_step: int) -> Schedule:
     """Schedule for the stack indices ``offloaded`` (in execution order) and the requested step."""
     offloaded = tuple(offloaded)
