@@ -10,9 +10,9 @@ import torch
 import weightlift
 from conftest import prompt, run, tiny
 from weightlift import OffloadConfig
-from weightlift.engine import ThreadEngine, copy_job, make_engine
+from weightlift.engine import ThreadEngine, Transfer
+from weightlift.report import Timeline
 
-CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("group,num,step", [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (3, 2, 2)])
@@ -23,14 +23,15 @@ def test_copy_of_k_plus_step_is_issued_before_layer_k_plus_1_starts(group, num, 
         layer.register_forward_pre_hook(lambda m, a, i=i: events.append(("run", i)))
     config = OffloadConfig(group_size=group, num_in_group=num, prefetch_step=step)
     with weightlift.offload(model, device="cpu", config=config) as handle:
-        schedule = handle.prefetcher.schedule
-        start = handle.prefetcher.start
+        schedule, engine = handle.prefetcher.schedule, handle.prefetcher.engine
+        position_of = {id(job): p for p, job in enumerate(handle.prefetcher.jobs)}
+        start = engine.start
 
-        def recording_start(position, slot):
-            events.append(("copy", schedule.offloaded[position]))
-            return start(position, slot)
+        def recording_start(job, slot):
+            events.append(("copy", schedule.offloaded[position_of[id(job)]]))
+            return start(job, slot)
 
-        handle.prefetcher.start = recording_start
+        engine.start = recording_start
         events.clear()
         run(model, prompt(), new_tokens=3)
         assert handle.report().prefetch_misses == 0
@@ -54,36 +55,39 @@ def test_copy_of_k_plus_step_is_issued_before_layer_k_plus_1_starts(group, num, 
     assert checked >= n
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> Transfer:
+    return Transfer("layer", dst, dst.numel(), pairs=[(dst, src)])
+
+
 def test_thread_engine_copies_on_its_own_thread_in_order():
-    engine = ThreadEngine()
+    engine = ThreadEngine(Timeline())
     seen = []
     src = [torch.full((1 << 16,), float(i)) for i in range(5)]
     dst = [torch.empty(1 << 16) for _ in range(5)]
 
-    def job(i):
-        copy_job([(dst[i], src[i])], CPU)()
-        seen.append((i, threading.current_thread().name))  # recorded by the thread that ran the copy
+    def read(i):
+        def fill(buffer):
+            buffer.copy_(src[i])
+            seen.append((i, threading.current_thread().name))  # recorded by the thread that ran the copy
 
-    tickets = [engine.start(lambda i=i: job(i)) for i in range(5)]
+        return Transfer("layer", dst[i], dst[i].numel(), read=fill)
+
+    tickets = [engine.start(read(i), i) for i in range(5)]
     engine.wait(tickets[-1])
     engine.synchronize()
     assert [i for i, _ in seen] == list(range(5))
     assert all(name.startswith("weightlift-copy") for _, name in seen)
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
     # load_now waits for the copy in flight into the same place before writing
-    late = engine.start(copy_job([(dst[0], torch.full((1 << 16,), 7.0))], CPU))
-    engine.load_now(copy_job([(dst[0], src[1])], CPU), after=late)
+    late = engine.start(_copy(dst[0], torch.full((1 << 16,), 7.0)), 0)
+    engine.load_now(_copy(dst[0], src[1]), 0, after=late)
     assert torch.equal(dst[0], src[1])
     engine.close()
 
 
 def test_copy_errors_surface_on_wait():
-    engine = ThreadEngine()
-    ticket = engine.start(copy_job([(torch.empty(3), torch.empty(4))], CPU))
+    engine = ThreadEngine(Timeline())
+    ticket = engine.start(_copy(torch.empty(3), torch.empty(4)), 0)
     with pytest.raises(RuntimeError):
         engine.wait(ticket)
     engine.close()
-
-
-def test_make_engine_picks_by_device():
-    assert isinstance(make_engine(torch.device("cpu")), ThreadEngine)

@@ -15,15 +15,16 @@ from .checkpoint import CheckpointFiles
 from .config import OffloadConfig, format_size
 from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
-from .engine import StagedEngine, StagedJob, StagingRing, make_engine
+from .engine import StagedEngine, StagingRing, StreamEngine, ThreadEngine, Transfer
 from .errors import OffloadError
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stacks
 from .plan import Plan, check_plan
 from .plan import plan as make_plan
-from .pool import DevicePool
+from .pool import DevicePool, HostArena
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import Entry, HostMaster, Layout, storage_key
+from .streams import streams_for
 from .tensors import attribute_tensors, take_apart
 
 log = logging.getLogger(__name__)
@@ -165,18 +166,22 @@ def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config
     return entries, list(resident.values())
 
 
-def _engine_and_jobs(handle: OffloadHandle, schedule, dev: torch.device, ring_slabs: int, slot_bytes: int):
+def _engine_and_jobs(handle: OffloadHandle, schedule, ring_slabs: int, slot_bytes: int):
     """The copy engine and each offloaded position's transfer into its slot."""
-    slots = [handle.pool.slots[schedule.slot_of[p]] for p in range(len(handle.layers))]
+    jobs = []
+    for position, layer in enumerate(handle.layers):
+        slot, master = handle.pool.slots[schedule.slot_of[position]], layer.master
+        if isinstance(master, HostMaster):
+            jobs.append(Transfer(layer.name, slot, master.layout.nbytes, pairs=master.pairs(slot)))
+        else:
+            jobs.append(Transfer(layer.name, slot, master.layout.nbytes, read=master.read))
+    streams = handle.streams
+    if streams is None:
+        return ThreadEngine(handle.timeline), jobs
     if ring_slabs:
-        handle.ring = StagingRing(ring_slabs, slot_bytes, pin=dev.type != "cpu")
-        jobs = [
-            StagedJob(handle.timeline.timed_read(layer.name, layer.master.read), slot, layer.master.layout.nbytes)
-            for layer, slot in zip(handle.layers, slots)
-        ]
-        return StagedEngine(dev, handle.ring), jobs
-    jobs = [handle.timeline.timed(layer.name, layer.master.job(slot, dev)) for layer, slot in zip(handle.layers, slots)]
-    return make_engine(dev), jobs
+        handle.ring = StagingRing(ring_slabs, slot_bytes, streams)
+        return StagedEngine(streams, schedule.n_slots, handle.timeline, handle.ring), jobs
+    return StreamEngine(streams, schedule.n_slots, handle.timeline), jobs
 
 
 def _move(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
@@ -215,11 +220,6 @@ def _offload_pipeline(pipe, device, **how) -> OffloadHandle:
         handle.remove()
         raise
     return handle
-
-
-def _stages(device: torch.device) -> bool:
-    """Whether disk reads go through a host staging ring (accelerators) or straight into the slot (CPU)."""
-    return device.type != "cpu"
 
 
 @torch.inference_mode(False)  # slots and masters must be normal tensors: the copy thread runs outside the mode
@@ -279,15 +279,16 @@ def offload(
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
-    mapped = config.source != "host" and config.mmap and not _stages(dev)  # compute on the mapped files
+    streams = streams_for(dev)  # None: a CPU target, where disk reads go straight into the slot
+    mapped = config.source != "host" and config.mmap and streams is None  # compute on the mapped files
     pool_bytes = slot_bytes if mapped else schedule.n_slots * slot_bytes
-    if config.host_budget is not None and not _stages(dev) and pool_bytes > config.host_budget:
+    if config.host_budget is not None and streams is None and pool_bytes > config.host_budget:
         raise OffloadError(
             f"`host_budget`={config.host_budget} bytes is below the {pool_bytes} bytes this plan needs "
             f"({1 if mapped else schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
         )
     cache, ring_slabs = None, 0
-    if config.source != "host" and _stages(dev):  # disk -> host staging ring -> device
+    if config.source != "host" and streams is not None:  # disk -> host staging ring -> device
         ring_slabs = 2 if config.host_budget is None else min(2, config.host_budget // max(slot_bytes, 1))
         if ring_slabs < 1:
             raise OffloadError(
@@ -307,7 +308,7 @@ def offload(
             except BaseException:
                 cache.close()
                 raise
-    handle = OffloadHandle(model, dev, stack_name, len(layers), schedule.step)
+    handle = OffloadHandle(model, dev, stack_name, len(layers), schedule.step, streams)
     handle.plan = plan
     handle.cache = cache
     try:
@@ -322,12 +323,16 @@ def offload(
                 log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
             counted += leaves or []
         handle.resident_bytes = _unique_bytes(counted)
-        pin = dev.type != "cpu"
+        copied = streams is not None or any(s.device.type != "cpu" for lay in layouts.values() for s in lay.sources)
+        if cache is None and copied:  # masters in host memory of their own (pinned for an accelerator)
+            handle.arena = HostArena(sum(layouts[i].nbytes for i in schedule.offloaded), streams is not None)
         for position, index in enumerate(schedule.offloaded):
             if cache is not None:
                 master = DiskMaster(layouts[index], cache, index)
+            elif handle.arena is not None:
+                master = HostMaster.copied(layouts[index], handle.arena)
             else:
-                master = HostMaster.build(layouts[index], pin=pin)
+                master = HostMaster.in_place(layouts[index])
             layer = OffloadedLayer(index, names[index], layers[index], master)
             handle.layers.append(layer)
             for entry in master.layout.entries:
@@ -336,26 +341,22 @@ def offload(
                 else:
                     views = entry.views(handle.pool.slots[schedule.slot_of[position]])
                 entry.parts.install(entry.tensor, views)
-            master.release_originals()  # with a slab, the original storages can now be freed
+            master.release_originals()  # with a copy, the original storages can now be freed
         if mapping is not None:
             handle.engine = None
-            indices = schedule.offloaded
+            indices, timeline = schedule.offloaded, handle.timeline
+            named = [layer.name for layer in handle.layers]
             handle.prefetcher = prefetcher = MappedPrefetcher(
                 schedule,
-                willneed=lambda p: handle.timeline.timed(handle.layers[p].name, lambda: mapping.willneed(indices[p]))(),
+                willneed=lambda p: timeline.timed("copy", "copy", named[p], lambda: mapping.willneed(indices[p])),
                 release=lambda p: mapping.release(indices[p]),
                 check=mapping.check,
             )
         else:
-            handle.engine, jobs = _engine_and_jobs(handle, schedule, dev, ring_slabs, slot_bytes)
-            handle.prefetcher = prefetcher = Prefetcher(
-                schedule,
-                start=lambda p, s: handle.engine.start(jobs[p]),
-                wait=handle.engine.wait,
-                load_now=lambda p, s, after: handle.engine.load_now(jobs[p], after),
-            )
+            handle.engine, jobs = _engine_and_jobs(handle, schedule, ring_slabs, slot_bytes)
+            handle.prefetcher = prefetcher = Prefetcher(schedule, handle.engine, jobs)
         for position, layer in enumerate(handle.layers):
-            handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline, handle.check_capture))
+            handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline, handle.graphs))
         prefetcher.prime()
     except BaseException:
         handle.remove()

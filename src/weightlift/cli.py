@@ -103,8 +103,8 @@ def _bench(args: argparse.Namespace) -> int:
     resident = measure_decode(model, ids.to(device), args.tokens)
     model.to("cpu")
     with offload(model, device=device, config=config) as handle:
-        handle.timeline.events.clear()
         copied_before = handle.report().copy_seconds  # the copies primed at setup are not part of the run
+        handle.timeline.events.clear()
         offloaded = measure_decode(model, ids.to(device), args.tokens)
         report = handle.report()
         if args.trace:

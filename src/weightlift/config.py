@@ -76,7 +76,7 @@ class OffloadConfig:
 
     group_size: int = 1
     num_in_group: int = 1
-    prefetch_step: int = 1
+    prefetch_step: int = 2
     params: tuple[str, ...] = ()
     layers: str | tuple[str, ...] | None = None
     indices: tuple[int, ...] | None = None

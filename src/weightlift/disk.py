@@ -20,14 +20,12 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Job
 from .errors import OffloadError
 from .storage import ALIGN, Entry, Layout
 
@@ -355,8 +353,6 @@ class DiskMaster:
     layout: Layout
     cache: LayerCache | Any  # anything with read_into(index, slot) and read_leaves(index, entry)
     index: int
-    allocated: int = 0
-    slab: None = None
 
     def release_originals(self) -> None:
         for e in self.layout.entries:
@@ -366,8 +362,8 @@ class DiskMaster:
     def leaves(self, entry: Entry) -> list[torch.Tensor]:
         return self.cache.read_leaves(self.index, entry)
 
-    def job(self, slot: torch.Tensor, device: torch.device) -> Job:
-        return partial(self.read, slot)
+    def restored(self, entry: Entry, device: torch.device) -> list[torch.Tensor]:
+        return [leaf.to(device) for leaf in self.cache.read_leaves(self.index, entry)]
 
     def read(self, buffer: torch.Tensor) -> None:
         """Read this layer, in the slot layout, into a CPU ``buffer`` (a staging slab)."""

@@ -28,6 +28,12 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * size
 
 
+def leaf_span(tensor: torch.Tensor) -> int:
+    """Bytes from ``tensor``'s element 0 to the end of its last element (meta tensors too)."""
+    start, end = _span(tensor)
+    return end - start
+
+
 def storage_span(tensor: torch.Tensor) -> tuple[int, int]:
     """Byte range of ``tensor``'s storage that it covers. Packed quantized dtypes cover their storage."""
     if tensor.is_quantized:

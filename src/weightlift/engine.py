@@ -1,13 +1,10 @@
-"""Copy engines: run a layer's transfer (host or disk to its device slot), overlapped with compute.
+"""Copy engines: move one layer's bytes into its device slot (a `Transfer`), overlapped with compute.
 
-A transfer is a zero-argument callable (`copy_job` for host memory, a disk read for the disk tier).
-Both engines share one interface:
-
-- ``start(job) -> ticket``: begin the transfer, ordered after all compute issued so far (so a slot is
-  never overwritten while a layer still reads it);
-- ``wait(ticket)``: compute issued from now on sees the transferred bytes;
-- ``load_now(job, after)``: transfer in compute order, after the in-flight transfer ``after`` (or None);
-- ``synchronize()``: every transfer started so far has finished; ``close()``.
+Three engines, one interface (`Engine`): `ThreadEngine` for CPU targets (a background thread),
+`StreamEngine` for accelerators (a side stream fed from pinned host memory, joined by events) and
+`StagedEngine` for disk to accelerator (a reader thread fills pinned staging slabs, copied out on a side
+stream). The accelerator engines issue every stream and event operation through a `streams.Streams`,
+so the same code runs against a simulated device in the tests.
 """
 
 from __future__ import annotations
@@ -16,46 +13,82 @@ import concurrent.futures as cf
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from typing import Any, Protocol
 
 import torch
 
 from .pool import pinned_empty
-
-Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
-Job = Callable[[], None]
-
-
-def _copy_all(pairs: Pairs, non_blocking: bool) -> None:
-    for dst, src in pairs:
-        dst.copy_(src, non_blocking=non_blocking)
+from .report import Timeline
+from .streams import Streams
 
 
-def copy_job(pairs: Pairs, device: torch.device) -> Job:
-    """A transfer of ``(dst, src)`` byte pairs; asynchronous from pinned memory on accelerators."""
-    return partial(_copy_all, pairs, device.type != "cpu")
+@dataclass
+class Transfer:
+    """One layer's move into its slot ``dst``: ``(dst, src)`` byte pairs from host memory, or a disk read
+    ``read(buffer)`` that fills ``nbytes`` of a buffer in the slot layout."""
+
+    name: str  # the layer's name, for the timeline
+    dst: torch.Tensor
+    nbytes: int
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+    read: Callable[[torch.Tensor], None] | None = None
+
+
+class Engine(Protocol):
+    """What the prefetcher asks of a copy engine. A slot is never overwritten while a layer still reads
+    it: a transfer into a slot waits for the compute that `release` marked as that slot's last reader."""
+
+    def start(self, job: Transfer, slot: int) -> Any:
+        """Begin ``job`` into slot ``slot`` asynchronously; returns a ticket."""
+
+    def wait(self, ticket: Any) -> None:
+        """Compute issued from now on sees the bytes of the transfer ``ticket``."""
+
+    def load_now(self, job: Transfer, slot: int, after: Any) -> None:
+        """Transfer in compute order, after ``after`` (a ticket still in flight into that slot, or None)."""
+
+    def release(self, slot: int | None) -> None:
+        """The compute issued so far is the last to read ``slot`` (None: every slot) until it is loaded again."""
+
+    def synchronize(self) -> None:
+        """Every transfer started so far has finished."""
+
+    def close(self) -> None: ...
 
 
 class ThreadEngine:
     """CPU targets: transfers run on one background thread (``copy_`` and file reads release the GIL),
-    in FIFO order. On the CPU, compute has finished when a forward hook runs, so a transfer started
-    from a hook never races a reader of its slot."""
+    in FIFO order. On the CPU, compute has finished when a forward hook runs, so a transfer started from
+    a hook never races a reader of its slot, and `release` has nothing to record."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeline: Timeline) -> None:
+        self.timeline = timeline
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightlift-copy")
         self._last: cf.Future | None = None
 
-    def start(self, job: Job) -> cf.Future:
-        self._last = self._pool.submit(job)
+    def _run(self, job: Transfer) -> None:
+        def move() -> None:
+            if job.read is not None:
+                job.read(job.dst)
+            for dst, src in job.pairs:
+                dst.copy_(src)
+
+        self.timeline.timed("copy", "copy", job.name, move)
+
+    def start(self, job: Transfer, slot: int) -> cf.Future:
+        self._last = self._pool.submit(self._run, job)
         return self._last
 
     def wait(self, ticket: cf.Future) -> None:
         ticket.result()
 
-    def load_now(self, job: Job, after: cf.Future | None) -> None:
+    def load_now(self, job: Transfer, slot: int, after: cf.Future | None) -> None:
         if after is not None:
             after.result()
-        job()
+        self._run(job)
+
+    def release(self, slot: int | None) -> None:
+        pass
 
     def synchronize(self) -> None:
         if self._last is not None:
@@ -63,142 +96,135 @@ class ThreadEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._last = None
 
 
-class StreamEngine:
-    """Accelerator targets: copies on a side stream from pinned host memory, joined by events.
+class _Accelerated:
+    """What both accelerator engines share: a copy stream and, per slot, the event after its last reader."""
 
-    Uses the device-generic ``torch.Stream``/``torch.Event`` API, so it serves CUDA, ROCm, XPU and any
-    backend exposed through ``torch.accelerator``.
-    """
+    def __init__(self, streams: Streams, n_slots: int, timeline: Timeline) -> None:
+        self.streams = streams
+        self.timeline = timeline
+        self._copy = streams.new_stream()
+        self._released: list[Any] = [None] * n_slots
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._stream = torch.Stream(device=device)
+    def release(self, slot: int | None) -> None:
+        event = self.streams.new_event()
+        self.streams.record(event, self.streams.current_stream())
+        if slot is None:
+            self._released = [event] * len(self._released)
+        else:
+            self._released[slot] = event
 
-    def _compute_stream(self) -> torch.Stream:
-        return torch.accelerator.current_stream(self.device)
+    def wait(self, ticket: Any) -> None:
+        self.streams.wait(self.streams.current_stream(), ticket)
 
-    def start(self, job: Job) -> torch.Event:
-        compute = self._compute_stream()
-        ready = torch.Event(device=self.device)
-        ready.record(compute)
-        self._stream.wait_event(ready)  # the slot's last reader has run
-        torch.accelerator.set_stream(self._stream)
-        try:
-            job()
-        finally:
-            torch.accelerator.set_stream(compute)
-        done = torch.Event(device=self.device)
-        done.record(self._stream)
+    def _copy_on(self, stream: Any, name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """Issue ``pairs`` on ``stream``, timed there; the event that completes with them."""
+        begin = self.timeline.mark(stream)
+        for dst, src in pairs:
+            self.streams.copy(dst, src, stream)
+        done = self.timeline.mark(stream)
+        if done is None:  # not timing (inside a capture): a plain event
+            done = self.streams.new_event()
+            self.streams.record(done, stream)
+        self.timeline.span("copy", "copy", name, begin, done)
         return done
 
-    def wait(self, ticket: torch.Event) -> None:
-        self._compute_stream().wait_event(ticket)
+    def synchronize(self) -> None:
+        self.streams.sync_stream(self._copy)
 
-    def load_now(self, job: Job, after: torch.Event | None) -> None:
+
+class StreamEngine(_Accelerated):
+    """Accelerator targets: copies from pinned host memory on a side stream; compute waits on their events."""
+
+    def start(self, job: Transfer, slot: int) -> Any:
+        released = self._released[slot]
+        if released is not None:
+            self.streams.wait(self._copy, released)  # the slot's last reader has run
+        return self._copy_on(self._copy, job.name, job.pairs)
+
+    def load_now(self, job: Transfer, slot: int, after: Any) -> None:
         if after is not None:
             self.wait(after)
-        job()
-
-    def synchronize(self) -> None:
-        self._stream.synchronize()
+        self._copy_on(self.streams.current_stream(), job.name, job.pairs)
 
     def close(self) -> None:
         self.synchronize()
 
 
-@dataclass
-class StagedJob:
-    """A disk-to-device transfer: ``read(buffer)`` fills a host staging buffer in the slot layout, which is
-    then copied to ``dst`` (the slot), ``nbytes`` of it."""
-
-    read: Callable[[torch.Tensor], None]
-    dst: torch.Tensor
-    nbytes: int
-
-
 class StagingRing:
-    """A fixed ring of host staging slabs (pinned for accelerators); a slab is reused only once the copy
-    out of it has finished."""
+    """A fixed ring of host staging slabs (pinned for accelerators). A slab has one user at a time, and
+    is handed out again only once the device copy out of it has finished."""
 
-    def __init__(self, count: int, nbytes: int, pin: bool) -> None:
-        allocated = [pinned_empty(nbytes, pin) for _ in range(count)]
+    def __init__(self, count: int, nbytes: int, streams: Streams) -> None:
+        allocated = [pinned_empty(nbytes, streams.pin) for _ in range(count)]
+        self.streams = streams
         self.slabs = [slab for slab, _ in allocated]
         self.nbytes = sum(taken for _, taken in allocated)  # host bytes really taken (pinned rounding included)
-        self._busy: list[torch.Event | None] = [None] * count
+        self._busy: list[Any] = [None] * count  # the copy out of each slab
+        self._held = [False] * count
         self._next = 0
-        self._lock = threading.Lock()
+        self._free = threading.Condition()
 
     def acquire(self) -> int:
-        with self._lock:
+        with self._free:
             index, self._next = self._next, (self._next + 1) % len(self.slabs)
-        if self._busy[index] is not None:
-            self._busy[index].synchronize()  # the copy out of this slab is done
+            while self._held[index]:  # another thread reads into it or copies out of it
+                self._free.wait()
+            self._held[index] = True
+            busy = self._busy[index]
+        if busy is not None:
+            self.streams.sync_event(busy)  # the copy out of this slab is done
         return index
 
-    def release(self, index: int, done: torch.Event | None) -> None:
-        self._busy[index] = done
+    def release(self, index: int, done: Any) -> None:
+        with self._free:
+            self._busy[index], self._held[index] = done, False
+            self._free.notify_all()
 
 
-class StagedEngine:
-    """Disk to device: a reader thread fills staging slabs ahead (file reads release the GIL), and the
-    copy to the slot is issued from that thread on a side stream, after the compute that last read the
-    slot. On a CPU target the copy is a plain ``copy_`` in the reader thread."""
+class StagedEngine(_Accelerated):
+    """Disk to accelerator: a reader thread fills staging slabs ahead (file reads release the GIL), and the
+    copy to the slot is issued from that thread on a side stream, after the slot's last reader."""
 
-    def __init__(self, device: torch.device, ring: StagingRing) -> None:
-        self.device, self.ring = device, ring
-        self._accel = device.type != "cpu"
-        self._stream = torch.Stream(device=device) if self._accel else None
+    def __init__(self, streams: Streams, n_slots: int, timeline: Timeline, ring: StagingRing) -> None:
+        super().__init__(streams, n_slots, timeline)
+        self.ring = ring
         self._reader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightlift-read")
         self._last: cf.Future | None = None
 
-    def _event(self, stream: torch.Stream | None) -> torch.Event | None:
-        if not self._accel:
-            return None
-        event = torch.Event(device=self.device)
-        event.record(stream)
-        return event
-
-    def _transfer(self, job: StagedJob, stream: torch.Stream | None, ready: torch.Event | None):
-        slab = self.ring.acquire()
-        buffer = self.ring.slabs[slab]
-        job.read(buffer)
-        if self._accel:
-            torch.accelerator.set_stream(stream)  # this thread's current stream
+    def _transfer(self, job: Transfer, stream: Any, ready: Any) -> Any:
+        index = self.ring.acquire()
+        done = None
+        try:
+            buffer = self.ring.slabs[index]
+            self.timeline.timed("read", "read", job.name, lambda: job.read(buffer))
             if ready is not None:
-                stream.wait_event(ready)  # the slot's last reader has run
-        job.dst[: job.nbytes].copy_(buffer[: job.nbytes], non_blocking=self._accel)
-        done = self._event(stream)
-        self.ring.release(slab, done)
+                self.streams.wait(stream, ready)  # the slot's last reader has run
+            done = self._copy_on(stream, job.name, [(job.dst[: job.nbytes], buffer[: job.nbytes])])
+        finally:
+            self.ring.release(index, done)
         return done
 
-    def start(self, job: StagedJob) -> cf.Future:
-        ready = self._event(torch.accelerator.current_stream(self.device)) if self._accel else None
-        self._last = self._reader.submit(self._transfer, job, self._stream, ready)
+    def start(self, job: Transfer, slot: int) -> cf.Future:
+        self._last = self._reader.submit(self._transfer, job, self._copy, self._released[slot])
         return self._last
 
     def wait(self, ticket: cf.Future) -> None:
-        done = ticket.result()
-        if done is not None:
-            torch.accelerator.current_stream(self.device).wait_event(done)
+        super().wait(ticket.result())
 
-    def load_now(self, job: StagedJob, after: cf.Future | None) -> None:
+    def load_now(self, job: Transfer, slot: int, after: cf.Future | None) -> None:
         if after is not None:
             self.wait(after)
-        compute = torch.accelerator.current_stream(self.device) if self._accel else None
-        self._transfer(job, compute, None)
+        self._transfer(job, self.streams.current_stream(), None)  # in compute order: nothing to wait for
 
     def synchronize(self) -> None:
         if self._last is not None:
             self._last.exception()
-        if self._stream is not None:
-            self._stream.synchronize()
+        super().synchronize()
 
     def close(self) -> None:
         self.synchronize()
         self._reader.shutdown(wait=True)
-
-
-def make_engine(device: torch.device) -> ThreadEngine | StreamEngine:
-    return ThreadEngine() if device.type == "cpu" else StreamEngine(device)
+        self._last = None

@@ -7,8 +7,7 @@ model is recognised as offloaded by finding them.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +18,13 @@ from torch.utils.hooks import RemovableHandle
 
 from . import ops
 from .errors import OffloadError
+from .graphs import Graphs
 from .ops import first_tensor
-from .pool import DevicePool
-from .report import OffloadReport, Timeline
+from .pool import DevicePool, HostArena
+from .report import DeviceClock, OffloadReport, Timeline
 from .schedule import Prefetcher
 from .storage import HostMaster
+from .streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,15 @@ class LayerHook:
     """Pre- and post-forward hook of one offloaded layer at ``position`` in the schedule."""
 
     def __init__(
-        self,
-        prefetcher: Prefetcher,
-        position: int,
-        layer: OffloadedLayer,
-        timeline: Timeline,
-        guard: Callable[[], None] = lambda: None,
+        self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer, timeline: Timeline, graphs: Graphs
     ) -> None:
         self.prefetcher = prefetcher
-        self.guard = guard  # refuses a CUDA graph capture that `OffloadHandle.cuda_graph` does not manage
+        self.graphs = graphs  # refuses captures it does not manage; keeps replays safe after eager work
         self.timeline = timeline
-        self.started = 0.0
+        self.started: Any = None
+        self.running = False  # between `wait` and `prefetch`: a layer that raised leaves it set
         self.position = position
+        self.last = position == len(prefetcher.schedule.offloaded) - 1
         self.name = layer.name
         self.layer = layer
         self.weights = [e.tensor for e in layer.master.layout.entries]
@@ -82,19 +80,31 @@ class LayerHook:
         else:
             self.prefetch()
 
+    def finished(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Runs after every forward, also one that raised (``always_call``): then release the slot."""
+        if torch.compiler.is_compiling() or not self.running:
+            return
+        self.running = False
+        self.prefetcher.aborted(self.position, every_slot=self.graphs.active)
+        self.graphs.ready(self.prefetcher)
+
     def wait(self) -> None:
         """Before the layer runs (eagerly, or inside the compiled ``weightlift::wait``)."""
-        self.guard()
-        start = time.perf_counter()
+        self.graphs.check()
+        start = self.timeline.mark()
         self.prefetcher.before(self.position)
-        self.started = time.perf_counter()
-        self.timeline.add("compute", "wait", self.name, start, self.started)
+        self.started = self.timeline.mark()
+        self.timeline.span("compute", "wait", self.name, start, self.started)
+        self.running = True
 
     def prefetch(self) -> None:
         """After the layer ran (eagerly, or inside the compiled ``weightlift::prefetch``)."""
-        self.guard()
-        self.timeline.add("compute", "compute", self.name, self.started, time.perf_counter())
-        self.prefetcher.after(self.position)
+        self.graphs.check()
+        self.running = False
+        self.timeline.span("compute", "compute", self.name, self.started, self.timeline.mark())
+        self.prefetcher.after(self.position, every_slot=self.graphs.active)
+        if self.last:
+            self.graphs.ready(self.prefetcher)
         if any(e.tensor.data_ptr() != ptr for e, ptr in self.watch):
             self._replaced()
 
@@ -135,8 +145,11 @@ class OffloadedLayer:
 class OffloadHandle:
     """Returned by `weightlift.offload`: `report()`, `remove()`, and a context manager that removes."""
 
-    def __init__(self, model: nn.Module, device: torch.device, stack: str, n_layers: int, step: int) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, stack: str, n_layers: int, step: int, streams: Streams | None
+    ) -> None:
         self.model = model
+        self.streams = streams  # the accelerator's stream operations (None on a CPU target)
         self.device = device
         self._stack = stack
         self._n_layers = n_layers
@@ -148,12 +161,14 @@ class OffloadHandle:
         self.engine: Any = None
         self.prefetcher: Prefetcher | None = None
         self.cache: Any = None  # the disk tier's open cache file, if any
-        self.timeline = Timeline()
+        self.timeline = Timeline(DeviceClock(streams) if streams is not None else None)
+        self.graphs = Graphs(streams, type(model).__name__)
+        self.arena: HostArena | None = None  # host memory of the masters (accelerator targets)
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
         self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
         self.plan: Any = None  # the `Plan` applied, if any
         self.removed = False
-        self._capturing = False  # inside `cuda_graph`
+        self._final: OffloadReport | None = None  # the report as it stood when removed
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else f"{len(self.layers)} layers offloaded to {self.device}"
@@ -170,6 +185,7 @@ class OffloadHandle:
         layer.hooks += [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after),
+            module.register_forward_hook(hook.finished, always_call=True),
             module.register_state_dict_pre_hook(lambda *_: self.prefetcher.ensure(hook.position)),
             module.register_state_dict_post_hook(self._state_dict_hook(layer)),
             module.register_load_state_dict_pre_hook(self._refuse_load),
@@ -214,6 +230,7 @@ class OffloadHandle:
                             f"`{key}` of offloaded layer `{layer.name}` is saved in a form weightlift cannot map "
                             "back to its true weights: call `handle.remove()` before `state_dict()`"
                         )
+            self.graphs.ready(self.prefetcher)  # the pre-hook may have loaded this layer over another
 
         return hook
 
@@ -234,16 +251,6 @@ class OffloadHandle:
             "device slots: call `handle.remove()` first, load, then offload again"
         )
 
-    def check_capture(self) -> None:
-        """Refuse to run an offloaded layer inside a CUDA graph capture that `cuda_graph` does not manage."""
-        if self.device.type == "cuda" and not self._capturing and torch.cuda.is_current_stream_capturing():
-            raise OffloadError(
-                f"{type(self.model).__name__} is offloaded and a CUDA graph is being captured around it outside "
-                "`handle.cuda_graph(graph)`: the copies started before the capture cannot be waited on inside it, "
-                "and the copies the capture starts must be joined before it ends. Capture with "
-                "`with handle.cuda_graph(graph): ...` (torch.compile mode='reduce-overhead' is not supported)"
-            )
-
     @contextmanager
     def cuda_graph(self, graph: torch.cuda.CUDAGraph, **kwargs: Any) -> Iterator[None]:
         """``torch.cuda.graph(graph, **kwargs)`` around one offloaded step (eager or compiled), so that each
@@ -254,39 +261,29 @@ class OffloadHandle:
         still in flight at the end (the next step's first layers) are joined before the capture ends. The
         step must leave the slots as it found them (one full forward through the offloaded layers, in
         order): otherwise the next replay would read the wrong weights, and this raises `OffloadError`.
-        Counters in `report()` count the captured step once; replays run no Python and are not counted.
+        Replay on the stream that runs the eager forwards: each eager forward (also one that raised in an
+        offloaded layer) leaves the slots as a replay expects, with every copy joined (see `weightlift.graphs`).
+        ``remove()`` resets the graphs captured here. Counters in `report()` count the captured step once;
+        replays run no Python and are not counted.
         """
         if self.removed or self.prefetcher is None:
             raise OffloadError("`cuda_graph` on a removed handle: offload the model again")
-        if self.device.type != "cuda":
+        if self.streams is None or not self.streams.can_capture:
             raise OffloadError(f"`cuda_graph` needs a CUDA target; this model is offloaded to `{self.device}`")
         if self.ring is not None or self.cache is not None or not isinstance(self.prefetcher, Prefetcher):
             raise OffloadError(
                 "`cuda_graph`: the disk tier cannot be captured (its reads run on a host thread, outside any "
                 "graph). Offload from host RAM (OffloadConfig(source='host')) to capture, or run without a graph"
             )
-        prefetcher = self.prefetcher
-        prefetcher.settle(self.engine.synchronize)  # no event from before the capture is waited on in it
-        found = prefetcher.contents()
-        with torch.cuda.graph(graph, **kwargs):
-            self._capturing = True
-            try:
-                yield
-            finally:
-                self._capturing = False
-                prefetcher.join()  # a capture ends with every forked stream joined, even on an error
-        # nothing captured has run yet: the slots still hold what they held before; events recorded in a
-        # capture mean nothing to eager code
-        left = prefetcher.contents()
-        prefetcher.restore(found)
-        if left != found:
-            raise OffloadError(
-                f"the captured step leaves the slots holding positions {left}, not {found} as "
-                "it found them, so a replay after the first would read other layers' weights: capture one "
-                "full forward through every offloaded layer, in order, and do not replay this graph"
-            )
+        with self.graphs.capture(graph, self.prefetcher, self.timeline, **kwargs):
+            yield
 
     def report(self) -> OffloadReport:
+        """Exact bytes and counters so far; on accelerators the times are device times (this waits for the
+        timing events of work already issued). After ``remove()``: the report as it stood then."""
+        if self._final is not None:
+            return self._final
+        self.timeline.resolve()
         prefetcher = self.prefetcher
         pool = self.pool
         return OffloadReport(
@@ -302,7 +299,7 @@ class OffloadHandle:
             pool_bytes=(pool.nbytes if pool is not None else 0) + self.mapped_window,
             slots=(len(pool) if pool is not None else 0) + (1 if self.mapped_window else 0),
             slot_bytes=pool.slot_bytes if pool is not None else 0,
-            host_bytes=sum(layer.master.allocated for layer in self.layers) + (self.ring.nbytes if self.ring else 0),
+            host_bytes=(self.arena.nbytes if self.arena else 0) + (self.ring.nbytes if self.ring else 0),
             prefetch_step=self._step,
             copies=prefetcher.copies if prefetcher else 0,
             prefetch_hits=prefetcher.hits if prefetcher else 0,
@@ -315,6 +312,7 @@ class OffloadHandle:
 
     def timings(self) -> list[dict]:
         """Per offloaded layer, seconds so far: copying it, compute waiting for it, and its forward."""
+        self.timeline.resolve()
         return [{"layer": layer.name, **self.timeline.totals.get(layer.name, {"copy": 0.0, "wait": 0.0,
                  "compute": 0.0})} for layer in self.layers]  # fmt: skip
 
@@ -324,11 +322,16 @@ class OffloadHandle:
 
     @torch.inference_mode(False)  # the restored tensors are normal tensors, as they were
     def remove(self) -> None:
-        """Undo everything: hooks gone, every tensor back on its device with its original bytes."""
+        """Undo everything: hooks gone, every tensor back on its device with its original bytes, each in
+        ordinary memory of its own; the pool, host masters, staging ring and graphs are let go (freed as
+        soon as the caller holds nothing of them)."""
         if self.removed:
             return
+        self.graphs.close()
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close()  # every copy has landed
+        if self.prefetcher is not None:
+            self._final = self.report()
         self.mapped_window = 0
         for layer in self.layers:
             for h in layer.hooks:
@@ -339,12 +342,13 @@ class OffloadHandle:
                 if entry.device.type == "meta":  # it came without data: give it back without reading any
                     leaves = list(entry.specs)
                 else:
-                    leaves = [leaf.to(entry.device) for leaf in layer.master.leaves(entry)]
+                    leaves = layer.master.restored(entry, entry.device)
                 entry.parts.install(entry.tensor, leaves)
         for tensor, device in self.moved:
             tensor.data = tensor.data.to(device)
         if self.cache is not None:
             self.cache.close()
         self.layers, self.moved, self.pool, self.engine, self.cache, self.ring = [], [], None, None, None, None
+        self.prefetcher, self.arena = None, None
         self.removed = True
         log.info("weightlift: removed offloading from %s", type(self.model).__name__)

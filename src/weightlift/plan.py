@@ -35,6 +35,7 @@ from .measure import (
     measure_layers,
     sample_workloads,
 )
+from .pool import arena_sizes
 from .schedule import cyclic_slots, spread_order
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,8 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _pinned_size(nbytes: int, device: torch.device) -> int:
-    """Host bytes a pinned block of ``nbytes`` takes: CUDA's caching host allocator rounds up to a power of 2."""
-    if device.type == "cuda" and nbytes > 0:
+    """Host bytes a pinned block of ``nbytes`` takes: caching host allocators round up to a power of 2."""
+    if device.type != "cpu" and nbytes > 0:
         return 1 << (nbytes - 1).bit_length()
     return nbytes
 
@@ -385,7 +386,7 @@ def plan(
             return resident, slot, 0  # the mapped window of the layer being computed
         pool = (max(cyclic_slots(len(chosen), step)) + 1 if step else 1) * slot
         if src == "host":
-            return resident, pool, sum(_pinned_size(info.nbytes[i], dev) for i in chosen)
+            return resident, pool, sum(arena_sizes(sum(info.nbytes[i] for i in chosen)))  # see pool.HostArena
         return resident, pool, 2 * _pinned_size(slot, dev)
 
     # on an accelerator with a host budget, layers that do not fit host RAM come from a layer cache

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .streams import Streams
 
 from .config import format_size
 
@@ -69,56 +75,111 @@ class OffloadReport:
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-class Timeline:
-    """Where time goes, cheap enough to leave on: host-clock intervals per lane.
+class HostClock:
+    """Host time (``perf_counter``): on a CPU target compute and copies run when the host runs them."""
 
-    Lanes: ``compute`` (the thread running the model: each offloaded layer's forward, and the time it
-    waited for its copy before starting) and ``copy`` (the copy engine's thread: each layer's
-    transfer). Totals per layer are kept for the report; the last ``keep`` intervals for `trace`.
-    On accelerator targets the intervals are host times (kernel launches and copy issue), not device
-    times.
+    def mark(self, stream: Any = None) -> float:
+        return time.perf_counter()
+
+    def resolve(self, start: float, end: float, block: bool) -> tuple[float, float]:
+        return start, end
+
+
+class DeviceClock:
+    """Device time, from timing events recorded on the streams where the work runs: a mark costs one
+    event record and never synchronises; a span is read back when its end event has completed."""
+
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+        self._origin = streams.new_event(timing=True)
+        streams.record(self._origin, streams.current_stream())
+        streams.sync_event(self._origin)
+        self.host_origin = time.perf_counter()  # device time 0 is about this host time
+
+    def mark(self, stream: Any = None) -> Any:
+        event = self.streams.new_event(timing=True)
+        self.streams.record(event, self.streams.current_stream() if stream is None else stream)
+        return event
+
+    def resolve(self, start: Any, end: Any, block: bool) -> tuple[float, float] | None:
+        if not block and not self.streams.done(end):
+            return None
+        self.streams.sync_event(end)
+        begin = self.host_origin + self.streams.elapsed(self._origin, start)
+        return begin, begin + self.streams.elapsed(start, end)
+
+
+class Timeline:
+    """Where time goes, cheap enough to leave on: intervals per lane and per layer.
+
+    Lanes: ``compute`` (each offloaded layer's forward, and the time compute waited for its copy before
+    it, or loaded it itself on a miss) and ``copy`` (each layer's transfer; ``read``: a disk read into a
+    staging slab, on the host). With a `HostClock` (CPU targets) intervals are host times; with a
+    `DeviceClock` (accelerators) they are device times of the streams, read back lazily: `resolve` (called
+    by the report, `timings` and `trace`) turns the spans whose events have completed into intervals.
+    Totals per layer are kept for the report (``copy`` includes disk reads); the last ``keep`` intervals
+    for `trace`. While ``paused`` (inside a graph capture, whose events mean nothing to eager code)
+    nothing is recorded.
     """
 
-    def __init__(self, keep: int = 200_000) -> None:
-        self.origin = time.perf_counter()
+    def __init__(self, clock: HostClock | DeviceClock | None = None, keep: int = 200_000) -> None:
+        self.clock = clock or HostClock()
+        self.host = HostClock()
         self.events: deque[tuple[str, str, float, float]] = deque(maxlen=keep)
         self.totals: dict[str, dict[str, float]] = {}
+        self.paused = False
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[Any, str, str, str, Any, Any]] = deque()
+        self.origin = getattr(self.clock, "host_origin", time.perf_counter())  # trace time 0
+
+    def mark(self, stream: Any = None) -> Any:
+        """A point in time on ``stream`` (the current one by default), or None while paused."""
+        return None if self.paused else self.clock.mark(stream)
+
+    def span(self, lane: str, kind: str, layer: str, start: Any, end: Any, clock: Any = None) -> None:
+        """Record the interval between two marks of ``clock`` (this timeline's by default)."""
+        if start is None or end is None:
+            return
+        self._pending.append((clock or self.clock, lane, kind, layer, start, end))
+        if len(self._pending) > 4096:  # bound what is held: take in what has completed, without waiting
+            self.resolve(block=False)
+
+    def resolve(self, block: bool = True) -> None:
+        """Turn recorded spans into intervals (``block``: wait for those still running on the device)."""
+        with self._lock:  # spans come from the copy threads too
+            while self._pending:
+                clock, lane, kind, layer, start, end = self._pending[0]
+                got = clock.resolve(start, end, block)
+                if got is None:
+                    return
+                self._pending.popleft()
+                self.add(lane, kind, layer, *got)
 
     def add(self, lane: str, kind: str, layer: str, start: float, end: float) -> None:
         self.events.append((lane, f"{kind} {layer}" if kind != "compute" else layer, start, end))
         sums = self.totals.setdefault(layer, {"copy": 0.0, "wait": 0.0, "compute": 0.0})
-        sums[kind] += end - start
+        sums["copy" if kind == "read" else kind] += end - start
 
-    def timed(self, layer: str, job):
-        """``job`` wrapped so that its run is recorded on the copy lane."""
-
-        def run() -> None:
-            start = time.perf_counter()
-            try:
-                job()
-            finally:
-                self.add("copy", "copy", layer, start, time.perf_counter())
-
-        return run
-
-    def timed_read(self, layer: str, read):
-        """``read(buffer)`` wrapped so that its run is recorded on the copy lane."""
-
-        def run(buffer) -> None:
-            self.timed(layer, lambda: read(buffer))()
-
-        return run
+    def timed(self, lane: str, kind: str, layer: str, job: Callable[[], Any]) -> Any:
+        """Run ``job`` now, on this thread, and record its host time."""
+        start = time.perf_counter()
+        try:
+            return job()
+        finally:
+            self.span(lane, kind, layer, start, time.perf_counter(), self.host)
 
     def trace(self, path: str | Path) -> None:
         """Write a Chrome / Perfetto trace (JSON, ``chrome://tracing`` or ui.perfetto.dev)."""
-        lanes = {"compute": 1, "copy": 2}
+        self.resolve()
+        lanes = {"compute": 1, "copy": 2, "read": 3}
         events: list[dict] = [
             {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}}
             for lane, tid in lanes.items()
         ]
+        origin = self.origin
         for lane, name, start, end in list(self.events):
             events.append({"name": name, "ph": "X", "pid": 1, "tid": lanes[lane], "cat": name.split()[0],
-                           "ts": (start - self.origin) * 1e6, "dur": (end - start) * 1e6})  # fmt: skip
+                           "ts": (start - origin) * 1e6, "dur": (end - start) * 1e6})  # fmt: skip
         Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 

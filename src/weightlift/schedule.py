@@ -91,15 +91,14 @@ class _Slot:
 class Prefetcher:
     """The run-time side of a `Schedule`: keeps every slot's content right, whatever order layers run in.
 
-    ``start(position, slot, after)`` begins an asynchronous copy (ordered after compute issued so far)
-    and returns a ticket; ``wait(ticket)`` makes compute wait for it; ``load_now(position, slot, after)``
-    copies in compute order, after the ticket ``after`` of a copy still in flight into that slot.
+    ``jobs[p]`` is the transfer of offloaded position ``p`` into its slot, run by ``engine`` (an
+    `engine.Engine`). After a layer runs, its slot is released (later copies into it wait for that
+    compute) and the copy ``step`` positions ahead starts.
     """
 
     schedule: Schedule
-    start: Callable[[int, int], Any]
-    wait: Callable[[Any], None]
-    load_now: Callable[[int, int, Any], None]
+    engine: Any
+    jobs: Sequence[Any]
     slots: list[_Slot] = field(default_factory=list)
     hits: int = 0
     misses: int = 0
@@ -123,26 +122,34 @@ class Prefetcher:
 
     def ensure(self, position: int) -> None:
         """Make ``position``'s slot hold its weights for compute issued from now on."""
-        slot = self.slots[self.schedule.slot_of[position]]
+        index = self.schedule.slot_of[position]
+        slot = self.slots[index]
         if slot.position != position:
             self.copies += 1
-            self.load_now(position, self.schedule.slot_of[position], slot.ticket)
+            self.engine.load_now(self.jobs[position], index, slot.ticket)
             slot.position, slot.ticket = position, None
         elif slot.ticket is not None:
-            self.wait(slot.ticket)
+            self.engine.wait(slot.ticket)
             slot.ticket = None
 
-    def after(self, position: int) -> None:
+    def after(self, position: int, every_slot: bool = False) -> None:
+        """``position`` has run: release its slot (``every_slot``: all slots, after all compute so far) and
+        start the copy ``step`` ahead."""
+        self.engine.release(None if every_slot else self.schedule.slot_of[position])
         if self.schedule.step:
             self._issue(self.schedule.ahead(position))
+
+    def aborted(self, position: int, every_slot: bool = False) -> None:
+        """The layer at ``position`` raised: what it issued may still read its slot; nothing is prefetched."""
+        self.engine.release(None if every_slot else self.schedule.slot_of[position])
 
     def contents(self) -> tuple[int | None, ...]:
         """Which position each slot holds or is receiving."""
         return tuple(slot.position for slot in self.slots)
 
-    def settle(self, synchronize: Callable[[], None]) -> None:
-        """Every copy in flight has landed (``synchronize`` waits for the engine): no ticket is left open."""
-        synchronize()
+    def settle(self) -> None:
+        """Every copy in flight has landed (the engine synchronises): no ticket is left open."""
+        self.engine.synchronize()
         for slot in self.slots:
             slot.ticket = None
 
@@ -151,11 +158,17 @@ class Prefetcher:
         for slot, position in zip(self.slots, contents):
             slot.position, slot.ticket = position, None
 
+    def refill(self, contents: Sequence[int | None]) -> None:
+        """Start the copies that make the slots hold ``contents`` again (positions, or None for any)."""
+        for position in contents:
+            if position is not None:
+                self._issue(position)
+
     def join(self) -> None:
         """Compute issued from now on waits for every copy in flight (the copy stream joins back)."""
         for slot in self.slots:
             if slot.ticket is not None:
-                self.wait(slot.ticket)
+                self.engine.wait(slot.ticket)
                 slot.ticket = None
 
     def _issue(self, position: int) -> None:
@@ -163,7 +176,7 @@ class Prefetcher:
         if slot.position == position:
             return  # already there or on its way
         slot.position = position
-        slot.ticket = self.start(position, self.schedule.slot_of[position])
+        slot.ticket = self.engine.start(self.jobs[position], self.schedule.slot_of[position])
         self.copies += 1
 
 
@@ -193,7 +206,10 @@ class MappedPrefetcher:
     def ensure(self, position: int) -> None:
         self.check()
 
-    def after(self, position: int) -> None:
+    def aborted(self, position: int, every_slot: bool = False) -> None:
+        self.release(position)
+
+    def after(self, position: int, every_slot: bool = False) -> None:
         self.release(position)
         if self.schedule.step:
             self.willneed(self.schedule.ahead(position))

@@ -3,18 +3,18 @@
 A layer's leaves (the plain tensors its parameters and buffers are made of, see `tensors.py`) are
 grouped by storage; each storage contributes the byte span its leaves cover (a "piece"), placed at an
 aligned offset. The same layout is used by the host master and by every device slot, so one layer
-moves as one copy when its master is a single slab.
+moves as one copy (or two, where its host master spans two arena blocks).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
 
-from .dtypes import storage_span
-from .engine import Job, copy_job
-from .pool import pinned_empty
+from .dtypes import leaf_span, storage_span
+from .pool import HostArena
 from .tensors import Parts, byte_view, typed_view
 
 ALIGN = 512  # slot offsets: the CUDA caching allocator's alignment, so kernels see the same alignment
@@ -57,6 +57,7 @@ class Layout:
     entries: list[Entry]
     sources: list[torch.Tensor] = field(default_factory=list)  # uint8 views of the original spans
     offsets: list[int] = field(default_factory=list)
+    piece_bytes: list[int] = field(default_factory=list)  # bytes of each piece
     nbytes: int = 0  # with alignment padding: what a slot needs
     data_bytes: int = 0  # bytes of weights in the layer, as stored (quantized stays quantized)
 
@@ -73,6 +74,7 @@ class Layout:
             span[0] -= span[0] % _SPAN_ALIGN
             layout.sources.append(byte_view(span[3], span[0], span[1]))
             layout.offsets.append(offset)
+            layout.piece_bytes.append(span[1] - span[0])
             offset = _align(offset + span[1] - span[0])
         layout.nbytes = offset
         layout.data_bytes = sum(s.numel() for s in layout.sources)
@@ -89,43 +91,83 @@ class HostMaster:
     """The true bytes of one offloaded layer in host RAM.
 
     Either the original leaves themselves (CPU target, weights already in RAM: nothing is allocated),
-    or one slab per layer holding the layout (pinned for accelerator targets), filled from the
-    originals, which the caller then releases.
+    or the layout copied into the handle's `HostArena` (pinned for accelerator targets), from the
+    originals, which the caller then releases. ``chunks`` are the arena ranges holding the layout: one,
+    or two where the layer spans two arena blocks.
     """
 
     layout: Layout
-    originals: dict[int, list[torch.Tensor]] | None  # id(entry) -> its original leaves, when no slab
-    slab: torch.Tensor | None
-    allocated: int  # host bytes this master allocated
+    originals: dict[int, list[torch.Tensor]] | None  # id(entry) -> its original leaves, when not copied
+    chunks: list[tuple[int, torch.Tensor]]  # (offset in the layout, uint8 host view)
 
     @classmethod
-    def build(cls, layout: Layout, *, pin: bool) -> HostMaster:
-        if not pin and all(s.device.type == "cpu" for s in layout.sources):
-            originals = {id(e): list(e.parts.leaves) for e in layout.entries}
-            return cls(layout, originals, None, 0)
-        slab, taken = pinned_empty(layout.nbytes, pin)
+    def in_place(cls, layout: Layout) -> HostMaster:
+        """The original leaves serve as the master (they are in RAM already, on a CPU target)."""
+        return cls(layout, {id(e): list(e.parts.leaves) for e in layout.entries}, [])
+
+    @classmethod
+    def copied(cls, layout: Layout, arena: HostArena) -> HostMaster:
+        master = cls(layout, None, arena.take(layout.nbytes))
         for source, offset in zip(layout.sources, layout.offsets):
-            slab[offset : offset + source.numel()].copy_(source)
-        return cls(layout, None, slab, taken)
+            for dst, src in master._spans(offset, source.numel()):
+                dst.copy_(source[src : src + dst.numel()])
+        return master
+
+    def _spans(self, offset: int, nbytes: int) -> list[tuple[torch.Tensor, int]]:
+        """The host views over layout bytes ``[offset, offset + nbytes)``, each with its start in that range."""
+        out = []
+        for begin, chunk in self.chunks:
+            lo, hi = max(offset, begin), min(offset + nbytes, begin + chunk.numel())
+            if lo < hi:
+                out.append((chunk[lo - begin : hi - begin], lo - offset))
+        return out
+
+    def _bytes(self, offset: int, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
+        """Layout bytes ``[offset, offset + nbytes)``: a view of the arena when they lie in one chunk and no
+        ``device`` is asked for, else a fresh uint8 tensor (on ``device``, in ordinary memory)."""
+        spans = self._spans(offset, nbytes)
+        if device is None and len(spans) == 1:
+            return spans[0][0]
+        out = torch.empty(nbytes, dtype=torch.uint8, device=device or "cpu")
+        for view, start in spans:
+            out[start : start + view.numel()].copy_(view)
+        return out
 
     def release_originals(self) -> None:
-        """Once the slab holds the bytes, drop our references so the original storages can be freed."""
-        if self.slab is not None:
+        """Once the arena holds the bytes, drop our references so the original storages can be freed."""
+        if self.originals is None:
             for e in self.layout.entries:
                 e.parts.leaves = []
             self.layout.sources = []
 
     def leaves(self, entry: Entry) -> list[torch.Tensor]:
-        """The true leaves of ``entry``, in host RAM."""
+        """The true leaves of ``entry``, in host RAM (views of the arena, or copies where they span two blocks)."""
         if self.originals is not None:
             return self.originals[id(entry)]
-        return entry.views(self.slab)
+        out = []
+        for offset, spec in zip(entry.offsets, entry.specs):
+            span = leaf_span(spec)
+            begin = offset - offset % _SPAN_ALIGN
+            out.append(typed_view(self._bytes(begin, offset - begin + span), offset - begin, spec))
+        return out
 
-    def job(self, slot: torch.Tensor, device: torch.device) -> Job:
-        return copy_job(self.pairs(slot), device)
+    def restored(self, entry: Entry, device: torch.device) -> list[torch.Tensor]:
+        """New leaves of ``entry`` on ``device``, in ordinary memory: one storage per original storage of the
+        layer (leaves that shared one share one again), as they were before offloading."""
+        if self.originals is not None:
+            return [leaf.to(device) for leaf in self.originals[id(entry)]]
+        out = []
+        for offset, spec in zip(entry.offsets, entry.specs):
+            piece = bisect.bisect_right(self.layout.offsets, offset) - 1
+            out.append((piece, offset - self.layout.offsets[piece], spec))
+        storages = {}
+        for piece, _, _ in out:
+            if piece not in storages:
+                storages[piece] = self._bytes(self.layout.offsets[piece], self.layout.piece_bytes[piece], device)
+        return [typed_view(storages[piece], rel, spec) for piece, rel, spec in out]
 
     def pairs(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(dst, src) byte pairs that copy this layer into ``slot``: one pair when there is a slab."""
-        if self.slab is not None:
-            return [(slot[: self.layout.nbytes], self.slab)]
+        """(dst, src) byte pairs that copy this layer into ``slot``: one per arena chunk."""
+        if self.originals is None:
+            return [(slot[o : o + c.numel()], c) for o, c in self.chunks]
         return [(slot[o : o + p.numel()], p) for o, p in zip(self.layout.offsets, self.layout.sources)]
