@@ -49,10 +49,11 @@ def test_disk_equals_resident(tmp_path, family, group, num, step, mapped):
         out = run(model, ids)
         report = handle.report()
         state = model.state_dict()
+        slots = len(set(handle.prefetcher.schedule.slot_of))
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert report.source == str(_cache_file(tmp_path)) + (" (mapped)" if mapped else "") and report.host_bytes == 0
     # mapped: no pool is allocated, a layer's pages are held only while it runs (one slot's worth)
-    assert report.slots == (1 if mapped else len(set(handle.prefetcher.schedule.slot_of)))
+    assert report.slots == (1 if mapped else slots)
     assert report.prefetch_misses == 0
     assert all(torch.equal(state[k], v) for k, v in expected.items())
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # restored from disk
@@ -354,10 +355,9 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path, mapped):
 @pytest.mark.parametrize("source", ["disk", "checkpoint"])
 @pytest.mark.parametrize("budget_slabs", [None, 1])
 def test_staging_ring_path_on_cpu(tmp_path, monkeypatch, source, budget_slabs):
-    """The accelerator path (disk -> staging ring -> slot), exercised on the CPU by forcing it."""
-    import weightlift.apply as apply_module
+    """The accelerator path (disk -> staging ring -> slot), on the CPU through the simulated device."""
+    import simdevice
 
-    monkeypatch.setattr(apply_module, "_stages", lambda device: True)
     model = tiny("llama")
     ids = prompt()
     ref = run(model, ids)
@@ -367,10 +367,14 @@ def test_staging_ring_path_on_cpu(tmp_path, monkeypatch, source, budget_slabs):
         slot = handle.report().slot_bytes
     budget = None if budget_slabs is None else budget_slabs * slot + 100
     config = OffloadConfig(source=source, disk_path=str(tmp_path), prefetch_step=2, host_budget=budget)
+    sim = simdevice.install(monkeypatch)
     with weightlift.offload(model, device="cpu", config=config) as handle:
+        sim.watch(handle)
         out = run(model, ids)
         report = handle.report()
         assert len(handle.ring.slabs) == (budget_slabs or 2)
+    sim.assert_clean()
+    sim.close()
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     assert report.prefetch_misses == 0
     assert report.host_bytes == (budget_slabs or 2) * report.slot_bytes  # the ring, nothing else
@@ -378,8 +382,8 @@ def test_staging_ring_path_on_cpu(tmp_path, monkeypatch, source, budget_slabs):
 
 
 def test_staging_ring_below_one_slab_states_the_minimum(tmp_path, monkeypatch):
-    import weightlift.apply as apply_module
+    import simdevice
 
-    monkeypatch.setattr(apply_module, "_stages", lambda device: True)
+    simdevice.install(monkeypatch).close()  # offload takes the accelerator path, refused before any copy
     with pytest.raises(OffloadError, match=r"below the 148480 bytes of one staging slab"):
         weightlift.offload(tiny("llama"), device="cpu", config=_disk(tmp_path, host_budget=10_000_000 // 100))

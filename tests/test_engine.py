@@ -14,7 +14,6 @@ from weightlift.engine import ThreadEngine, Transfer
 from weightlift.report import Timeline
 
 
-
 @pytest.mark.parametrize("group,num,step", [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (3, 2, 2)])
 def test_copy_of_k_plus_step_is_issued_before_layer_k_plus_1_starts(group, num, step):
     model = tiny("llama", layers=7)

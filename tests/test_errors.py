@@ -198,7 +198,7 @@ def test_failure_during_setup_rolls_back(monkeypatch):
     def fail(*args, **kwargs):
         raise MemoryError("simulated allocation failure")
 
-    monkeypatch.setattr(apply_module, "make_engine", fail)
+    monkeypatch.setattr(apply_module, "ThreadEngine", fail)
     with pytest.raises(MemoryError):
         weightlift.offload(model, device="cpu")
     assert_same(model, snap, same_storage=True)

@@ -30,8 +30,11 @@ def test_vllm_rule_would_collide_where_ours_does_not():
 
 
 class Recorder:
+    """An engine that records what it is asked; a job is its position."""
+
     def __init__(self):
         self.log = []
+        self.released = []
 
     def start(self, p, s):
         self.log.append(("start", p, s))
@@ -43,10 +46,13 @@ class Recorder:
     def load_now(self, p, s, after):
         self.log.append(("sync", p, s, after))
 
+    def release(self, s):
+        self.released.append(s)
+
 
 def _prefetcher(n, step):
     rec = Recorder()
-    pf = Prefetcher(make_schedule(range(n), step), rec.start, rec.wait, rec.load_now)
+    pf = Prefetcher(make_schedule(range(n), step), rec, list(range(n)))
     pf.prime()
     return pf, rec
 
@@ -63,6 +69,17 @@ def test_in_order_run_hits_every_layer_and_prefetches_step_ahead():
     # slots are [0, 1, 2, 0, 1]: position 2 has slot 2 to itself, so after its first load it stays there
     assert make_schedule(range(5), 2).slot_of == (0, 1, 2, 0, 1)
     assert starts == [0, 1, 2, 3, 4, 0, 1, 3, 4, 0, 1, 3, 4, 0, 1]
+    assert rec.released == [0, 1, 2, 0, 1] * 3  # each layer's slot, released after it ran
+
+
+def test_every_slot_is_released_at_once_when_asked_and_on_an_abort():
+    pf, rec = _prefetcher(5, 2)
+    pf.before(0)
+    pf.after(0, every_slot=True)
+    pf.before(1)
+    pf.aborted(1)
+    assert rec.released == [None, 1]
+    assert [e for e in rec.log if e[0] == "start"][-1] == ("start", 2, 2)  # after(0) prefetched; aborted(1) not
 
 
 def test_a_layer_run_twice_is_loaded_synchronously_after_the_copy_in_flight():

@@ -325,7 +325,8 @@ def offload(
         handle.resident_bytes = _unique_bytes(counted)
         copied = streams is not None or any(s.device.type != "cpu" for lay in layouts.values() for s in lay.sources)
         if cache is None and copied:  # masters in host memory of their own (pinned for an accelerator)
-            handle.arena = HostArena(sum(layouts[i].nbytes for i in schedule.offloaded), streams is not None)
+            pin = streams is not None and streams.pin
+            handle.arena = HostArena(sum(layouts[i].nbytes for i in schedule.offloaded), pin)
         for position, index in enumerate(schedule.offloaded):
             if cache is not None:
                 master = DiskMaster(layouts[index], cache, index)

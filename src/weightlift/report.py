@@ -140,7 +140,12 @@ class Timeline:
         """Record the interval between two marks of ``clock`` (this timeline's by default)."""
         if start is None or end is None:
             return
-        self._pending.append((clock or self.clock, lane, kind, layer, start, end))
+        clock = clock or self.clock
+        if isinstance(clock, HostClock):  # nothing to read back
+            with self._lock:
+                self.add(lane, kind, layer, start, end)
+            return
+        self._pending.append((clock, lane, kind, layer, start, end))
         if len(self._pending) > 4096:  # bound what is held: take in what has completed, without waiting
             self.resolve(block=False)
 

@@ -1,0 +1,363 @@
+"""A simulated accelerator for the ordering checker: weightlift's accelerator engines run their own code
+on the CPU against it, through the `weightlift.streams.Streams` seam.
+
+- Every stream is a worker thread running its operations later, in order (copies after an injected
+  delay; the compute stream lags: a layer's end is seen by it some time after the host ran the layer).
+  Events complete when their stream reaches them; ``wait`` blocks a stream (never the host) until the
+  event's latest record at the time of the call has completed. A logical clock ticks at every
+  operation's start and end.
+- The host runs a layer's real compute when the compute stream has reached the layer (the checker's
+  pre-hook waits for it, as a kernel waits for the work before it in its stream), so real bytes are read
+  exactly where the device would read them.
+- The checker labels buffers with the offloaded position whose weights they hold: each host master,
+  staging slabs as the reader fills them, slots as copies land (a copy takes its source's label when it
+  runs). It records each slot read by a layer (from the compute stream reaching the layer to it seeing
+  the layer's end) and each write into a slot or slab, and reports a hazard when a layer reads a slot
+  that does not hold its weights or is being written, when a slot is written while a layer reads it, and
+  when a staging slab is refilled while a copy reads it.
+- Graph capture records the operations; a replay issues them again on fresh internal streams and
+  events (its copies race eager copies exactly as a real graph's would); a reset graph refuses replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import weightlift.apply
+from weightlift.disk import DiskMaster
+
+
+class SimEvent:
+    def __init__(self, sim: SimDevice, timing: bool) -> None:
+        self.sim, self.timing = sim, timing
+        self.recorded = 0  # records issued
+        self.completed = 0  # records reached by their stream
+        self.time = 0.0  # wall time of the latest completed record
+        self.tick = 0
+
+    def _complete(self, generation: int) -> None:
+        with self.sim.cond:
+            self.completed = max(self.completed, generation)
+            self.time, self.tick = time.perf_counter(), self.sim.tick()
+            self.sim.cond.notify_all()
+
+    def _wait_for(self, generation: int) -> None:
+        with self.sim.cond:
+            while self.completed < generation:
+                self.sim.cond.wait()
+
+
+class SimStream:
+    """A worker running operations in order; ``gate`` can be cleared to hold it."""
+
+    def __init__(self, sim: SimDevice, name: str, delay: float) -> None:
+        self.sim, self.name, self.delay = sim, name, delay
+        self.gate = threading.Event()
+        self.gate.set()
+        self._ops: queue.Queue = queue.Queue()
+        self._issued = 0
+        self._done = 0
+        self._thread = threading.Thread(target=self._run, name=f"sim-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, op) -> None:
+        with self.sim.cond:
+            self._issued += 1
+        self._ops.put(op)
+
+    def _run(self) -> None:
+        while True:
+            op = self._ops.get()
+            if op is None:
+                return
+            self.gate.wait()
+            try:
+                op()
+            except Exception as err:  # a broken operation is a finding, never a hung worker
+                self.sim.hazard(f"{self.name}: operation failed: {err!r}")
+            with self.sim.cond:
+                self._done += 1
+                self.sim.cond.notify_all()
+
+    def drain(self) -> None:
+        """The host waits for everything issued to this stream so far."""
+        with self.sim.cond:
+            target = self._issued
+            while self._done < target:
+                self.sim.cond.wait()
+
+    def stop(self) -> None:
+        self.gate.set()
+        self._ops.put(None)
+
+
+@dataclass
+class SimGraph:
+    """What a capture recorded: ``(kind, args)`` operations in issue order."""
+
+    ops: list[tuple] = field(default_factory=list)
+    stream: Any = None  # the capture stream
+    valid: bool = False
+
+    def reset(self) -> None:
+        self.ops, self.valid = [], False
+
+
+class SimDevice:
+    """`weightlift.streams.Streams` on simulated streams, with the ordering checker built in."""
+
+    pin = False
+    can_capture = True
+
+    def __init__(self, copy_delay: float = 0.002, compute_lag: float = 0.001) -> None:
+        self.cond = threading.Condition()
+        self.copy_delay, self.compute_lag = copy_delay, compute_lag
+        self.compute = SimStream(self, "compute", 0.0)
+        self.streams: list[SimStream] = [self.compute]
+        self.hazards: list[str] = []
+        self.counts: dict[str, int] = defaultdict(int)
+        self._clock = itertools.count(1)
+        self._graph: SimGraph | None = None  # capturing into it
+        self._capture_stream: SimStream | None = None
+        # the checker's picture, by storage address: label[storage] = {byte offset: what landed there},
+        # readers and writers in progress
+        self.label: dict[int, dict[int, Any]] = defaultdict(dict)
+        self.reading: dict[int, int] = defaultdict(int)
+        self.writing: dict[int, int] = defaultdict(int)
+        self.filled: set[int] = set()  # staging slabs
+        self.needs: dict[int, dict[int, Any]] = {}  # position -> the labels its slot must hold
+        self.names: dict[int, str] = {}
+        self.log: list[tuple[int, str, int, Any]] = []  # (tick, copy/copied/read/read_end, storage, what)
+
+    # ---------------------------------------------------------------- Streams
+    def tick(self) -> int:
+        return next(self._clock)
+
+    def new_stream(self) -> SimStream:
+        stream = SimStream(self, f"copy{len(self.streams)}", self.copy_delay)
+        self.streams.append(stream)
+        return stream
+
+    def current_stream(self) -> SimStream:
+        return self._capture_stream if self._graph is not None else self.compute
+
+    def new_event(self, timing: bool = False) -> SimEvent:
+        return SimEvent(self, timing)
+
+    def _issue(self, kind: str, *args: Any) -> None:
+        with self.cond:
+            self._issue_locked(kind, *args)
+
+    def _issue_locked(self, kind: str, *args: Any) -> None:
+        if self._graph is not None:
+            self._graph.ops.append((kind, *args))
+            return
+        self.counts[kind] += 1
+        if kind == "record":
+            event, stream = args
+            event.recorded += 1
+            generation = event.recorded
+            stream.put(lambda: event._complete(generation))
+        elif kind == "wait":
+            stream, event = args
+            generation = event.recorded  # the latest record when the wait is issued
+            stream.put(lambda: event._wait_for(generation))
+        elif kind == "copy":
+            dst, src, stream = args
+            stream.put(lambda: self._copy(dst, src, stream))
+        elif kind == "read":
+            position, key, stream = args
+            stream.put(lambda: self._read_start(position, key))
+        elif kind == "read_end":
+            position, key, stream = args
+            stream.put(lambda: self._read_end(key, position))
+        else:
+            raise AssertionError(kind)
+
+    def record(self, event: SimEvent, stream: SimStream) -> None:
+        self._issue("record", event, stream)
+
+    def wait(self, stream: SimStream, event: SimEvent) -> None:
+        self._issue("wait", stream, event)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimStream) -> None:
+        self._issue("copy", dst, src, stream)
+
+    def sync_event(self, event: SimEvent) -> None:
+        assert self._graph is None, "host synchronisation inside a capture"
+        event._wait_for(event.recorded)
+
+    def sync_stream(self, stream: SimStream) -> None:
+        assert self._graph is None, "host synchronisation inside a capture"
+        stream.drain()
+
+    def done(self, event: SimEvent) -> bool:
+        return event.completed >= event.recorded
+
+    def elapsed(self, start: SimEvent, end: SimEvent) -> float:
+        assert start.timing and end.timing and self.done(start) and self.done(end)
+        return end.time - start.time
+
+    @contextlib.contextmanager
+    def capture(self, graph: SimGraph, **kwargs: Any) -> Iterator[None]:
+        self.compute.drain()
+        self._capture_stream = graph.stream = SimStream(self, "capture", 0.0)  # replays map it to theirs
+        self.streams.append(graph.stream)
+        graph.ops = []
+        self._graph = graph
+        try:
+            yield
+        finally:
+            self._graph = None
+        graph.valid = True
+
+    def capturing(self) -> bool:
+        return self._graph is not None
+
+    def replay(self, graph: SimGraph) -> None:
+        """Issue the recorded operations again, on this (the compute) stream and fresh internal streams."""
+        if not graph.valid:
+            raise RuntimeError("Called CUDAGraph::replay without a preceding successful capture.")
+        streams: dict[int, SimStream] = {}
+        events: dict[int, SimEvent] = {}
+
+        def stream_of(s: SimStream) -> SimStream:
+            if s is graph.stream:
+                return self.compute
+            if id(s) not in streams:
+                streams[id(s)] = self.new_stream()
+            return streams[id(s)]
+
+        def event_of(e: SimEvent) -> SimEvent:
+            return events.setdefault(id(e), SimEvent(self, False))
+
+        for kind, *args in graph.ops:
+            mapped = [stream_of(a) if isinstance(a, SimStream) else event_of(a) if isinstance(a, SimEvent) else a
+                      for a in args]  # fmt: skip
+            self._issue(kind, *mapped)
+        self.counts["replays"] += 1
+
+    def synchronize(self) -> None:
+        for stream in list(self.streams):
+            stream.drain()
+
+    def close(self) -> None:
+        self.synchronize()
+        for stream in self.streams:
+            stream.stop()
+
+    # ---------------------------------------------------------------- the checker
+    def hazard(self, what: str) -> None:
+        with self.cond:
+            self.hazards.append(f"t={self.tick()}: {what}")
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimStream) -> None:
+        dkey, skey = dst.untyped_storage().data_ptr(), src.untyped_storage().data_ptr()
+        offset = dst.data_ptr() - dkey
+        with self.cond:
+            if skey in self.filled:  # a staging slab: it holds what the reader last put there
+                label = self.label[skey].get(0)
+                if self.writing[skey]:
+                    self.hazards.append(f"t={self.tick()}: copy out of a staging slab while it is being filled")
+            else:  # a host master: its bytes never change
+                label = ("host", src.data_ptr())
+            self.reading[skey] += 1
+            if self.reading[dkey]:
+                self.hazards.append(f"t={self.tick()}: {self._name(dkey)} overwritten while a layer reads it")
+            self.writing[dkey] += 1
+            self.log.append((self.tick(), "copy", dkey, label))
+        time.sleep(stream.delay)
+        dst.copy_(src)
+        with self.cond:
+            self.reading[skey] -= 1
+            self.writing[dkey] -= 1
+            self.label[dkey][offset] = label
+            self.counts["copies"] += 1
+            self.log.append((self.tick(), "copied", dkey, label))
+
+    def _read_start(self, position: int, key: int) -> None:
+        with self.cond:
+            held = {o: self.label[key].get(o) for o in self.needs[position]}
+            if held != self.needs[position]:
+                self.hazards.append(f"t={self.tick()}: position {position} read {self._name(key)} holding "
+                                    f"{sorted(map(str, held.values()))}, not its weights")  # fmt: skip
+            if self.writing[key]:
+                self.hazards.append(f"t={self.tick()}: position {position} read {self._name(key)} while it is written")
+            self.reading[key] += 1
+            self.counts["reads"] += 1
+            self.log.append((self.tick(), "read", key, position))
+
+    def _read_end(self, key: int, position: int) -> None:
+        time.sleep(self.compute_lag)
+        with self.cond:
+            self.reading[key] -= 1
+            self.log.append((self.tick(), "read_end", key, position))
+
+    def _name(self, key: int) -> str:
+        return self.names.get(key, f"buffer {key:#x}")
+
+    def fill(self, slab: torch.Tensor, index: int, read) -> None:
+        """A reader fills a staging slab with stack layer ``index``'s bytes (a host write, checked)."""
+        key = slab.untyped_storage().data_ptr()
+        with self.cond:
+            self.filled.add(key)
+            if self.reading[key]:
+                self.hazards.append(f"t={self.tick()}: a staging slab refilled while a copy reads it")
+            self.writing[key] += 1
+        try:
+            read(slab)
+        finally:
+            with self.cond:
+                self.writing[key] -= 1
+                self.label[key] = {0: ("disk", index)}
+                if self.reading[key]:
+                    self.hazards.append(f"t={self.tick()}: a staging slab copied out while being refilled")
+
+    def watch(self, handle) -> None:
+        """Learn what ``handle``'s layers must find in their slots, and follow their reads."""
+        schedule = handle.prefetcher.schedule
+        for i, s in enumerate(handle.pool.slots):
+            self.names[s.untyped_storage().data_ptr()] = f"slot {i}"
+        for position, layer in enumerate(handle.layers):
+            slot = handle.pool.slots[schedule.slot_of[position]]
+            base = slot.untyped_storage().data_ptr()
+            if isinstance(layer.master, DiskMaster):
+                self.needs[position] = {slot.data_ptr() - base: ("disk", layer.index)}
+            else:
+                pairs = layer.master.pairs(slot)
+                self.needs[position] = {d.data_ptr() - base: ("host", s.data_ptr()) for d, s in pairs}
+
+            def enter(module, args, position=position, key=base):
+                self._issue("read", position, key, self.current_stream())
+                if self._graph is None:
+                    self.compute.drain()  # the host computes where the stream has got to
+
+            def leave(module, args, output, position=position, key=base):
+                self._issue("read_end", position, key, self.current_stream())
+
+            layer.module.register_forward_pre_hook(enter)  # runs after weightlift's wait
+            layer.module.register_forward_hook(leave, prepend=True, always_call=True)
+
+    def assert_clean(self) -> None:
+        self.synchronize()
+        assert not self.hazards, "\n".join(self.hazards[:20])
+
+
+def install(monkeypatch, **delays: float) -> SimDevice:
+    """Make `weightlift.offload` drive ``device="cpu"`` through the accelerator engines on a `SimDevice`."""
+    sim = SimDevice(**delays)
+    monkeypatch.setattr(weightlift.apply, "streams_for", lambda device: sim)
+    read = DiskMaster.read
+    monkeypatch.setattr(DiskMaster, "read", lambda master, buffer: sim.fill(buffer, master.index,
+                                                                            lambda b: read(master, b)))  # fmt: skip
+    return sim
