@@ -137,6 +137,7 @@ class SimDevice:
         self.filled: set[int] = set()  # staging slabs
         self.needs: dict[int, dict[int, Any]] = {}  # position -> the labels its slot must hold
         self.names: dict[int, str] = {}
+        self.hooks: list = []  # the checker's hooks on watched layers
         self.log: list[tuple[int, str, int, Any]] = []  # (tick, copy/copied/read/read_end, storage, what)
 
     # ---------------------------------------------------------------- Streams
@@ -253,6 +254,8 @@ class SimDevice:
 
     def close(self) -> None:
         self.synchronize()
+        for hook in self.hooks:  # the model runs without the checker from now on
+            hook.remove()
         for stream in self.streams:
             stream.stop()
 
@@ -345,8 +348,10 @@ class SimDevice:
             def leave(module, args, output, position=position, key=base):
                 self._issue("read_end", position, key, self.current_stream())
 
-            layer.module.register_forward_pre_hook(enter)  # runs after weightlift's wait
-            layer.module.register_forward_hook(leave, prepend=True, always_call=True)
+            self.hooks += [
+                layer.module.register_forward_pre_hook(enter),  # runs after weightlift's wait
+                layer.module.register_forward_hook(leave, prepend=True, always_call=True),
+            ]
 
     def assert_clean(self) -> None:
         self.synchronize()

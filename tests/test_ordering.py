@@ -158,6 +158,43 @@ def test_remove_while_copies_are_in_flight_frees_everything(sim):
     assert_same(model, snap)
 
 
+def test_remove_frees_the_staging_ring_and_pool_of_the_disk_tier(sim, tmp_path):
+    model = _stack()
+    x = torch.randn(4, 32)
+    (ref,) = _forwards(model, x)
+    handle = _offload(sim, model, source="disk", disk_path=str(tmp_path), prefetch_step=2)
+    (out,) = _forwards(model, x)
+    freed = [weakref.ref(t) for t in (*handle.pool.slots, *handle.ring.slabs)]
+    gc.disable()
+    try:
+        handle.remove()
+        del handle
+        assert [r() for r in freed] == [None] * len(freed)
+    finally:
+        gc.enable()
+    sim.assert_clean()
+    assert torch.equal(out, ref)
+
+
+def test_a_restored_model_has_one_ordinary_storage_per_tensor(sim, tmp_path):
+    """Masters on the accelerator path live in host arenas; `remove()` gives each tensor its own memory
+    again, so nothing stays page-locked and the model saves as any model does."""
+    from safetensors.torch import save_file
+
+    model = tiny("llama")
+    snap = snapshot(model)
+    with _offload(sim, model, prefetch_step=2) as handle:
+        run(model, prompt(), new_tokens=2)
+        arena = {b.untyped_storage().data_ptr() for b in handle.arena.blocks}
+    sim.assert_clean()
+    assert_same(model, snap)
+    tensors = [*model.parameters(), *model.buffers()]
+    storages = [t.untyped_storage().data_ptr() for t in tensors]
+    assert len(set(storages)) == len(storages) and not set(storages) & arena
+    assert not any(t.is_pinned() for t in tensors)
+    save_file(model.state_dict(), str(tmp_path / "restored.safetensors"))  # refuses tensors sharing memory
+
+
 # ------------------------------------------------------------------ graphs (simulated capture and replay)
 
 
