@@ -115,6 +115,11 @@ def test_disk_tier_frees_the_original_weights_while_the_handle_lives(tmp_path, f
             assert handle.report().layers_offloaded == 3
             alive = [i for i, r in enumerate(storages) if not r.expired()]
             assert alive == [], f"{len(alive)} of {len(storages)} original storages still held"
+            # nor the tensor objects: a subclass's inner tensors are its leaves, not entries of their own
+            qualnames = [e.qualname for layer in handle.layers for e in layer.master.layout.entries]
+            inner = [q for q in qualnames if q.rpartition(".")[0] in qualnames]
+            assert inner == [], f"inner tensors offloaded beside their subclass: {inner[:4]}"
+            assert sum(r() is not None for r in tensors) == 0
             out = run(model, ids, new_tokens=4)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
         _assert_bitwise(model, snap)  # restored from the cache, bitwise

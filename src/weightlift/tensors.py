@@ -128,9 +128,11 @@ def attribute_tensors(obj: object, depth: int = 3) -> list[tuple[str, torch.Tens
     """Plain tensors that ``obj`` (a module or a tensor) holds outside parameters and buffers.
 
     Walks public attributes (and ``meta``-style dicts, and plain state objects such as a QuantState or a
-    MatmulLtState) up to ``depth`` levels, never into modules, parameters or buffers. Returns
-    ``(dotted path, tensor)`` pairs; each tensor is swapped in place with ``.data =``, so every holder of
-    the same object sees the new memory.
+    MatmulLtState) up to ``depth`` levels, never into modules, parameters or buffers, nor into the inner
+    tensors a traceable wrapper subclass names in ``__tensor_flatten__`` (they are its leaves already: an
+    entry of their own would keep the original objects alive after the subclass is rebuilt around new
+    leaves). Returns ``(dotted path, tensor)`` pairs; each tensor is swapped in place with ``.data =``, so
+    every holder of the same object sees the new memory.
     """
     found: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()
@@ -158,7 +160,8 @@ def attribute_tensors(obj: object, depth: int = 3) -> list[tuple[str, torch.Tens
         skip = {*obj._parameters, *obj._buffers, *obj._modules}
         roots = [(k, v) for k, v in vars(obj).items() if not k.startswith("_") and k not in skip]
     else:
-        roots = list(getattr(obj, "__dict__", {}).items())
+        inner = set(obj.__tensor_flatten__()[0]) if is_traceable_wrapper_subclass(obj) else set()
+        roots = [(k, v) for k, v in getattr(obj, "__dict__", {}).items() if k not in inner]
     seen.add(id(obj))
     for key, value in roots:
         walk(value, key, 1)
