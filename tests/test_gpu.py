@@ -146,6 +146,36 @@ def test_gpu_model_already_on_the_device_streams_from_disk(tmp_path, source):
         assert_same(model, snap)
 
 
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_gpu_quantized_model_on_the_device_frees_its_original_weights(tmp_path, source):
+    """torchao int8 weights already on the accelerator: once offloaded, their original device storages are
+    freed (checked with gc off, see test_leaks.py), so device memory is the resident part plus the pool."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from test_leaks import _no_gc, _watch
+
+    dev = _device()
+    model = tiny("llama").to(dev).to(torch.bfloat16)
+    quantize_(model.model.layers, Int8WeightOnlyConfig())
+    ids = prompt().to(dev)
+    ref = run(model, ids)
+    tensors, storages = _watch(model.model.layers)
+    torch.accelerator.synchronize()
+    full = torch.accelerator.memory_allocated(dev)
+    extra = {"source": "disk", "disk_path": str(tmp_path)} if source == "disk" else {}
+    with _no_gc(), weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2, **extra)) as handle:
+        torch.accelerator.synchronize()
+        held = torch.accelerator.memory_allocated(dev)
+        report = handle.report()
+        assert [r.expired() for r in storages] == [True] * len(storages)
+        assert all(r() is None for r in tensors)
+        assert report.pool_bytes < report.offloaded_bytes  # 3 slots for 5 layers
+        assert held <= full - report.offloaded_bytes + report.pool_bytes  # the allocator rounds freed blocks up
+        out = run(model, ids)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def _cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need CUDA")
