@@ -454,11 +454,11 @@ def test_the_on_device_stand_in_refuses_what_a_device_tensor_refuses(on_device):
 @pytest.mark.parametrize(
     "t",
     [torch.arange(10, dtype=torch.uint8), torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4, 3).t(),
-     torch.tensor(2.5, dtype=torch.float64), torch.zeros(0, dtype=torch.int32)],
-    ids=["uint8", "bf16", "transposed", "0-dim", "empty"],
+     torch.tensor(2.5, dtype=torch.float64), torch.zeros(0, dtype=torch.int32), torch.randn(5, requires_grad=True)],
+    ids=["uint8", "bf16", "transposed", "0-dim", "empty", "requires-grad"],
 )  # fmt: skip
 def test_host_bytes_of_device_tensors_go_through_a_host_copy(on_device, t):
-    want = t.contiguous().reshape(-1).view(torch.uint8)
+    want = t.detach().contiguous().reshape(-1).view(torch.uint8)
     assert bytes(disk.host_bytes(t)) == bytes(want.numpy())
     assert bytes(disk.host_bytes(on_device(t))) == bytes(want.numpy())
     assert len(on_device.host_copies) == 1  # only the device tensor was copied, once

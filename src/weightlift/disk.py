@@ -67,7 +67,7 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
     accelerator memory comes over with ``.to("cpu")``). Every reader of a model's bytes goes through here."""
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
-    flat = tensor.contiguous().reshape(-1)
+    flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
