@@ -214,3 +214,32 @@ def test_load_streaming_peak_rss_stays_near_resident_plus_budget(tmp_path):
     print(
         f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} MiB"
     )
+
+
+def test_weights_in_device_memory_are_compared_with_the_checkpoint_on_the_cpu(tmp_path):
+    """A model already on an accelerator: each weight comes to the host to be compared with the file's bytes
+    (a comparison across devices would raise), and a weight that differs is still caught."""
+    from test_disk import OnDevice, _layer_layouts
+    from weightlift.checkpoint import CheckpointFiles
+
+    model = tiny("llama", layers=3)
+    model.save_pretrained(tmp_path)
+    layouts = _layer_layouts(model)
+    names = [f"model.layers.{i}" for i in layouts]
+    OnDevice.host_copies, OnDevice.most_alive = [], 0
+    checkpoint = CheckpointFiles.open(tmp_path, names, layouts)
+    try:
+        entries = [e for layout in layouts.values() for e in layout.entries]
+        for e in entries:
+            e.parts.leaves = [OnDevice(leaf) for leaf in e.parts.leaves]
+        checkpoint.check_equal(layouts)
+        assert len(OnDevice.host_copies) == len(entries)  # each weight once,
+        assert OnDevice.most_alive == 1  # one at a time
+        changed = layouts[1].entries[0]
+        (leaf,) = changed.parts.leaves
+        changed.parts.leaves = [OnDevice(leaf.elem + 1)]
+        with pytest.raises(OffloadError, match=f"`{changed.qualname}` of layer 1 differs from the checkpoint"):
+            checkpoint.check_equal(layouts)
+    finally:
+        checkpoint.close()
+        OnDevice.host_copies, OnDevice.most_alive = [], 0

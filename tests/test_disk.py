@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -387,3 +388,112 @@ def test_staging_ring_below_one_slab_states_the_minimum(tmp_path, monkeypatch):
     simdevice.install(monkeypatch).close()  # offload takes the accelerator path, refused before any copy
     with pytest.raises(OffloadError, match=r"below the 148480 bytes of one staging slab"):
         weightlift.offload(tiny("llama"), device="cpu", config=_disk(tmp_path, host_budget=10_000_000 // 100))
+
+
+class OnDevice(torch.Tensor):
+    """Stands in, on a CPU-only machine, for a tensor in accelerator memory: it says it is on ``cuda:0`` and
+    holds real bytes (``elem``) that every operation on it alone runs on, giving another `OnDevice`, like a
+    kernel on the device. What a device tensor refuses, it refuses: mixing it with CPU tensors (a device
+    mismatch) and ``.numpy()`` (torch refuses that for any subclass). Its bytes reach the host only by
+    ``.to("cpu")`` (or ``.cpu()``), and each such host copy is recorded in ``host_copies`` (storage weakrefs),
+    so a test can tell how many of them are alive at a time."""
+
+    host_copies: ClassVar[list] = []
+    most_alive: ClassVar[int] = 0
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
+            device="cuda:0",
+        )  # fmt: skip
+
+    def __init__(self, elem: torch.Tensor) -> None:
+        self.elem = elem
+
+    def __repr__(self) -> str:
+        return f"OnDevice({self.elem!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_leaves, tree_map
+
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and torch.device(kwargs.get("device") or "cuda").type == "cpu":
+            out = func(args[0].elem, **kwargs)
+            live = sum(not r.expired() for r in OnDevice.host_copies)
+            OnDevice.host_copies.append(StorageWeakRef(out.untyped_storage()))
+            OnDevice.most_alive = max(OnDevice.most_alive, live + 1)
+            return out
+        if any(type(t) is torch.Tensor for t in tree_leaves((args, kwargs))):
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"cuda:0 and cpu! ({func})")  # fmt: skip
+        args, kwargs = tree_map(lambda t: t.elem if isinstance(t, OnDevice) else t, (args, kwargs))
+        out = func(*args, **kwargs)
+        return tree_map(lambda t: OnDevice(t) if type(t) is torch.Tensor else t, out)
+
+
+@pytest.fixture
+def on_device():
+    OnDevice.host_copies, OnDevice.most_alive = [], 0
+    yield OnDevice
+    OnDevice.host_copies, OnDevice.most_alive = [], 0
+
+
+def test_the_on_device_stand_in_refuses_what_a_device_tensor_refuses(on_device):
+    x = on_device(torch.arange(6, dtype=torch.float32))
+    assert x.is_cuda and x.device == torch.device("cuda", 0) and not x.is_cpu
+    with pytest.raises(RuntimeError):
+        x.numpy()
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.equal(x, torch.arange(6, dtype=torch.float32))
+    y = x.reshape(2, 3).view(torch.uint8)  # views and kernels stay on the "device"
+    assert type(y) is on_device and y.device == x.device
+    host = x.to("cpu")
+    assert type(host) is torch.Tensor and torch.equal(host, torch.arange(6, dtype=torch.float32))
+    assert len(on_device.host_copies) == 1
+
+
+@pytest.mark.parametrize(
+    "t",
+    [torch.arange(10, dtype=torch.uint8), torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4, 3).t(),
+     torch.tensor(2.5, dtype=torch.float64), torch.zeros(0, dtype=torch.int32), torch.randn(5, requires_grad=True)],
+    ids=["uint8", "bf16", "transposed", "0-dim", "empty", "requires-grad"],
+)  # fmt: skip
+def test_host_bytes_of_device_tensors_go_through_a_host_copy(on_device, t):
+    want = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    assert bytes(disk.host_bytes(t)) == bytes(want.numpy())
+    assert bytes(disk.host_bytes(on_device(t))) == bytes(want.numpy())
+    assert len(on_device.host_copies) == 1  # only the device tensor was copied, once
+    plain = torch.arange(8, dtype=torch.uint8)
+    disk.host_bytes(plain)[3] = 99  # a contiguous CPU tensor is seen in place, not copied
+    assert plain[3] == 99
+
+
+def _layer_layouts(model) -> dict[int, disk.Layout]:
+    from weightlift.storage import Entry
+    from weightlift.tensors import take_apart
+
+    return {
+        i: disk.Layout.of([Entry(n, t, take_apart(n, t), t.device) for n, t in layer.named_parameters()])
+        for i, layer in enumerate(model.model.layers)
+    }
+
+
+def test_cache_of_weights_in_device_memory_is_written_piece_by_piece(tmp_path, on_device):
+    """A model already on an accelerator: its layers' bytes come to the host one piece at a time, for the
+    digest and for the file, and the cache is byte for byte the one written from the same weights on the CPU."""
+    model = tiny("llama", layers=3)
+    layouts = _layer_layouts(model)
+    digests = {i: disk.layer_digest(layout) for i, layout in layouts.items()}
+    disk.write_cache(tmp_path / "cpu.safetensors", "model.layers", layouts, digests)
+    assert not on_device.host_copies
+    for layout in layouts.values():
+        layout.sources = [on_device(s) for s in layout.sources]
+    pieces = sum(len(layout.sources) for layout in layouts.values())
+    assert {i: disk.layer_digest(layout) for i, layout in layouts.items()} == digests
+    disk.write_cache(tmp_path / "device.safetensors", "model.layers", layouts, digests)
+    assert (tmp_path / "device.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
+    assert len(on_device.host_copies) == 2 * pieces  # each piece once for its digest, once for the file
+    assert on_device.most_alive == 1  # never a second piece on the host at the same time

@@ -117,6 +117,65 @@ def test_gpu_streams_from_disk_through_the_staging_ring(tmp_path, source):
     assert report.prefetch_misses == 0 and report.host_bytes >= 2 * report.slot_bytes
 
 
+@pytest.mark.parametrize("source", ["disk", "checkpoint"])
+def test_gpu_model_already_on_the_device_streams_from_disk(tmp_path, source):
+    """The weights are on the accelerator before offloading: the layer cache is written (and its digest taken)
+    and the checkpoint is compared from device memory, the outputs equal the resident model's, and after
+    `remove()` the model is back on the device, bitwise."""
+    dev = _device()
+    model = tiny("llama").to(dev)
+    if source == "checkpoint":
+        model.save_pretrained(tmp_path, max_shard_size="200KB")
+    ids = prompt().to(dev)
+    ref = run(model, ids)
+    snap = snapshot(model)
+    config = OffloadConfig(source=source, disk_path=str(tmp_path), prefetch_step=2)
+    with weightlift.offload(model, device=dev, config=config) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.layers_offloaded == 5 and report.prefetch_misses == 0
+    assert_same(model, snap)
+    if source == "disk":  # the digest of the device bytes matches the file's: the cache is reused, not rewritten
+        (cache,) = tmp_path.glob("weightlift-*.safetensors")
+        stamp = cache.stat().st_mtime_ns
+        with weightlift.offload(model, device=dev, config=config):
+            again = run(model, ids)
+        assert cache.stat().st_mtime_ns == stamp
+        assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])
+        assert_same(model, snap)
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_gpu_quantized_model_on_the_device_frees_its_original_weights(tmp_path, source):
+    """torchao int8 weights already on the accelerator: once offloaded, their original device storages are
+    freed (checked with gc off, see test_leaks.py), so device memory is the resident part plus the pool."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from test_leaks import _no_gc, _watch
+
+    dev = _device()
+    model = tiny("llama").to(dev).to(torch.bfloat16)
+    quantize_(model.model.layers, Int8WeightOnlyConfig())
+    ids = prompt().to(dev)
+    ref = run(model, ids)
+    tensors, storages = _watch(model.model.layers)
+    torch.accelerator.synchronize()
+    full = torch.accelerator.memory_allocated(dev)
+    extra = {"source": "disk", "disk_path": str(tmp_path)} if source == "disk" else {}
+    with _no_gc(), weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2, **extra)) as handle:
+        torch.accelerator.synchronize()
+        held = torch.accelerator.memory_allocated(dev)
+        report = handle.report()
+        assert [r.expired() for r in storages] == [True] * len(storages)
+        assert all(r() is None for r in tensors)
+        assert report.pool_bytes < report.offloaded_bytes  # 3 slots for 5 layers
+        assert held <= full - report.offloaded_bytes + report.pool_bytes  # the allocator rounds freed blocks up
+        out = run(model, ids)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def _cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need CUDA")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .disk import MappedFile, Stamped, fresh_leaf, pread_into, read_header
+from .disk import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .errors import OffloadError
 from .storage import Entry, Layout
 from .tensors import typed_view
@@ -137,8 +137,10 @@ class CheckpointFiles:
         for index, layout in layouts.items():
             for entry in layout.entries:
                 (true,) = self.read_leaves(index, entry)
-                (mine,) = entry.parts.leaves
-                if not torch.equal(true.reshape(-1).view(torch.uint8), mine.reshape(-1).view(torch.uint8)):
+                (mine,) = entry.parts.leaves  # maybe in device memory: compared on the host, one tensor at a time
+                if not torch.equal(
+                    true.reshape(-1).view(torch.uint8), torch.frombuffer(host_bytes(mine), dtype=torch.uint8)
+                ):
                     raise OffloadError(
                         f"`{entry.qualname}` of layer {index} differs from the checkpoint in `{self.path}`: the model "
                         "changed after loading; use source='disk' to write a layer cache of the weights in memory"

@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,20 +59,30 @@ def fingerprint(stack: str, manifest: dict) -> str:
     return hashlib.blake2b(json.dumps([stack, manifest]).encode(), digest_size=10).hexdigest()
 
 
-def _digest(chunks: list[memoryview]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()
+def host_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor``'s elements, in row-major order, as a flat memoryview of host memory: the
+    tensor itself when it is a contiguous CPU tensor, else a host copy of this one tensor (a tensor in
+    accelerator memory comes over with ``.to("cpu")``). Every reader of a model's bytes goes through here."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def _layer_chunks(layout: Layout) -> list[tuple[int, memoryview]]:
-    """(offset in the layer, bytes) of each piece, read from the layer's current (in-memory) storages."""
-    return [(o, memoryview(s.contiguous().numpy()).cast("B")) for o, s in zip(layout.offsets, layout.sources)]
+def _layer_chunks(layout: Layout) -> Iterator[tuple[int, memoryview]]:
+    """(offset in the layer, bytes) of each piece, read from the layer's current (in-memory) storages one
+    at a time: a piece in device memory is copied to the host when its turn comes, so a consumer that drops
+    each chunk before asking for the next holds one piece in RAM, never a second copy of the model."""
+    for offset, source in zip(layout.offsets, layout.sources):
+        yield offset, host_bytes(source)
 
 
 def layer_digest(layout: Layout) -> str:
-    return _digest([chunk for _, chunk in _layer_chunks(layout)])
+    h = hashlib.blake2b(digest_size=16)
+    for _, chunk in _layer_chunks(layout):
+        h.update(chunk)
+        del chunk  # this piece's host copy goes before the next one is made
+    return h.hexdigest()
 
 
 def read_header(path: Path, fix: str = "delete it to rebuild the cache") -> tuple[dict, int]:
@@ -315,6 +326,7 @@ def _write_layers(f, layouts: dict[int, Layout], placed: dict[int, int], bar) ->
             f.write(b"\0" * (offset - end))
             f.write(chunk)
             end = offset + len(chunk)
+            del chunk  # this piece's host copy goes before the next one is made
         f.write(b"\0" * (layouts[i].nbytes - end))
         written = placed[i] + layouts[i].nbytes
         bar.update(layouts[i].nbytes)

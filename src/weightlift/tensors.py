@@ -54,33 +54,49 @@ def _plain(tensor: torch.Tensor) -> Parts:
 
 
 def _flatten(name: str, tensor: torch.Tensor) -> tuple[list[torch.Tensor], Callable]:
-    """Leaves of a traceable wrapper subclass (recursively) and a function rebuilding it from new leaves."""
+    """Leaves of a traceable wrapper subclass (recursively) and a function rebuilding it from new leaves.
+
+    The function keeps only the structure (attribute names, leaf counts, the children's rebuild functions,
+    class, ``ctx``, size and stride), never a tensor: `Parts.build` outlives the original leaves, which
+    must be freed once the offloaded copy is installed. ``ctx`` is non-tensor metadata by the
+    ``__tensor_flatten__`` contract (the compiler treats it as a constant)."""
     if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
-        return [tensor.detach()], lambda leaves: leaves[0]
+        return [tensor.detach()], _first
     if not is_traceable_wrapper_subclass(tensor):
         raise _unsupported(name, tensor)
     attrs, ctx = tensor.__tensor_flatten__()
-    children = [_flatten(f"{name}.{a}", getattr(tensor, a)) for a in attrs]
-    counts = [len(leaves) for leaves, _ in children]
+    leaves: list[torch.Tensor] = []
+    rebuilds: list[Callable] = []
+    counts: list[int] = []
+    for attr in attrs:
+        child_leaves, child_rebuild = _flatten(f"{name}.{attr}", getattr(tensor, attr))
+        leaves += child_leaves
+        rebuilds.append(child_rebuild)
+        counts.append(len(child_leaves))
     cls, size, stride = type(tensor), tensor.size(), tensor.stride()
 
-    def rebuild(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    def rebuild(new: Sequence[torch.Tensor]) -> torch.Tensor:
         inner, start = {}, 0
-        for attr, (_, child), count in zip(attrs, children, counts):
-            inner[attr] = child(leaves[start : start + count])
+        for attr, child, count in zip(attrs, rebuilds, counts):
+            inner[attr] = child(new[start : start + count])
             start += count
         return cls.__tensor_unflatten__(inner, ctx, size, stride)
 
-    return [leaf for leaves, _ in children for leaf in leaves], rebuild
+    return leaves, rebuild
+
+
+def _first(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    return leaves[0]
 
 
 def _subclass(name: str, tensor: torch.Tensor) -> Parts:
     leaves, rebuild = _flatten(name, tensor)
+    is_parameter, requires_grad = isinstance(tensor, torch.nn.Parameter), tensor.requires_grad
 
-    def build(new: Sequence[torch.Tensor]) -> torch.Tensor:
+    def build(new: Sequence[torch.Tensor]) -> torch.Tensor:  # keeps no tensor: see `_flatten`
         out = rebuild(new)
-        if isinstance(tensor, torch.nn.Parameter):
-            out = torch.nn.Parameter(out, requires_grad=tensor.requires_grad)
+        if is_parameter:
+            out = torch.nn.Parameter(out, requires_grad=requires_grad)
         return out
 
     def install(held: torch.Tensor, new: Sequence[torch.Tensor]) -> None:
@@ -112,9 +128,11 @@ def attribute_tensors(obj: object, depth: int = 3) -> list[tuple[str, torch.Tens
     """Plain tensors that ``obj`` (a module or a tensor) holds outside parameters and buffers.
 
     Walks public attributes (and ``meta``-style dicts, and plain state objects such as a QuantState or a
-    MatmulLtState) up to ``depth`` levels, never into modules, parameters or buffers. Returns
-    ``(dotted path, tensor)`` pairs; each tensor is swapped in place with ``.data =``, so every holder of
-    the same object sees the new memory.
+    MatmulLtState) up to ``depth`` levels, never into modules, parameters or buffers, nor into the inner
+    tensors a traceable wrapper subclass names in ``__tensor_flatten__`` (they are its leaves already: an
+    entry of their own would keep the original objects alive after the subclass is rebuilt around new
+    leaves). Returns ``(dotted path, tensor)`` pairs; each tensor is swapped in place with ``.data =``, so
+    every holder of the same object sees the new memory.
     """
     found: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()
@@ -142,7 +160,8 @@ def attribute_tensors(obj: object, depth: int = 3) -> list[tuple[str, torch.Tens
         skip = {*obj._parameters, *obj._buffers, *obj._modules}
         roots = [(k, v) for k, v in vars(obj).items() if not k.startswith("_") and k not in skip]
     else:
-        roots = list(getattr(obj, "__dict__", {}).items())
+        inner = set(obj.__tensor_flatten__()[0]) if is_traceable_wrapper_subclass(obj) else set()
+        roots = [(k, v) for k, v in getattr(obj, "__dict__", {}).items() if k not in inner]
     seen.add(id(obj))
     for key, value in roots:
         walk(value, key, 1)
