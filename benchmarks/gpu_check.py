@@ -10,7 +10,9 @@ install), in well under 8 minutes on one GPU:
    says so and skips the tests, and the benchmark still runs;
 3. ``pytest -m gpu -q -rfEs tests/`` in a subprocess, stopped after ``--test-timeout`` seconds; each test's
    outcome comes from the small pytest plugin in this file (``-p gpu_check``), so a timeout still tells
-   what passed and which test was running;
+   what passed and which test was running. The plugin also fails a single test that runs past
+   ``--per-test-timeout`` seconds (SIGALRM, after printing every thread's stack: a deadlock shows where),
+   so one hang does not take the rest of the tests with it;
 4. ``benchmarks/gpu_bench.py`` in a subprocess: JSON lines in ``benchmarks/results/gpu.jsonl``;
 5. the summary, printed and written to ``benchmarks/results/gpu-summary.txt``.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 WHEELS = ROOT / ".gpu-wheels"
 RESULTS_ENV = "WEIGHTLIFT_GPU_CHECK_RESULTS"
+LIMIT_ENV = "WEIGHTLIFT_GPU_CHECK_TEST_LIMIT"  # seconds one test may take (setup to teardown); 0: no limit
 PYTEST_ARGS = ["-m", "gpu", "-q", "-rfEs", "-p", "gpu_check", "tests/"]
 
 
@@ -60,8 +64,22 @@ def _message(report) -> str:
     return (errors[0] if errors else lines[-1] if lines else "")[:300]
 
 
+def _expired(signum, frame) -> None:
+    faulthandler.dump_traceback(all_threads=True)  # into the test's captured stderr: where each thread hangs
+    raise TimeoutError(f"gpu-check: this test ran past {os.environ.get(LIMIT_ENV)} s (every thread's stack above)")
+
+
 def pytest_runtest_logstart(nodeid, location) -> None:
     _record({"nodeid": nodeid, "when": "start"})
+    limit = int(os.environ.get(LIMIT_ENV, "0") or 0)
+    if limit and hasattr(signal, "SIGALRM"):  # one hung test fails alone instead of eating the whole run
+        signal.signal(signal.SIGALRM, _expired)
+        signal.alarm(limit)
+
+
+def pytest_runtest_logfinish(nodeid, location) -> None:
+    if hasattr(signal, "SIGALRM"):
+        signal.alarm(0)
 
 
 def pytest_runtest_logreport(report) -> None:
@@ -205,12 +223,14 @@ def find_pytest(python: str, env: dict, wheels: Path = WHEELS) -> tuple[str | No
     return None, f"pytest could not be installed from {wheels.name}/ ({how}): {errors[-1]}"
 
 
-def run_tests(python: str, boot: str, env: dict, timeout: float) -> dict:
+def run_tests(python: str, boot: str, env: dict, timeout: float, per_test: int) -> dict:
     results = RESULTS / "gpu-pytest.jsonl"
     results.unlink(missing_ok=True)
     cmd = [python, "-c", boot + "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))", *PYTEST_ARGS]
-    print(f"\n== tests: pytest {' '.join(PYTEST_ARGS)} (stopped after {timeout:.0f} s)", flush=True)
-    rc, seconds = run_streamed(cmd, {**env, RESULTS_ENV: str(results)}, timeout, RESULTS / "gpu-pytest.log")
+    print(f"\n== tests: pytest {' '.join(PYTEST_ARGS)} (stopped after {timeout:.0f} s; one test after {per_test} s)",
+          flush=True)  # fmt: skip
+    env = {**env, RESULTS_ENV: str(results), LIMIT_ENV: str(per_test)}
+    rc, seconds = run_streamed(cmd, env, timeout, RESULTS / "gpu-pytest.log")
     out = tally(read_lines(results))
     out.update(rc=rc, seconds=seconds, timed_out=rc is None)
     return out
@@ -272,13 +292,17 @@ def summarise(card: str, torch_version: str, pytest_note: str, tests: dict | Non
     elif not bench["records"]:
         problems.append("the benchmark wrote no results")
     lines.append(f"results: benchmarks/results/gpu.jsonl (run {bench.get('run', '?')}); total {seconds:.0f} s")
-    lines.append(f"RESULT: {'FAIL: ' + '; '.join(problems) if problems else 'PASS'}")
+    verdict = "FAIL: " + "; ".join(problems) if problems else "PASS"
+    if tests is None:
+        verdict += " (benchmark only: the tests were not run)"
+    lines.append(f"RESULT: {verdict}")
     return lines, problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--test-timeout", type=float, default=300.0)
+    parser.add_argument("--test-timeout", type=float, default=300.0, help="seconds for the whole pytest run")
+    parser.add_argument("--per-test-timeout", type=int, default=120, help="seconds one test may take; 0: no limit")
     parser.add_argument("--bench-timeout", type=float, default=180.0)
     parser.add_argument(
         "--budget",
@@ -310,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         boot, pytest_note = find_pytest(python, env)
         print(f"gpu-check: {pytest_note}", flush=True)
         if boot is not None:
-            tests = run_tests(python, boot, env, args.test_timeout)
+            tests = run_tests(python, boot, env, args.test_timeout, args.per_test_timeout)
     run_id = time.strftime("%Y%m%dT%H%M%S")
     left = max(90.0, args.budget - (time.monotonic() - start))
     bench = run_bench(python, env, run_id, min(args.bench_timeout, left), bench_args)
