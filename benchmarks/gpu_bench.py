@@ -183,6 +183,7 @@ def timed_decode(model, ids, new_tokens: int, reps: int, clock: Clock, report: C
     clock.reset_peak()
     best = None
     for _ in range(reps):
+        clock.sync()  # copies still in flight from the run before land in `before`, not in this run's figures
         before = report() if report else None
         stamps = Stamps(clock)
         tokens = generate(model, ids, new_tokens, stamps)
@@ -206,13 +207,15 @@ def report_delta(before, after) -> dict:
 
 
 def copied_bytes(handle, report: dict) -> tuple[int, str]:
-    """Bytes the report's copies moved, and how that figure was made."""
+    """Bytes the report's copies moved, and how that figure was made. A copy moves a layer's whole layout
+    (``layout.nbytes``: its weights and the 512-byte alignment padding between them) in one ``copy_``."""
     try:
         sizes = [layer.master.layout.nbytes for layer in handle.layers]
     except AttributeError:
         sizes = []
     if sizes and len(set(sizes)) == 1:
-        return report["copies"] * sizes[0], "copies x layer copy size (every offloaded layer the same size): exact"
+        basis = "copies x the bytes one layer's copy moves (every offloaded layer the same size): exact"
+        return report["copies"] * sizes[0], basis
     if sizes:
         return int(report["copies"] * sum(sizes) / len(sizes)), "copies x mean layer copy size: approximate"
     per_layer = report["offloaded_bytes"] / max(report["layers_offloaded"], 1)
