@@ -34,3 +34,24 @@ bench-plan: setup
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
+
+# `make gpu-check`: the gpu-marked tests and a short GPU benchmark, one summary (benchmarks/gpu_check.py;
+# results in benchmarks/results/). No install, no network: the source tree on PYTHONPATH, .venv's python if
+# it imports torch, else $(PYTHON). Without an accelerator it says so and runs nothing. pytest, if missing,
+# is installed offline from .gpu-wheels/ (see gpu-wheels).
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	@py=$(PYTHON); \
+	if [ -x $(BIN)/python ] && $(BIN)/python -c 'import torch' >/dev/null 2>&1; then py=$(BIN)/python; fi; \
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $$py benchmarks/gpu_check.py
+
+# Run where there is network: the pure-python wheels of pytest and its dependencies, for gpu-check on a
+# machine without network and without pytest (carry .gpu-wheels/ along). The second download adds what
+# pytest needs on Python 3.10 only (pip evaluates markers for the running Python, not for --python-version).
+gpu-wheels:
+	@py=$(PYTHON); if [ -x $(BIN)/python ]; then py=$(BIN)/python; fi; \
+	$$py -m pip download -q --only-binary=:all: -c requirements-dev.txt --dest .gpu-wheels pytest && \
+	$$py -m pip download -q --only-binary=:all: --no-deps --python-version 3.10 --implementation py --abi none \
+		--platform any --dest .gpu-wheels exceptiongroup tomli typing_extensions && \
+	ls -l .gpu-wheels
