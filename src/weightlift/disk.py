@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .dtypes import leaf_span
 from .errors import OffloadError
 from .storage import ALIGN, Entry, Layout
 
@@ -114,13 +115,6 @@ def pread_into(fd: int, view: memoryview, offset: int, path: Path, what: str) ->
         if got <= 0:
             raise OffloadError(f"`{path}` ended while reading `{what}`: the file was truncated")
         done += got
-
-
-def leaf_span(spec: torch.Tensor) -> int:
-    """Bytes from a leaf's element 0 to the end of its last element."""
-    if not spec.numel():
-        return 0
-    return (sum((n - 1) * s for n, s in zip(spec.shape, spec.stride())) + 1) * spec.element_size()
 
 
 def fresh_leaf(spec: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
