@@ -126,3 +126,21 @@ def test_disk_tier_frees_the_original_weights_while_the_handle_lives(tmp_path, f
         if whole is not None:
             assert_same(model, whole)
         assert torch.equal(run(model, ids, new_tokens=4)[1], ref[1])
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_remove_lets_the_pool_and_copy_jobs_go_without_a_collection(tmp_path, source):
+    """The prefetcher, its transfers (slot views) and the copy thread must not outlive `remove()` through a
+    reference cycle with the handle: the pool's memory is free once the caller drops the handle."""
+    model = tiny("llama")
+    snap = snapshot(model)
+    config = OffloadConfig(prefetch_step=2, **({"source": "disk", "disk_path": str(tmp_path), "mmap": False}
+                                               if source == "disk" else {}))  # fmt: skip
+    with _no_gc():
+        handle = weightlift.offload(model, device="cpu", config=config)
+        run(model, prompt(), new_tokens=2)
+        pool = [StorageWeakRef(s.untyped_storage()) for s in handle.pool.slots]
+        handle.remove()
+        del handle
+        assert all(r.expired() for r in pool)
+    assert_same(model, snap)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import gc
 import threading
-import weakref
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import simdevice
 import weightlift
@@ -145,13 +145,13 @@ def test_remove_while_copies_are_in_flight_frees_everything(sim):
     model.layers[-1].register_forward_pre_hook(lambda *_: copy.gate.clear())
     _forwards(model, x)
     assert not copy.gate.is_set()
-    freed = [weakref.ref(t) for t in (*handle.pool.slots, *handle.arena.blocks)]
+    freed = [StorageWeakRef(t.untyped_storage()) for t in (*handle.pool.slots, *handle.arena.blocks)]
     threading.Timer(0.05, copy.gate.set).start()
     gc.disable()
     try:
         handle.remove()
         del handle
-        assert [r() for r in freed] == [None] * len(freed)  # no cycle holds them: gone without a collection
+        assert all(r.expired() for r in freed)  # no cycle holds them: gone without a collection
     finally:
         gc.enable()
     sim.assert_clean()
@@ -164,12 +164,12 @@ def test_remove_frees_the_staging_ring_and_pool_of_the_disk_tier(sim, tmp_path):
     (ref,) = _forwards(model, x)
     handle = _offload(sim, model, source="disk", disk_path=str(tmp_path), prefetch_step=2)
     (out,) = _forwards(model, x)
-    freed = [weakref.ref(t) for t in (*handle.pool.slots, *handle.ring.slabs)]
+    freed = [StorageWeakRef(t.untyped_storage()) for t in (*handle.pool.slots, *handle.ring.slabs)]
     gc.disable()
     try:
         handle.remove()
         del handle
-        assert [r() for r in freed] == [None] * len(freed)
+        assert all(r.expired() for r in freed)
     finally:
         gc.enable()
     sim.assert_clean()
