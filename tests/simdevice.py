@@ -119,9 +119,9 @@ class SimDevice:
     pin = False
     can_capture = True
 
-    def __init__(self, copy_delay: float = 0.002, compute_lag: float = 0.001) -> None:
+    def __init__(self, copy_delay: float = 0.002, compute_lag: float = 0.001, read_delay: float = 0.0) -> None:
         self.cond = threading.Condition()
-        self.copy_delay, self.compute_lag = copy_delay, compute_lag
+        self.copy_delay, self.compute_lag, self.read_delay = copy_delay, compute_lag, read_delay
         self.compute = SimStream(self, "compute", 0.0)
         self.streams: list[SimStream] = [self.compute]
         self.hazards: list[str] = []
@@ -316,8 +316,11 @@ class SimDevice:
             self.filled.add(key)
             if self.reading[key]:
                 self.hazards.append(f"t={self.tick()}: a staging slab refilled while a copy reads it")
+            if self.writing[key]:
+                self.hazards.append(f"t={self.tick()}: a staging slab filled by two readers at once")
             self.writing[key] += 1
         try:
+            time.sleep(self.read_delay)
             read(slab)
         finally:
             with self.cond:

@@ -112,10 +112,12 @@ def test_state_dict_loads_under_the_checker(sim):
 
 @pytest.mark.parametrize("source", ["disk", "checkpoint"])
 @pytest.mark.parametrize("slabs", [1, 2])
-def test_staged_disk_path_with_one_and_two_slabs(sim, tmp_path, source, slabs):
+def test_staged_disk_path_with_one_and_two_slabs(monkeypatch, tmp_path, source, slabs):
+    sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005, read_delay=0.005)
     model = _stack()
     x = torch.randn(4, 32)
-    model.order = [0, 1, 2, 3, 4, 5, 5, 2]  # misses load on the compute thread while reads are queued
+    # layer 3 runs while the reader still fills a slab with layer 2: its miss loads on the compute thread
+    model.order = [0, 3, 1, 2, 3, 4, 5, 5, 2]
     ref = _forwards(model, x, 3)
     if source == "checkpoint":
         from safetensors.torch import save_file
@@ -128,6 +130,7 @@ def test_staged_disk_path_with_one_and_two_slabs(sim, tmp_path, source, slabs):
         out = _forwards(model, x, 3)
         report = handle.report()
     sim.assert_clean()
+    sim.close()
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert report.prefetch_misses >= 1
 
