@@ -9,7 +9,9 @@ that keeps quantization state elsewhere gets an adapter: an object with
   checks);
 - ``take_apart(tensor) -> weightlift.tensors.Parts``: the plain tensors holding its bytes (``leaves``),
   ``build(leaves)`` returning a tensor that reads the given leaves (used for ``state_dict``), and
-  ``install(held, leaves)`` making the object the module holds read them, in place.
+  ``install(held, leaves)`` making the object the module holds read them, in place. ``build`` and
+  ``install`` live as long as the offload: they must not capture the original leaves (keep shapes, counts
+  and metadata only), or the original weights are never freed.
 
 Pass your own as ``weightlift.offload(model, adapters=[MyAdapter()])``; they are tried before the
 built-in ones.
