@@ -35,7 +35,7 @@ from .measure import (
     measure_layers,
     sample_workloads,
 )
-from .pool import arena_sizes
+from .pool import arena_sizes, pinned_size
 from .schedule import cyclic_slots, spread_order
 
 log = logging.getLogger(__name__)
@@ -278,13 +278,6 @@ def fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-def _pinned_size(nbytes: int, device: torch.device) -> int:
-    """Host bytes a pinned block of ``nbytes`` takes: caching host allocators round up to a power of 2."""
-    if device.type != "cpu" and nbytes > 0:
-        return 1 << (nbytes - 1).bit_length()
-    return nbytes
-
-
 def _too_small(model: nn.Module, budget: int, host_budget: int | None, minimum: int) -> None:
     what = f"`budget`={format_size(budget)}"
     if host_budget is not None:
@@ -387,7 +380,7 @@ def plan(
         pool = (max(cyclic_slots(len(chosen), step)) + 1 if step else 1) * slot
         if src == "host":
             return resident, pool, sum(arena_sizes(sum(info.nbytes[i] for i in chosen)))  # see pool.HostArena
-        return resident, pool, 2 * _pinned_size(slot, dev)
+        return resident, pool, 2 * pinned_size(slot, dev.type != "cpu")  # the staging ring
 
     # on an accelerator with a host budget, layers that do not fit host RAM come from a layer cache
     staged_read = disk_read_rate(folder, largest) if not cpu and offloading and host_budget is not None else 0.0

@@ -17,8 +17,10 @@ def _pinned_bytes() -> int | None:
         return None
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def pinned_size(nbytes: int, pin: bool) -> int:
+    """Host bytes a block of ``nbytes`` takes where the backend does not report it: a pinned block is
+    rounded up to a power of two by caching host allocators, a pageable one is what was asked."""
+    return 1 << max(nbytes - 1, 0).bit_length() if pin and nbytes > 0 else nbytes
 
 
 def pinned_empty(nbytes: int, pin: bool) -> tuple[torch.Tensor, int]:
@@ -29,7 +31,7 @@ def pinned_empty(nbytes: int, pin: bool) -> tuple[torch.Tensor, int]:
     buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     after = _pinned_bytes() if pin else None
     measured = before is not None and after is not None
-    taken = after - before if measured else (_pow2(nbytes) if pin else 0)
+    taken = after - before if measured else pinned_size(nbytes, pin)
     return buffer, max(taken, buffer.untyped_storage().nbytes())
 
 
