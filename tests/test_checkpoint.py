@@ -220,14 +220,14 @@ def test_weights_in_device_memory_are_compared_with_the_checkpoint_on_the_cpu(tm
     """A model already on an accelerator: each weight comes to the host to be compared with the file's bytes
     (a comparison across devices would raise), and a weight that differs is still caught."""
     from test_disk import OnDevice, _layer_layouts
-    from weightlift.checkpoint import CheckpointFiles
+    from weightlift.checkpoint import CheckpointFiles, CheckpointIndex
 
     model = tiny("llama", layers=3)
     model.save_pretrained(tmp_path)
     layouts = _layer_layouts(model)
     names = [f"model.layers.{i}" for i in layouts]
     OnDevice.host_copies, OnDevice.most_alive = [], 0
-    checkpoint = CheckpointFiles.open(tmp_path, names, layouts)
+    checkpoint = CheckpointFiles.open(CheckpointIndex(tmp_path), names, layouts)
     try:
         entries = [e for layout in layouts.values() for e in layout.entries]
         for e in entries:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import BUILTIN_ADAPTERS, Adapter
-from .checkpoint import CheckpointFiles
+from .checkpoint import CheckpointFiles, CheckpointIndex
 from .config import OffloadConfig, format_size
 from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
@@ -301,7 +301,7 @@ def offload(
         if config.source == "disk":
             cache = open_cache(folder, stack_name, layouts, materialized)
         else:
-            cache = CheckpointFiles.open(folder, names, layouts)
+            cache = CheckpointFiles.open(CheckpointIndex(folder, model), names, layouts)
             try:
                 if materialized:
                     cache.check_equal(layouts)

@@ -11,7 +11,9 @@ layer cache (``source="disk"``) for them.
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +31,6 @@ _SAFETENSORS_DTYPES = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }  # fmt: skip
 _FIX = "the checkpoint is damaged: restore it, or offload from a layer cache with source='disk'"
-
-
-@dataclass
-class _Read:
-    file: int  # index into CheckpointFiles.files
-    offset: int  # absolute file offset
-    nbytes: int
-    slot_offset: int
-    itemsize: int
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -62,61 +55,149 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous run of a model tensor's bytes in one checkpoint file."""
+
+    file: Path
+    offset: int  # absolute offset of the bytes in the file
+    nbytes: int
+    at: int  # where they go in the model tensor's bytes (row-major, contiguous)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a model tensor's bytes are in a checkpoint: its dtype and shape there, and pieces that cover
+    its bytes exactly once (one piece when the checkpoint stores it under its own name)."""
+
+    key: str  # the checkpoint's name for it (the first piece's, for a tensor built of several)
+    dtype: torch.dtype | None  # None: a dtype torch has no name for
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    stored: str = ""  # the checkpoint's dtype label (``F32``, ``BF16``, ...)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+class CheckpointIndex:
+    """A safetensors checkpoint folder (single file or sharded), indexed by model tensor name.
+
+    ``locate(name)`` says where the bytes of the model tensor ``name`` are; ``read(located)`` reads them
+    into a fresh CPU tensor. Every header is read once, when the index is built.
+    """
+
+    def __init__(self, folder: str | Path, model: object = None) -> None:
+        self.folder = Path(folder).expanduser()
+        self.model = model
+        self._headers: dict[Path, tuple[dict, int]] = {}
+        self._where = _tensor_files(self.folder)
+
+    def header(self, path: Path) -> tuple[dict, int]:
+        if path not in self._headers:
+            self._headers[path] = read_header(path, _FIX)
+        return self._headers[path]
+
+    def _stored(self, key: str) -> Located | None:
+        """The checkpoint tensor ``key`` as stored: one piece."""
+        path = self._where.get(key)
+        if path is None:
+            return None
+        header, data_start = self.header(path)
+        record = header.get(key)
+        if record is None:
+            raise OffloadError(f"`{key}` is missing from `{path}` (the index names it): {_FIX}")
+        try:
+            begin, end = record["data_offsets"]
+            shape = tuple(int(n) for n in record.get("shape", []))
+        except (KeyError, TypeError, ValueError):
+            raise OffloadError(f"`{path}` has a corrupt header entry for `{key}`: {_FIX}") from None
+        if data_start + end > path.stat().st_size:
+            raise OffloadError(f"`{path}` is truncated: `{key}` ends past the end of the file; {_FIX}")
+        dtype = _SAFETENSORS_DTYPES.get(record.get("dtype"))
+        if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
+            raise OffloadError(f"`{key}` in `{path}` has {end - begin} bytes for its shape {shape}: {_FIX}")
+        return Located(key, dtype, shape, (Piece(path, data_start + begin, end - begin, 0),), str(record.get("dtype")))
+
+    def locate(self, name: str) -> Located | None:
+        """Where model tensor ``name`` is, or None when the checkpoint does not hold it."""
+        return self._stored(name)
+
+    def read(self, located: Located) -> torch.Tensor:
+        """A fresh contiguous CPU tensor holding ``located``'s bytes."""
+        if located.dtype is None:
+            raise OffloadError(f"`{located.key}` has a dtype torch cannot hold: {_FIX}")
+        out = torch.empty(located.shape, dtype=located.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        for piece in located.pieces:
+            fd = os.open(piece.file, os.O_RDONLY)
+            try:
+                pread_into(fd, view[piece.at : piece.at + piece.nbytes], piece.offset, piece.file, located.key)
+            finally:
+                os.close(fd)
+        return out
+
+
+@dataclass
+class _Read:
+    file: int  # index into CheckpointFiles.files
+    offset: int  # absolute file offset
+    nbytes: int
+    slot_offset: int
+    itemsize: int
+
+
 class CheckpointFiles:
     """The checkpoint's files, open, and for each offloaded layer the reads that fill its slot."""
 
-    def __init__(self, folder: Path, files: list[Path], reads: dict[int, list[_Read]]) -> None:
+    def __init__(self, folder: Path, files: list[Path], reads: dict[int, list[_Read]],
+                 by_leaf: dict[tuple[int, int], list[_Read]]) -> None:  # fmt: skip
         self.path, self.reads = folder, reads
         self.files = [Stamped(p) for p in files]
         self.mapping: CheckpointMapping | None = None
-        self._by_leaf: dict[tuple[int, int], _Read] = {(i, r.slot_offset): r for i, rs in reads.items() for r in rs}
+        self._by_leaf = by_leaf
 
     @classmethod
-    def open(cls, folder: Path, names: list[str], layouts: dict[int, Layout]) -> CheckpointFiles:
+    def open(cls, index: CheckpointIndex, names: list[str], layouts: dict[int, Layout]) -> CheckpointFiles:
         """Locate every offloaded tensor in the checkpoint and check its dtype and shape against the model."""
-        where = _tensor_files(folder)
-        headers: dict[Path, tuple[dict, int]] = {}
+        folder = index.folder
         files: list[Path] = []
         reads: dict[int, list[_Read]] = {}
-        for index, layout in layouts.items():
+        by_leaf: dict[tuple[int, int], list[_Read]] = {}
+        for position, layout in layouts.items():
             for entry in layout.entries:
-                name = f"{names[index]}.{entry.qualname}"
+                name = f"{names[position]}.{entry.qualname}"
                 if entry.parts.kind != "plain":
                     raise OffloadError(
                         f"`{name}` is a {entry.parts.kind}, which checkpoints store under other names: offload it "
                         "from a layer cache with source='disk'"
                     )
-                if name not in where:
+                found = index.locate(name)
+                if found is None:
                     raise OffloadError(
                         f"`{name}` is not in the checkpoint in `{folder}` (it is incomplete, or names its tensors "
                         "otherwise, as after a format conversion): offload from a layer cache with source='disk'"
                     )
-                path = where[name]
-                if path not in headers:
-                    headers[path] = read_header(path, _FIX)
-                    files.append(path)
-                header, data_start = headers[path]
-                record = header.get(name)
                 (spec,), (slot_offset,) = entry.specs, entry.offsets
-                if record is None:
-                    raise OffloadError(f"`{name}` is missing from `{path}` (the index names it): {_FIX}")
-                dtype, shape = _SAFETENSORS_DTYPES.get(record.get("dtype")), list(record.get("shape", []))
-                if dtype != spec.dtype or shape != list(spec.shape):
+                where = found.pieces[0].file
+                if found.dtype != spec.dtype or list(found.shape) != list(spec.shape):
                     raise OffloadError(
-                        f"`{name}` in `{path}` is {record.get('dtype')} {tuple(shape)}, the model's is "
+                        f"`{name}` in `{where}` is {found.stored} {tuple(found.shape)}, the model's is "
                         f"{spec.dtype} {tuple(spec.shape)}: load the model in the checkpoint's dtype, or use "
                         "source='disk' to write a layer cache of the weights in memory"
                     )
                 if not spec.is_contiguous():
                     raise OffloadError(f"`{name}` is not contiguous in the model: use source='disk' for it")
-                begin, end = record["data_offsets"]
-                if end - begin != spec.numel() * spec.element_size():
-                    raise OffloadError(f"`{name}` in `{path}` has {end - begin} bytes for its shape: {_FIX}")
-                if data_start + end > path.stat().st_size:
-                    raise OffloadError(f"`{path}` is truncated: `{name}` ends past the end of the file; {_FIX}")
-                read = _Read(files.index(path), data_start + begin, end - begin, slot_offset, spec.element_size())
-                reads.setdefault(index, []).append(read)
-        return cls(folder, files, reads)
+                leaf_reads = []
+                for piece in found.pieces:
+                    if piece.file not in files:
+                        files.append(piece.file)
+                    leaf_reads.append(_Read(files.index(piece.file), piece.offset, piece.nbytes,
+                                            slot_offset + piece.at, spec.element_size()))  # fmt: skip
+                reads.setdefault(position, []).extend(leaf_reads)
+                by_leaf[(position, slot_offset)] = leaf_reads
+        return cls(folder, files, reads, by_leaf)
 
     def read_into(self, index: int, slot: torch.Tensor) -> None:
         view = memoryview(slot.numpy()).cast("B")
@@ -127,9 +208,11 @@ class CheckpointFiles:
 
     def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
         (spec,), (slot_offset,) = entry.specs, entry.offsets
-        r = self._by_leaf[(index, slot_offset)]
         leaf, view = fresh_leaf(spec)
-        pread_into(self.files[r.file].fd, view, r.offset, self.files[r.file].path, entry.qualname)
+        for r in self._by_leaf[(index, slot_offset)]:
+            at = r.slot_offset - slot_offset
+            pread_into(self.files[r.file].fd, view[at : at + r.nbytes], r.offset, self.files[r.file].path,
+                       entry.qualname)  # fmt: skip
         return [leaf]
 
     def check_equal(self, layouts: dict[int, Layout]) -> None:
@@ -148,8 +231,10 @@ class CheckpointFiles:
 
     def map(self) -> CheckpointMapping | None:
         """Map the checkpoint's files to compute on them in place; None when a tensor is not aligned to its
-        element size in its file (then layers are read into slots instead)."""
-        if any(r.offset % r.itemsize for reads in self.reads.values() for r in reads):
+        element size in its file, or is built of several pieces (then layers are read into slots instead)."""
+        if any(r.offset % r.itemsize for reads in self.reads.values() for r in reads) or any(
+            len(rs) > 1 for rs in self._by_leaf.values()
+        ):
             return None
         self.mapping = CheckpointMapping(self)
         return self.mapping
@@ -176,7 +261,7 @@ class CheckpointMapping:
 
     def views(self, index: int, entry: Entry) -> list[torch.Tensor]:
         (spec,), (slot_offset,) = entry.specs, entry.offsets
-        r = self.checkpoint._by_leaf[(index, slot_offset)]
+        (r,) = self.checkpoint._by_leaf[(index, slot_offset)]
         return [typed_view(self.files[r.file].bytes, r.offset, spec)]
 
     def _advise(self, advice: int, index: int) -> None:
