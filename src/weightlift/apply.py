@@ -157,12 +157,6 @@ def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config
                     f"`{name}` is on the meta device (no data) and is not offloaded: load the weights before "
                     "offloading; only offloaded layers may stay on meta, with source='disk' and a written cache"
                 )
-    meta = [e.qualname for es in entries.values() for e in es if e.tensor.is_meta]
-    if meta and config.source == "host":
-        raise OffloadError(
-            f"`{meta[0]}` is on the meta device (no data): load the weights before offloading, or stream them "
-            "from disk with OffloadConfig(source='disk' or 'checkpoint', disk_path=...)"
-        )
     return entries, list(resident.values())
 
 
@@ -276,6 +270,12 @@ def offload(
         )
     adapters = (*adapters, *BUILTIN_ADAPTERS)
     entries, resident = _collect(model, names, layers, config, adapters)
+    meta = [e.qualname for es in entries.values() for e in es if e.tensor.is_meta]
+    if meta and config.source == "host":
+        raise OffloadError(
+            f"`{meta[0]}` is on the meta device (no data): load the weights before offloading, or stream them "
+            "from disk with OffloadConfig(source='disk' or 'checkpoint', disk_path=...)"
+        )
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)

@@ -14,10 +14,12 @@ import json
 import math
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .disk import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .errors import OffloadError
@@ -277,3 +279,53 @@ class CheckpointMapping:
     def close(self) -> None:
         for f in self.files:
             f.close()
+
+
+def mappable(located: Located) -> bool:
+    """Whether a tensor can be computed on in place in its mapped file: one piece, aligned to its element size."""
+    first = located.pieces[0] if len(located.pieces) == 1 else None
+    return first is not None and located.dtype is not None and first.offset % located.dtype.itemsize == 0
+
+
+def load_meta(model: nn.Module, index: CheckpointIndex, keep: Callable[[str], bool]) -> Callable[[], None]:
+    """Read from the checkpoint every meta parameter and persistent buffer of ``model`` whose dotted name
+    passes ``keep``, in place of the meta tensor (a tensor shared by several modules comes once and stays
+    shared). Returns an ``undo`` that puts the meta tensors back. Raises `OffloadError` naming a tensor the
+    checkpoint lacks or stores with another dtype or shape; nothing is changed then."""
+    found: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str, bool]]]] = {}
+    names: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        dot = f"{mname}." if mname else ""
+        for store, is_param in ((module._parameters, True), (module._buffers, False)):
+            for attr, t in store.items():
+                if t is None or not t.is_meta or not keep(dot + attr):
+                    continue
+                if not is_param and attr in module._non_persistent_buffers_set:
+                    continue
+                found.setdefault(id(t), (t, []))[1].append((module, attr, is_param))
+                names.setdefault(id(t), []).append(dot + attr)
+    loaded: dict[int, torch.Tensor] = {}
+    for key, (t, _) in found.items():
+        located = next((loc for n in names[key] if (loc := index.locate(n)) is not None), None)
+        if located is None:
+            raise OffloadError(
+                f"`{names[key][0]}` is not in the checkpoint in `{index.folder}`: the folder is incomplete or holds "
+                "another model; point to the model's own folder"
+            )
+        if located.dtype != t.dtype or tuple(located.shape) != tuple(t.shape):
+            raise OffloadError(
+                f"`{names[key][0]}` in `{index.folder}` is {located.stored} {tuple(located.shape)}, the model's is "
+                f"{t.dtype} {tuple(t.shape)}: load the model in the checkpoint's dtype"
+            )
+        loaded[key] = index.read(located)
+    for key, (t, places) in found.items():
+        new = nn.Parameter(loaded[key], requires_grad=False) if isinstance(t, nn.Parameter) else loaded[key]
+        for module, attr, is_param in places:
+            (module._parameters if is_param else module._buffers)[attr] = new
+
+    def undo() -> None:
+        for t, places in found.values():
+            for module, attr, is_param in places:
+                (module._parameters if is_param else module._buffers)[attr] = t
+
+    return undo

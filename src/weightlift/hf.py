@@ -103,52 +103,81 @@ def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
     return out[0, ids.shape[1] :], time.perf_counter() - start
 
 
-def load_streaming(folder: str | Path, *, config=None, device: str | torch.device = "cpu"):
+def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The transformers causal LM of a checkpoint folder with its weights on the meta device (no memory),
+    in ``dtype`` (default: the checkpoint's, from its config); buffers that are computed, not loaded
+    (rotary tables), are real."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise OffloadError("loading from a checkpoint needs the extra: `pip install 'weightlift[hf]'`") from None
+    model_config = AutoConfig.from_pretrained(folder)
+    if dtype is None:
+        dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(model_config)
+    if isinstance(dtype, torch.dtype):
+        model.to(dtype)
+    model.tie_weights()  # tied tensors are one (meta) tensor, read once
+    return model.eval()
+
+
+def load_streaming(
+    folder: str | Path,
+    *,
+    config=None,
+    budget: int | str | None = None,
+    host_budget: int | str | None = None,
+    plan=None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+):
     """A transformers model from a safetensors checkpoint folder without ever holding its offloaded layers.
 
-    The model is built with empty (meta) parameters, only the weights outside the offloaded layers are
-    read into memory, and the offloaded layers stream from the checkpoint files in place
-    (``OffloadConfig(source="checkpoint")``; ``config`` may set the other fields). Returns
-    ``(model, handle)``; ``handle.remove()`` leaves the offloaded parameters on the meta device.
+    The model is built with empty (meta) parameters; the weights outside the layers, and the layers that
+    stay resident, are read from the checkpoint; the offloaded layers stream from the checkpoint files in
+    place (``source="checkpoint"``). Which layers: ``budget`` (plan for it: layers are measured streamed,
+    see `weightlift.plan`'s ``checkpoint``), a saved ``plan``, or ``config`` (its other fields; the default
+    offloads every layer). Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
+    parameters on the meta device. ``dtype`` must be the checkpoint's (the default).
     """
     from dataclasses import replace
 
     from . import offload
-    from .apply import layer_list
+    from .apply import layer_list, resolve_device
+    from .checkpoint import CheckpointIndex, load_meta
     from .config import OffloadConfig
     from .models import find_stacks
+    from .plan import plan as make_plan
 
-    try:
-        from accelerate import init_empty_weights
-        from safetensors import safe_open
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise OffloadError("loading from a checkpoint needs the extra: `pip install 'weightlift[hf]'`") from None
+    given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]
+    if len(given) > 1:
+        raise OffloadError(f"pass one of `config`, `budget` or `plan`, not {' and '.join(f'`{g}`' for g in given)}")
     folder = Path(folder).expanduser()
-    config = replace(config or OffloadConfig(), source="checkpoint", disk_path=str(folder))
-    model_config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not loaded
-        model = AutoModelForCausalLM.from_config(model_config)
-    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
-    model.eval()
-    names, layers = layer_list(find_stacks(model, config.layers))
-    streamed = {
-        f"{names[i]}.{name}"
-        for i, layer in enumerate(layers)
-        if config.offloads_layer(i)
-        for name, _ in layer.named_parameters()
-        if config.offloads_param(name)
-    }
-    resident = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if name not in streamed:
-                    resident[name] = f.get_tensor(name)
-    model.load_state_dict(resident, strict=False, assign=True)
+    dev = resolve_device(device)
+    model = skeleton(folder, dtype)
+    index = CheckpointIndex(folder, model)
+    layers_config = (plan.config() if plan is not None else config or OffloadConfig()).layers
+    names, _ = layer_list(find_stacks(model, layers_config))
+    prefixes = tuple(f"{name}." for name in names)
+    load_meta(model, index, keep=lambda name: not name.startswith(prefixes))  # everything outside the layers
+    if budget is not None:
+        log.info("weightlift: planning %s for a budget of %s", folder.name, budget)
+        plan = make_plan(model, device=dev, budget=budget, host_budget=host_budget, checkpoint=folder)
+    if plan is not None:
+        config = plan.config()
+    else:
+        config = replace(config or OffloadConfig(), source="checkpoint", disk_path=str(folder))
+
+    def streams(name: str) -> bool:
+        position = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
+        return position is not None and config.offloads_layer(position) and config.offloads_param(
+            name[len(prefixes[position]):])  # fmt: skip
+
+    load_meta(model, index, keep=lambda name: not streams(name))  # the resident layers
     model.tie_weights()
-    return model, offload(model, device=device, config=config)
+    if plan is not None:
+        return model, offload(model, device=dev, plan=plan)
+    return model, offload(model, device=dev, config=config)

@@ -103,9 +103,9 @@ def h2d_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
     return nbytes / max(seconds, 1e-9)
 
 
-def disk_read_rate(folder: Path, nbytes: int) -> float:
-    """Bytes per second of one cold read (page cache dropped) of a temporary file of ``nbytes`` (at most
-    256 MiB) in ``folder``."""
+def disk_read_rate(folder: Path, nbytes: int, cold: bool = True) -> float:
+    """Bytes per second of one read of a temporary file of ``nbytes`` (at most 256 MiB) in ``folder``: a
+    cold read (page cache dropped), or with ``cold=False`` a read the page cache serves."""
     nbytes = min(max(nbytes, 1 << 20), 256 << 20)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".weightlift-probe-") as f:
@@ -114,7 +114,7 @@ def disk_read_rate(folder: Path, nbytes: int) -> float:
             f.write(block)
         f.flush()
         os.fsync(f.fileno())
-        if hasattr(os, "posix_fadvise"):
+        if cold and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         buffer = bytearray(f.tell())
         start = time.perf_counter()
@@ -142,6 +142,47 @@ def mapped_overhead(
             mapped, _ = measure_layers(info.layers, run, cpu, reps)
     rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
     return statistics.median(rates) if rates else 0.0
+
+
+def _probe_picks(info: ModelInfo, room: int) -> list[int]:
+    """A few layers spread along the stack, enough to hold 96 MiB (at least two) and at most ``room`` bytes."""
+    n = len(info.names)
+    want = min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))
+    picks, held = [], 0
+    for i in spread_order(n):
+        if len(picks) == want:
+            break
+        if info.nbytes[i] and (held + info.nbytes[i] <= room or not picks):
+            picks.append(i)
+            held += info.nbytes[i]
+    return sorted(picks)
+
+
+def streamed_overhead(
+    model: nn.Module, info: ModelInfo, run: Callable[[], Any], mapped: Sequence[float], index: Any, room: int,
+    reps: int,
+) -> tuple[float, dict[int, float]]:
+    """`mapped_overhead` for a model whose layers are on the meta device and stream from the checkpoint
+    ``index`` (a `checkpoint.CheckpointIndex`): ``mapped`` is each layer's compute measured mapped in place;
+    a few layers (at most ``room`` bytes of them, at least one) are read into memory for a moment and timed
+    resident while the others stay mapped. Returns the seconds per byte, and those layers' resident compute."""
+    from .apply import offload
+    from .checkpoint import load_meta
+
+    picks = _probe_picks(info, room)
+    others = tuple(i for i, b in enumerate(info.nbytes) if b and i not in picks)
+    prefixes = tuple(f"{info.names[i]}." for i in picks)
+    cpu = torch.device("cpu")
+    undo = load_meta(model, index, keep=lambda name: name.startswith(prefixes))
+    try:
+        config = OffloadConfig(layers=tuple(info.stacks), indices=others, source="checkpoint",
+                               disk_path=str(index.folder))  # fmt: skip
+        with offload(model, device=cpu, config=config):
+            resident, _ = measure_layers(info.layers, run, cpu, reps)
+    finally:
+        undo()
+    rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
+    return (statistics.median(rates) if rates else 0.0), {i: resident[i] for i in picks}
 
 
 def available_ram() -> int | None:

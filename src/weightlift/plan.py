@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size
 from .errors import OffloadError
 from .measure import (
@@ -34,6 +35,7 @@ from .measure import (
     mapped_overhead,
     measure_layers,
     sample_workloads,
+    streamed_overhead,
 )
 from .pool import arena_sizes, pinned_size
 from .schedule import cyclic_slots, spread_order
@@ -153,7 +155,7 @@ class Plan:
     layer_bytes: list[int]  # bytes a slot needs to hold the layer's offloadable tensors
     offloaded: list[int]
     prefetch_step: int
-    source: str  # "host" or "disk"
+    source: str  # "host", "disk" or "checkpoint"
     disk_path: str | None
     mmap: bool
     resident_bytes: int  # weights kept on the device
@@ -298,6 +300,7 @@ def plan(
     host_budget: int | str | None = None,
     sample: Any = None,
     disk_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
     layers: str | Sequence[str] | None = None,
     adapters: Sequence = (),
     reps: int = 9,
@@ -309,6 +312,11 @@ def plan(
     offloaded layers do not fit it they stream from a layer cache under ``disk_path`` (default
     `default_cache_dir`), as they always do on a CPU target. ``sample`` is one forward's input; without
     it a language model is timed on a prefill and a decode step and the plan is chosen for decode.
+    ``checkpoint``, the model's safetensors folder, makes offloaded layers stream from it
+    (``source="checkpoint"``) instead of a layer cache, and lets the layers be on the meta device (weights
+    not loaded: the model was built empty and only the rest was read, see `weightlift.hf.load_streaming`):
+    they are then measured streamed from the checkpoint, a few at a time read into memory, so planning
+    never holds more of them than ``budget``.
     Raises `OffloadError` when no plan fits, stating the minimum budget. Measuring runs the model; on a CPU
     target a few layers are also offloaded for a moment (they come back bitwise equal, in new storage).
     """
@@ -319,13 +327,21 @@ def plan(
     dev = resolve_device(device)
     budget = parse_size(budget, name="budget")
     host_budget = None if host_budget is None else parse_size(host_budget, name="host_budget")
-    if any(t.is_meta for t in model.parameters()):
+    ckpt = Path(checkpoint).expanduser() if checkpoint is not None else None
+    if ckpt is None and any(t.is_meta for t in model.parameters()):
         raise OffloadError(
             "`model` has parameters on the meta device: plan() times the model's layers, so load its weights "
-            "first, or offload with an explicit OffloadConfig"
+            "first, pass `checkpoint` (the folder its layers stream from), or offload with an explicit OffloadConfig"
         )
-    info = analyse(model, layers, adapters)
+    info = analyse(model, layers, adapters)  # refuses meta tensors outside the layers
     n = len(info.names)
+    empty = any(t.is_meta for layer in info.layers for t in (*layer.parameters(), *layer.buffers()))
+    in_place = True  # on a CPU target, offloaded layers are computed on in their mapped file
+    if ckpt is not None:
+        index = CheckpointIndex(ckpt, model)
+        found = [index.locate(f"{name}.{key}") for name, layer in zip(info.names, info.layers)
+                 for key in layer.state_dict(keep_vars=True)]  # fmt: skip
+        in_place = all(loc is not None and mappable(loc) for loc in found)
     total = info.total_bytes
     if budget < info.minimum_bytes:  # refused before measuring anything
         _too_small(model, budget, host_budget, info.minimum_bytes)
@@ -342,22 +358,30 @@ def plan(
         folder.mkdir(parents=True, exist_ok=True)
         available = available_ram()
         warm = available is None or total <= 0.8 * available  # the page cache can keep the layer cache
-        link = f"layer cache mapped in place from {folder}"
-        if warm:
-            link += " (page cache: page faults only)"
-        else:
-            copy_rate = disk_read_rate(folder, largest)
-            link += f" (disk reads at {copy_rate / 1e6:.0f} MB/s)"
+        if in_place:
+            link = f"{'checkpoint' if ckpt else 'layer cache'} mapped in place from {ckpt or folder}"
+            if warm:
+                link += " (page cache: page faults only)"
+            else:
+                copy_rate = disk_read_rate(folder, largest)
+                link += f" (disk reads at {copy_rate / 1e6:.0f} MB/s)"
+        else:  # tensors built of several pieces of the checkpoint: read into slots
+            copy_rate = disk_read_rate(folder, largest, cold=not warm)
+            link = f"checkpoint {ckpt} read into slots at {copy_rate / 1e6:.0f} MB/s" + (" (page cache)" * warm)
     elif offloading:
         copy_rate = h2d_bandwidth(dev, largest)
         link = f"pinned host RAM -> {dev} at {copy_rate / 1e9:.1f} GB/s"
 
     # compute per layer: in place when the model already lives on the device (a CPU target), else under a
     # temporary offload of every layer with prefetch off (so it needs no more device memory than any plan)
+    # (layers on the meta device: streamed from the checkpoint, mapped in place on a CPU target when it can be)
     measured: dict[str, tuple[list[float], float]] = {}
-    in_place = all(t.device == dev for t in (*model.parameters(), *model.buffers()))
-    probe = None if in_place else offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks),
-                                                                                   prefetch_step=0))  # fmt: skip
+    probe = None
+    if empty:
+        probe = offload(model, device=dev, config=OffloadConfig(
+            layers=tuple(info.stacks), source="checkpoint", disk_path=str(ckpt), prefetch_step=1 if cpu else 0))
+    elif not all(t.device == dev for t in (*model.parameters(), *model.buffers())):
+        probe = offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks), prefetch_step=0))
     try:
         for _ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
             for name, run in runners.items():
@@ -367,23 +391,36 @@ def plan(
     finally:
         if probe is not None:
             probe.remove()
-    if cpu and offloading and any(info.nbytes):  # what computing on the mapped cache adds per byte
-        fault = mapped_overhead(model, info, runners[goal], measured[goal][0], folder, reps)
+    if cpu and offloading and any(info.nbytes) and in_place:  # what computing on the mapped file adds per byte
+        if empty:  # measured mapped: a few layers read into memory give what it added
+            room = budget - info.other_bytes
+            fault, alone = streamed_overhead(model, info, runners[goal], measured[goal][0], index, room, reps)
+            for name, (c, o) in measured.items():
+                c = [max(0.0, t - fault * b) for t, b in zip(c, info.nbytes)]
+                measured[name] = ([alone.get(i, t) for i, t in enumerate(c)] if name == goal else c, o)
+        else:
+            fault = mapped_overhead(model, info, runners[goal], measured[goal][0], folder, reps)
 
     def memory(chosen: list[int], step: int, src: str) -> tuple[int, int, int]:
         slot = max((info.nbytes[i] for i in chosen), default=0)
         resident = total - sum(info.data_bytes[i] for i in chosen)
         if not chosen:
             return resident, 0, 0
-        if cpu:
-            return resident, slot, 0  # the mapped window of the layer being computed
         pool = (max(cyclic_slots(len(chosen), step)) + 1 if step else 1) * slot
+        if cpu:
+            return resident, slot if in_place else pool, 0  # in place: the mapped window of the layer computed
         if src == "host":
             return resident, pool, sum(arena_sizes(sum(info.nbytes[i] for i in chosen)))  # see pool.HostArena
         return resident, pool, 2 * pinned_size(slot, dev.type != "cpu")  # the staging ring
 
     # on an accelerator with a host budget, layers that do not fit host RAM come from a layer cache
-    staged_read = disk_read_rate(folder, largest) if not cpu and offloading and host_budget is not None else 0.0
+    staged = not cpu and offloading and (host_budget is not None or ckpt is not None)
+    staged_read = disk_read_rate(folder, largest) if staged else 0.0
+    tiers = ["host"] if not staged_read else ["host", "checkpoint" if ckpt else "disk"]
+    if cpu:
+        tiers = ["checkpoint" if ckpt else "disk"]
+    elif empty:
+        tiers = ["checkpoint"]  # no weights in memory to make host masters of
     spread = {p: r for r, p in enumerate(spread_order(n))} if n else {}
     order = sorted(range(n), key=lambda i: (-info.nbytes[i], spread[i]))
     compute, other = measured[goal]
@@ -392,7 +429,7 @@ def plan(
     for k in range(n + 1 if offloading else 1):
         chosen = sorted(order[:k])
         for step in range(1, max(1, min(k, 8)) + 1) if k else [1]:
-            for src in (["disk"] if cpu else ["host", "disk"] if staged_read else ["host"]) if k else ["host"]:
+            for src in tiers if k else ["host"]:
                 resident, pool, host = memory(chosen, step, src)
                 need = resident + pool
                 minimum = need if minimum is None else min(minimum, need)
@@ -409,7 +446,8 @@ def plan(
         model=type(model).__name__, fingerprint=fingerprint(model), device=str(dev), budget=budget,
         host_budget=host_budget, stacks=info.stacks, layer_names=info.names, layer_bytes=info.nbytes,
         offloaded=chosen, prefetch_step=step if chosen else 1, source=src if chosen else "host",
-        disk_path=str(folder) if chosen and src == "disk" else None, mmap=True, resident_bytes=resident,
+        disk_path={"disk": str(folder), "checkpoint": str(ckpt)}.get(src) if chosen else None, mmap=True,
+        resident_bytes=resident,
         pool_bytes=pool, host_bytes=host, link=link if chosen else "none (nothing offloaded)",
         copy_bytes_per_s=rate if chosen else 0.0, serial_s_per_byte=fault if chosen else 0.0,
         workloads={name: Workload(name, c, o) for name, (c, o) in measured.items()}, goal=goal,
