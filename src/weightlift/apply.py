@@ -149,14 +149,9 @@ def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config
             f"look like {[q for q, *_ in _tensors(layers[0], with_attributes=False)][:4]}"
         )
     resident = {}
-    for name, t, _ in _tensors(model, with_attributes=False):
+    for _, t, _ in _tensors(model, with_attributes=False):
         if id(t) not in chosen:
             resident[id(t)] = t
-            if t.is_meta:
-                raise OffloadError(
-                    f"`{name}` is on the meta device (no data) and is not offloaded: load the weights before "
-                    "offloading; only offloaded layers may stay on meta, with source='disk' and a written cache"
-                )
     return entries, list(resident.values())
 
 
@@ -270,6 +265,13 @@ def offload(
         )
     adapters = (*adapters, *BUILTIN_ADAPTERS)
     entries, resident = _collect(model, names, layers, config, adapters)
+    kept = {id(t) for t in resident}
+    for name, t, _ in _tensors(model, with_attributes=False):
+        if t.is_meta and id(t) in kept:
+            raise OffloadError(
+                f"`{name}` is on the meta device (no data) and is not offloaded: load the weights before "
+                "offloading; only offloaded layers may stay on meta, streamed from a layer cache or a checkpoint"
+            )
     meta = [e.qualname for es in entries.values() for e in es if e.tensor.is_meta]
     if meta and config.source == "host":
         raise OffloadError(

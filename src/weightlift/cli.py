@@ -97,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.budget is not None:
         return _bench_plan(args, device)
     config = _offload_config(args, device)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args)
     ids = chat_ids(tokenizer, DEMO_PROMPT) if tokenizer is not None else torch.arange(3, 35)[None]
     model.to(device)
     resident = measure_decode(model, ids.to(device), args.tokens)
@@ -155,14 +155,52 @@ def _add_place_args(parser: argparse.ArgumentParser, sources: list[str], folder:
                         help=f"{folder} (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)")  # fmt: skip
 
 
-def _load(name: str):
-    """The model and tokenizer; libraries' progress bars are shown only on a terminal (quiet when piped)."""
-    from .hf import load_model
-
+def _quiet():
+    """Libraries' progress bars are shown only on a terminal (quiet when piped)."""
     if sys.stderr.isatty():
-        return load_model(name)
-    with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars write to sys.stderr; logging keeps its stream
-        return load_model(name)
+        return contextlib.nullcontext()
+    return contextlib.redirect_stderr(io.StringIO())  # tqdm bars write to sys.stderr; logging keeps its stream
+
+
+def _dtype(args: argparse.Namespace):
+    name = getattr(args, "dtype", None)
+    return getattr(torch, name) if name else None
+
+
+def _folder(args: argparse.Namespace) -> Path:
+    """The model's checkpoint folder (a GGUF file is converted into the cache once)."""
+    from .hf import model_folder
+
+    with _quiet():
+        return model_folder(args.model, dtype=_dtype(args), cache_dir=getattr(args, "cache_dir", None))
+
+
+def _load(args: argparse.Namespace):
+    """The whole model in memory, and its tokenizer (None when the folder has none)."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf import tokenizer_of
+
+    folder = _folder(args)
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(folder, **({"dtype": _dtype(args)} if _dtype(args) else {}))
+        return model.eval(), tokenizer_of(folder)
+
+
+def _stream(args: argparse.Namespace, device, saved=None, need_tokenizer: bool = False):
+    """The model with the layers a plan offloads streamed from its checkpoint, never read whole: the plan
+    for ``--budget`` (measured here) or the saved ``--plan``. ``(model, tokenizer, handle)``."""
+    from .hf import load_streaming, tokenizer_of
+
+    folder = _folder(args)
+    with _quiet():
+        tokenizer = tokenizer_of(folder)
+    if tokenizer is None and need_tokenizer:
+        raise OffloadError(f"`model`={args.model!r} has no tokenizer files: generate needs a tokenizer")
+    budget = None if saved is not None else args.budget
+    model, handle = load_streaming(folder, budget=budget, host_budget=getattr(args, "host_budget", None),
+                                   plan=saved, device=device, dtype=_dtype(args))  # fmt: skip
+    return model, tokenizer, handle
 
 
 def _layer_formats(layer) -> list[str]:
@@ -181,10 +219,11 @@ def _layer_formats(layer) -> list[str]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .hf import skeleton
     from .measure import analyse
 
     _check_budgets(args)
-    model, _ = _load(args.model)
+    model = skeleton(_folder(args), _dtype(args))  # no weights: sizes and formats come from the shapes
     info = analyse(model)
     total, minimum = info.total_bytes, info.minimum_bytes
     largest = max(info.nbytes, default=0)
@@ -247,20 +286,17 @@ def _check_budgets(args: argparse.Namespace):
     return None
 
 
-def _make_plan(args: argparse.Namespace, model, saved=None):
+def _plan(args: argparse.Namespace) -> int:
     from .apply import resolve_device
+    from .hf import load_outside_layers
     from .plan import plan
 
-    if saved is not None:
-        return saved
-    device = resolve_device(args.device)
-    return plan(model, device=device, budget=args.budget, host_budget=args.host_budget, disk_path=args.cache_dir)
-
-
-def _plan(args: argparse.Namespace) -> int:
     _check_budgets(args)
-    model, _ = _load(args.model)
-    result = _make_plan(args, model)
+    device = resolve_device(args.device)
+    folder = _folder(args)
+    model, _, _ = load_outside_layers(folder, dtype=_dtype(args))  # the layers stay empty: measured streamed
+    result = plan(model, device=device, budget=args.budget, host_budget=args.host_budget, disk_path=args.cache_dir,
+                  checkpoint=folder)  # fmt: skip
     if args.out:
         Path(args.out).write_text(result.to_json())
     print(result.to_json() if args.json else result)
@@ -270,25 +306,24 @@ def _plan(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from . import offload
     from .apply import resolve_device
     from .hf import chat_ids
 
     saved = _check_budgets(args)
     device = resolve_device(args.device)
-    model, tokenizer = _load(args.model)
+    if args.budget is not None or saved is not None:
+        model, tokenizer, handle = _stream(args, device, saved, need_tokenizer=True)
+    else:
+        (model, tokenizer), handle = _load(args), None
+        model.to(device)
     if tokenizer is None:
         raise OffloadError(f"`model`={args.model!r} has no tokenizer files: generate needs a tokenizer")
-    plan = _make_plan(args, model, saved) if args.budget is not None or saved is not None else None
     ids = chat_ids(tokenizer, args.prompt).to(device)
     streamer = None
     if not args.json:
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    handle = offload(model, device=device, plan=plan) if plan is not None else None
-    if handle is None:
-        model.to(device)
     with handle if handle is not None else nullcontext():
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature \
             else {"do_sample": False}  # fmt: skip
@@ -317,15 +352,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench_plan(args: argparse.Namespace, device) -> int:
     """Predicted vs measured seconds per forward (prefill and decode) under the plan for ``--budget``."""
-    from . import offload
     from .measure import language_model_workloads, time_forwards
 
     _check_budgets(args)
-    model, _ = _load(args.model)
-    plan = _make_plan(args, model)
+    model, _, handle = _stream(args, device)  # resident times would need the whole model: not measured
+    plan = handle.plan
     runners = language_model_workloads(model, device)
-    resident = time_forwards(runners, device) if device.type == "cpu" else {}
-    with offload(model, device=device, plan=plan) as handle:
+    resident: dict = {}
+    with handle:
         measured = time_forwards(runners, device)
         report = handle.report()
     rows = {name: {"predicted_s": plan.workloads[name].predicted_s, "measured_s": measured[name],

@@ -124,6 +124,52 @@ def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     return model.eval()
 
 
+def model_folder(name: str, *, dtype: torch.dtype | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The transformers checkpoint folder of ``name``: ``smollm2`` (the embedded model) or a ``.gguf`` file,
+    converted once into the cache (``cache_dir``, default `plan.default_cache_dir`) in ``dtype`` (default
+    float32, as transformers dequantizes GGUF), or a model folder as it is."""
+    from .plan import default_cache_dir
+
+    path = smollm2_file() if name == "smollm2" else Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
+        from .convert import convert_gguf
+
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        return convert_gguf(path, dtype=dtype or torch.float32, cache_dir=folder)
+    if not (path / "config.json").is_file():
+        raise OffloadError(
+            f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
+        )
+    return path
+
+
+def tokenizer_of(folder: Path):
+    """The folder's tokenizer, or None when it has none."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_outside_layers(folder: str | Path, *, dtype: torch.dtype | None = None, layers=None):
+    """`skeleton` with every tensor outside its layer stacks read from the checkpoint: ``(model, index, names)``,
+    the `checkpoint.CheckpointIndex` and the layers' dotted names. What planning a streamed model needs."""
+    from .apply import layer_list
+    from .checkpoint import CheckpointIndex, load_meta
+    from .models import find_stacks
+
+    folder = Path(folder).expanduser()
+    model = skeleton(folder, dtype)
+    index = CheckpointIndex(folder, model)
+    names, _ = layer_list(find_stacks(model, layers))
+    prefixes = tuple(f"{name}." for name in names)
+    load_meta(model, index, keep=lambda name: not name.startswith(prefixes))
+    return model, index, names
+
+
 def load_streaming(
     folder: str | Path,
     *,
@@ -146,10 +192,9 @@ def load_streaming(
     from dataclasses import replace
 
     from . import offload
-    from .apply import layer_list, resolve_device
-    from .checkpoint import CheckpointIndex, load_meta
+    from .apply import resolve_device
+    from .checkpoint import load_meta
     from .config import OffloadConfig
-    from .models import find_stacks
     from .plan import plan as make_plan
 
     given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]
@@ -157,12 +202,9 @@ def load_streaming(
         raise OffloadError(f"pass one of `config`, `budget` or `plan`, not {' and '.join(f'`{g}`' for g in given)}")
     folder = Path(folder).expanduser()
     dev = resolve_device(device)
-    model = skeleton(folder, dtype)
-    index = CheckpointIndex(folder, model)
-    layers_config = (plan.config() if plan is not None else config or OffloadConfig()).layers
-    names, _ = layer_list(find_stacks(model, layers_config))
+    layers = (plan.config() if plan is not None else config or OffloadConfig()).layers
+    model, index, names = load_outside_layers(folder, dtype=dtype, layers=layers)
     prefixes = tuple(f"{name}." for name in names)
-    load_meta(model, index, keep=lambda name: not name.startswith(prefixes))  # everything outside the layers
     if budget is not None:
         log.info("weightlift: planning %s for a budget of %s", folder.name, budget)
         plan = make_plan(model, device=dev, budget=budget, host_budget=host_budget, checkpoint=folder)

@@ -333,7 +333,7 @@ def plan(
             "`model` has parameters on the meta device: plan() times the model's layers, so load its weights "
             "first, pass `checkpoint` (the folder its layers stream from), or offload with an explicit OffloadConfig"
         )
-    info = analyse(model, layers, adapters)  # refuses meta tensors outside the layers
+    info = analyse(model, layers, adapters)
     n = len(info.names)
     empty = any(t.is_meta for layer in info.layers for t in (*layer.parameters(), *layer.buffers()))
     in_place = True  # on a CPU target, offloaded layers are computed on in their mapped file

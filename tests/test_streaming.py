@@ -1,0 +1,69 @@
+"""`weightlift generate FOLDER --budget ...` streams a model bigger than its budget from the checkpoint:
+the process's peak RSS tracks the budget, not the model, and the answer is the resident one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import save_tokenizer
+
+BUDGET = 100 * 2**20
+SLACK = 48 * 2**20
+PROMPT = "w5 w17 w42 w9"
+
+
+def _generate(folder, *extra: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "weightlift", "generate", str(folder), "--prompt", PROMPT, "--tokens", "6", "--json",
+         "--device", "cpu", *extra],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "WEIGHTLIFT_CACHE": str(folder / "cache")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def _save(folder, config_cls, model_cls, **config) -> int:
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=256, bos_token_id=254, eos_token_id=255, tie_word_embeddings=False,
+                                 **config)).eval()  # fmt: skip
+    model.save_pretrained(folder)
+    save_tokenizer(folder, 256)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+LLAMA = {"num_attention_heads": 8, "num_key_value_heads": 8}
+MIXTRAL = {"num_attention_heads": 8, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2}
+CASES = {
+    # family: (classes, small config, big config, least bytes of the big one)
+    "llama": ("Llama", {**LLAMA, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3},
+              {**LLAMA, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8}, 400e6),
+    "mixtral": ("Mixtral", {**MIXTRAL, "hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": 4},
+                {**MIXTRAL, "hidden_size": 512, "intermediate_size": 512, "num_hidden_layers": 11}, 300e6),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_generate_with_a_budget_peaks_near_the_budget_not_the_model(tmp_path, family):
+    import transformers as tf
+
+    prefix, small_config, big_config, least = CASES[family]
+    classes = getattr(tf, f"{prefix}Config"), getattr(tf, f"{prefix}ForCausalLM")
+    small, big = tmp_path / "small", tmp_path / "big"
+    _save(small, *classes, **small_config)
+    assert _save(big, *classes, **big_config) >= least
+    baseline = _generate(small, "--budget", "100MiB")
+    resident = _generate(big)
+    streamed = _generate(big, "--budget", "100MiB")
+    assert streamed["layers_offloaded"] > 0 and baseline["layers_offloaded"] == 0
+    assert streamed["text"] == resident["text"]
+    assert streamed["peak_rss_bytes"] <= baseline["peak_rss_bytes"] + BUDGET + SLACK, (streamed, baseline)
+    assert resident["peak_rss_bytes"] > streamed["peak_rss_bytes"] + 200e6  # the model would not have fit
+    runs = {"streamed": streamed, "small": baseline, "resident": resident}
+    mib = {k: round(v["peak_rss_bytes"] / 2**20) for k, v in runs.items()}
+    print(f"{family}: peak RSS (MiB) {mib}")
