@@ -107,7 +107,8 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
     """A transformers model from a safetensors checkpoint folder without ever holding its offloaded layers.
 
     The model is built with empty (meta) parameters, only the weights outside the offloaded layers are
-    read into memory, and the offloaded layers stream from the checkpoint files in place
+    read into memory (found, like the offloaded ones, by transformers' own load-time renames and
+    conversions: `checkpoint.CheckpointIndex`), and the offloaded layers stream from the checkpoint files in place
     (``OffloadConfig(source="checkpoint")``; ``config`` may set the other fields). Returns
     ``(model, handle)``; ``handle.remove()`` leaves the offloaded parameters on the meta device.
     """
@@ -115,12 +116,12 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
 
     from . import offload
     from .apply import layer_list
+    from .checkpoint import CheckpointIndex
     from .config import OffloadConfig
     from .models import find_stacks
 
     try:
         from accelerate import init_empty_weights
-        from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise OffloadError("loading from a checkpoint needs the extra: `pip install 'weightlift[hf]'`") from None
@@ -143,12 +144,17 @@ def load_streaming(folder: str | Path, *, config=None, device: str | torch.devic
         for name, _ in layer.named_parameters()
         if config.offloads_param(name)
     }
+    index = CheckpointIndex(folder, model)
     resident = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if name not in streamed:
-                    resident[name] = f.get_tensor(name)
+    for name in model.state_dict():  # meta tensors: their names, persistent buffers with them
+        if name not in streamed and (found := index.locate(name)) is not None:
+            resident[name] = index.read(found)
     model.load_state_dict(resident, strict=False, assign=True)
     model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in streamed]
+    if missing:
+        raise OffloadError(
+            f"`{missing[0]}` (and {len(missing) - 1} more) is not in the checkpoint in `{folder}`: it is incomplete "
+            "or names its tensors otherwise; restore it, or load the model with from_pretrained"
+        )
     return model, offload(model, device=device, config=config)
