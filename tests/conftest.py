@@ -31,6 +31,11 @@ def _builders():
             _llama_like(tf.MixtralConfig, tf.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
             "experts",
         ),
+        "qwen3_moe": (
+            _llama_like(tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, decoder_sparse_step=1, head_dim=16),
+            "experts",
+        ),
         "gpt2": (
             lambda layers=5: tf.GPT2LMHeadModel(
                 tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=128,

@@ -44,12 +44,99 @@ def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard, map
     assert torch.equal(run(model, ids)[0], ref[0])
 
 
-def test_checkpoint_with_other_tensor_names_is_refused_clearly(tmp_path):
-    """transformers 5 saves Mixtral's fused experts under per-expert names: not readable in place."""
+MOE = ["mixtral", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_checkpoint_streams_through_transformers_conversions(tmp_path, family):
+    """save_pretrained (like hub checkpoints) holds one tensor per expert under the original names
+    (Mixtral's `block_sparse_moe.experts.E.w1`): each fused `experts.gate_up_proj` is read from its 2E
+    per-expert tensors (`down_proj` from E), a renamed one (`mlp.gate`) from its key; both for a model in
+    memory and for `load_streaming`, which reads the resident tensors through the same index."""
+    model = tiny(family, layers=3)
+    ids = prompt()
+    ref = run(model, ids, new_tokens=3)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")  # experts spread over several files
+    keys = {k for f in tmp_path.glob("*.safetensors") for k in _header(f)}
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in keys  # the fused tensors are not saved
+    assert any(".experts.3." in k for k in keys) and (family == "mixtral") == any("block_sparse" in k for k in keys)
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
+        out = run(model, ids, new_tokens=3)
+        assert handle.report().source == str(tmp_path)  # tensors of several pieces: read into slots, not mapped
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+    streamed, handle = load_streaming(tmp_path, config=OffloadConfig(group_size=3, num_in_group=2))
+    with handle:
+        out = run(streamed, ids, new_tokens=3)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    stack = streamed.model.layers
+    assert all(p.is_meta for i in range(1, 3) for p in stack[i].parameters())  # never materialised
+    want = model.state_dict()
+    kept = {n: t for n, t in streamed.state_dict().items() if not t.is_meta}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in kept and "model.layers.0.mlp.gate.weight" in kept
+    assert len(kept) == len(want) - sum(len(list(stack[i].parameters())) for i in range(1, 3))
+    assert all(torch.equal(t, want[n]) for n, t in kept.items())
+
+
+def test_moe_checkpoint_of_the_fused_tensors_is_read_by_name(tmp_path):
+    model = tiny("mixtral", layers=3)
+    ids = prompt()
+    with torch.inference_mode():
+        ref = model(ids).logits
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle, torch.inference_mode():
+        assert torch.equal(model(ids).logits, ref)
+        assert handle.report().source == str(tmp_path) + " (mapped)"  # one piece each: computed on in place
+
+
+def _header(path) -> dict:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return {k: v for k, v in json.loads(raw[8 : 8 + n]).items() if k != "__metadata__"}
+
+
+def test_moe_checkpoint_missing_an_expert_is_refused_naming_it(tmp_path):
     model = tiny("mixtral")
     model.save_pretrained(tmp_path)
-    with pytest.raises(OffloadError, match=r"`model.layers.0.mlp.gate.weight` is not in the checkpoint.*source='disk'"):
-        weightlift.offload(model, device="cpu", config=_ckpt(tmp_path))
+    gone = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
+    _rewrite_header(tmp_path / "model.safetensors", lambda h: h.update({"renamed": h.pop(gone)}))
+    _refused(model, tmp_path, f"`{gone}` is not in the checkpoint .*stacks 4 of them into "
+                              r"`model.layers.0.mlp.experts.gate_up_proj`.*source='disk'")  # fmt: skip
+    with pytest.raises(OffloadError, match=f"`{gone}` is not in the checkpoint"):
+        load_streaming(tmp_path, config=OffloadConfig(group_size=5, num_in_group=4))  # layer 0 resident: read too
+
+
+def test_moe_checkpoint_expert_of_another_shape_is_refused_naming_it(tmp_path):
+    model = tiny("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    bad = "model.layers.1.mlp.experts.2.down_proj.weight"
+    _rewrite_header(tmp_path / "model.safetensors", lambda h: h[bad].update(shape=[32, 64]))
+    _refused(model, tmp_path, rf"`{bad}` in .* is \(32, 64\), `model.layers.1.mlp.experts.0.down_proj.weight` .*"
+                              r"is \(64, 32\).*source='disk'")  # fmt: skip
+
+
+def test_conversions_that_move_bytes_are_refused_naming_the_operation():
+    """Only a stacking/concatenation/chunking in which each source stays one contiguous run is read in
+    place: a transpose, or a concatenation that interleaves rows, is refused (with transformers' own ops)."""
+    from transformers.core_model_loading import Concatenate, Transpose, WeightConverter
+
+    from weightlift.conversion import Recipe, build
+
+    shapes = {"a.q": (4, 6), "a.k": (4, 6)}
+
+    def stored(key):
+        return torch.float32, shapes[key], "model.safetensors"
+
+    fused = WeightConverter(["q", "k"], "qk", operations=[Concatenate(dim=0)])
+    built = build(Recipe("a.qk", fused, "qk", {"q": ["a.q"], "k": ["a.k"]}), stored, (8, 6))
+    assert built.shape == (8, 6) and built.runs == [("a.q", 0, 96, 0), ("a.k", 0, 96, 96)]
+    side = WeightConverter(["q", "k"], "qk", operations=[Concatenate(dim=1)])
+    with pytest.raises(OffloadError, match=r"`a.qk`: transformers' Concatenate\(dim=1\) interleaves .*source='disk'"):
+        build(Recipe("a.qk", side, "qk", {"q": ["a.q"], "k": ["a.k"]}), stored, (4, 12))
+    turned = WeightConverter("q", "p", operations=[Transpose(0, 1)])
+    with pytest.raises(OffloadError, match=r"`a.p` is made from the checkpoint's `a.q` by transformers' Transpose.*"
+                                           r"source='disk'"):  # fmt: skip
+        build(Recipe("a.p", turned, "p", {"q": ["a.q"]}), stored, (6, 4))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "qwen3", "opt"])

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import conversion
 from .disk import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .errors import OffloadError
 from .storage import Entry, Layout
@@ -95,6 +96,8 @@ class CheckpointIndex:
         self.model = model
         self._headers: dict[Path, tuple[dict, int]] = {}
         self._where = _tensor_files(self.folder)
+        self._recipes: dict[str, conversion.Recipe] | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def header(self, path: Path) -> tuple[dict, int]:
         if path not in self._headers:
@@ -123,8 +126,36 @@ class CheckpointIndex:
         return Located(key, dtype, shape, (Piece(path, data_start + begin, end - begin, 0),), str(record.get("dtype")))
 
     def locate(self, name: str) -> Located | None:
-        """Where model tensor ``name`` is, or None when the checkpoint does not hold it."""
-        return self._stored(name)
+        """Where model tensor ``name`` is, or None when the checkpoint does not hold it.
+
+        For a transformers model the checkpoint's keys are mapped to the model's tensors by transformers'
+        own load-time rules (renamed keys, per-expert tensors stacked into fused ones: `conversion`);
+        a tensor that no rule builds is looked up under its own name.
+        """
+        if self._recipes is None:
+            self._recipes = conversion.recipes(self.model, self._where)
+        recipe = self._recipes.get(name)
+        if recipe is None:
+            return self._stored(name)
+        if recipe.converter is None:
+            return self._stored(recipe.keys[0])
+        stored = {k: self._stored(k) for k in recipe.keys}
+        built = conversion.build(
+            recipe, lambda k: (stored[k].dtype, stored[k].shape, stored[k].pieces[0].file), self._shape(name),
+            getattr(self.model, "config", None),
+        )  # fmt: skip
+        pieces = []
+        for key, offset, nbytes, at in built.runs:
+            (whole,) = stored[key].pieces
+            pieces.append(Piece(whole.file, whole.offset + offset, nbytes, at))
+        return Located(built.runs[0][0], built.dtype, built.shape, tuple(pieces), stored[built.runs[0][0]].stored)
+
+    def _shape(self, name: str) -> tuple[int, ...] | None:
+        if self._shapes is None:
+            model = self.model
+            tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+            self._shapes = {n: tuple(t.shape) for n, t in tensors}
+        return self._shapes.get(name)
 
     def read(self, located: Located) -> torch.Tensor:
         """A fresh contiguous CPU tensor holding ``located``'s bytes."""
