@@ -185,9 +185,9 @@ def load_streaming(
     The model is built with empty (meta) parameters; the weights outside the layers, and the layers that
     stay resident, are read from the checkpoint (found, like the offloaded ones, through transformers' own
     load-time renames and conversions: `checkpoint.CheckpointIndex`); the offloaded layers stream from the
-    checkpoint files in place (``source="checkpoint"``). Which layers: ``budget`` (plan for it: layers are measured streamed,
-    see `weightlift.plan`'s ``checkpoint``), a saved ``plan``, or ``config`` (its other fields; the default
-    offloads every layer). Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
+    checkpoint files in place (``source="checkpoint"``). Which layers: ``budget`` (plan for it: layers are
+    measured streamed, see `weightlift.plan`'s ``checkpoint``), a saved ``plan``, or ``config`` (its other
+    fields; the default offloads every layer). Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
     parameters on the meta device. ``dtype`` must be the checkpoint's (the default).
     """
     from dataclasses import replace
