@@ -80,6 +80,16 @@ def run(model: nn.Module, ids: torch.Tensor, new_tokens: int = 8, mode=torch.inf
     return logits, tokens
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2 as transformers loads its GGUF (dequantized in RAM), and a chat prompt's ids.
+    Session-wide: test_smollm2 and test_convert share the one slow load."""
+    from weightlift.hf import chat_ids, load_gguf, smollm2_file
+
+    model, tokenizer = load_gguf(smollm2_file())
+    return model, chat_ids(tokenizer, "What is the capital of France?")
+
+
 def _storage_ptr(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage().data_ptr()

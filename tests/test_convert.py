@@ -1,0 +1,124 @@
+"""Converting the embedded SmolLM2 GGUF once, layer by layer, into a checkpoint folder (weightlift.convert)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import RSS_PRELUDE
+from weightlift import OffloadError
+from weightlift.convert import MARKER, convert_gguf, converted_folder
+from weightlift.hf import load_gguf, smollm2_file
+
+pytestmark = pytest.mark.slow
+
+CONVERT_BODY = """
+from pathlib import Path
+import gguf, safetensors.torch, transformers.integrations.gguf, transformers.modeling_gguf_pytorch_utils
+from transformers import AutoConfig, AutoTokenizer
+from weightlift.convert import convert_gguf
+from weightlift.hf import smollm2_file
+base = reset_peak()
+convert_gguf(smollm2_file(), dtype=torch.float32, cache_dir=Path(sys.argv[1]))
+print(base, status("VmHWM"))
+"""
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, request):
+    """The float32 conversion, written by a fresh interpreter that reports its baseline and peak RSS (bytes),
+    while this one loads the GGUF the transformers way for comparison."""
+    cache = tmp_path_factory.mktemp("cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RSS_PRELUDE + CONVERT_BODY, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        request.getfixturevalue("smollm2")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    base, peak = map(int, out.strip().splitlines()[-1].split())
+    return cache, converted_folder(smollm2_file(), dtype=torch.float32, cache_dir=cache), base, peak
+
+
+def test_converted_folder_equals_transformers_gguf_load(converted, smollm2):
+    from weightlift.hf import chat_ids
+
+    cache, folder, _, _ = converted
+    reference, ids = smollm2
+    model, tokenizer = load_gguf(smollm2_file(), cache_dir=cache)  # reuses the folder
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype == torch.float32 and torch.equal(got[name], tensor), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert torch.equal(chat_ids(tokenizer, "What is the capital of France?"), ids)
+    assert model.generation_config.to_dict() == reference.generation_config.to_dict()
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = {i: {f for n, f in index.items() if n.startswith(f"model.layers.{i}.")} for i in range(30)}
+    assert all(len(files) == 1 for files in shards.values())  # one shard per layer ...
+    layer_files = set().union(*shards.values())
+    assert len(layer_files) == 30 and index["model.embed_tokens.weight"] not in layer_files  # ... and one more
+    assert "lm_head.weight" not in index and len(set(index.values())) == 31
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_second_call_reuses_the_folder_without_writing(converted):
+    cache, folder, _, _ = converted
+    before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert convert_gguf(smollm2_file(), dtype=torch.float32, cache_dir=cache) == folder
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
+    marker = json.loads((folder / MARKER).read_text())
+    stat = smollm2_file().stat()
+    assert marker["format"] == "weightlift-converted" and marker["dtype"] == "float32"
+    assert (marker["source_size"], marker["source_mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_conversion_peak_rss_is_below_the_dequantized_model(converted):
+    _, folder, base, peak = converted
+    model_bytes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert model_bytes == 134_515_008 * 4  # every parameter in float32 (538 MB), embeddings once
+    assert peak - base < model_bytes, f"peak {(peak - base) / 2**20:.0f} MiB above the baseline"
+
+
+def test_folder_follows_the_file(tmp_path):
+    copy = tmp_path / "m.gguf"
+    shutil.copyfile(smollm2_file(), copy)
+    first = converted_folder(copy, dtype=torch.float32, cache_dir=tmp_path)
+    assert first.parent == tmp_path / "converted" and first.name.startswith("m-") and first.name.endswith("-float32")
+    assert converted_folder(copy, dtype=torch.bfloat16, cache_dir=tmp_path).name.endswith("-bfloat16")
+    os.utime(copy, ns=(0, 0))
+    assert converted_folder(copy, dtype=torch.float32, cache_dir=tmp_path) != first  # a changed file: converted again
+
+
+@pytest.mark.parametrize("keep", [0, 100_000, 40 * 2**20], ids=["not-gguf", "cut-in-metadata", "cut-in-tensors"])
+def test_unreadable_gguf_is_refused_and_leaves_nothing(tmp_path, keep):
+    bad = tmp_path / "bad.gguf"
+    if keep:
+        with open(smollm2_file(), "rb") as f:
+            bad.write_bytes(f.read(keep))
+    else:
+        bad.write_text("this is not a GGUF file\n" * 10)
+    cache = tmp_path / "cache"
+    with pytest.raises(OffloadError, match=r"`model`=.*bad\.gguf.*(not a readable GGUF|truncated)"):
+        convert_gguf(bad, cache_dir=cache)
+    assert list((cache / "converted").iterdir()) == []  # the temporary folder is gone
+
+
+def test_unwritable_cache_dir_is_refused(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(OffloadError, match=r"`cache_dir`=.*--cache-dir"):
+        convert_gguf(smollm2_file(), cache_dir=not_a_folder)
