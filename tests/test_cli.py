@@ -309,3 +309,24 @@ def test_bench_plot_gets_prefill_and_decode_of_both_runs_and_the_forward_starts(
     assert times == sorted(times) and min(e[2] for e in events) <= times[1] <= max(e[3] for e in events)
     real(events, runs, tmp_path / "t.png", forwards=starts)
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dtype_reaches_the_loader_and_the_default_is_the_checkpoints(folder):
+    import torch
+
+    from weightlift.hf import load_model
+
+    assert {p.dtype for p in load_model(str(folder))[0].parameters()} == {torch.float32}
+    assert {p.dtype for p in load_model(str(folder), torch.bfloat16)[0].parameters()} == {torch.bfloat16}
+
+
+def test_library_errors_are_put_in_flag_words():
+    from weightlift.cli import cli_words
+
+    assert cli_words("`disk_path` is given but `source`='host': pass source='disk' to stream from disk") == (
+        "`--cache-dir` is given but `--source`='host': pass `--source disk` to stream from disk"
+    )
+    assert cli_words("make a new plan with weightlift.plan(model, ...)").endswith(
+        "`weightlift plan MODEL --budget SIZE --out FILE`"
+    )
+    assert cli_words("`layers` and `/tmp/budget` stay") == "`layers` and `/tmp/budget` stay"
