@@ -4,33 +4,77 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import tiny
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 
-def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+
+def _cli(*args: str, cwd=None, path_first: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m weightlift ARGS`` with this worktree's sources (``path_first`` ahead of them)."""
+    pythonpath = os.pathsep.join(str(p) for p in (path_first, SRC) if p is not None)
     return subprocess.run([sys.executable, "-m", "weightlift", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd)  # fmt: skip
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}, cwd=cwd)  # fmt: skip
 
 
-def test_help_lists_commands_and_examples():
+def _save_tokenizer(folder: Path, words: int) -> None:
+    """A WordLevel tokenizer of ``words`` entries ('w3' has id 3 ...), no chat template: the prompt is plain text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder
+    )
+
+
+def _one_error_line(out: subprocess.CompletedProcess) -> str:
+    """The run failed as a user error: exit 2, stderr exactly one non-empty line `weightlift: error: ...`."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert len(lines) == 1 and lines[0].startswith("weightlift: error: "), out.stderr[-3000:]
+    return lines[0]
+
+
+def test_help_and_version():
     out = _cli("--help")
     assert out.returncode == 0
     assert "examples:" in out.stdout
     for command in ("demo", "bench", "inspect", "plan", "generate"):
         assert command in out.stdout
-        sub = _cli(command, "--help")
-        assert sub.returncode == 0 and "usage:" in sub.stdout
+    version = _cli("--version")
+    assert version.returncode == 0 and re.fullmatch(r"weightlift \S+ \(torch \S+\)\n", version.stdout)
+
+
+def test_every_option_of_every_command_has_help_and_examples():
+    import argparse
+
+    from weightlift.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in [("weightlift", parser), *sub.choices.items()]:
+        assert command.epilog and command.epilog.startswith("examples:"), name
+        assert "usage:" in command.format_help()
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     tiny("llama", layers=6).save_pretrained(path)
+    _save_tokenizer(path, 100)  # the model's vocabulary has 128
     return path
 
 
@@ -55,6 +99,38 @@ def test_plan_json_parses_saves_and_respects_the_budget(folder, tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
     text = _cli("plan", str(folder), "--budget", "600KiB", "--cache-dir", str(tmp_path))
     assert text.returncode == 0 and "predicted decode" in text.stdout and "model.layers.5" in text.stdout
+    _assert_terms_add_up(text.stdout, mapped=True)
+
+
+def _assert_terms_add_up(summary: str, mapped: bool) -> None:
+    """Each `predicted W: T ms per forward (...) = a ms X + b ms Y + ...` line names its terms, which sum to T."""
+    rows = re.findall(r"^predicted (\w+): ([\d.]+) ms per forward \(\w+-bound\) = (.+)$", summary, re.M)
+    assert {name for name, _, _ in rows} == {"prefill", "decode"}
+    for _, total, terms in rows:
+        parts = [re.fullmatch(r"([\d.]+) ms (.+)", t).groups() for t in terms.split(" + ")]
+        names = [name for _, name in parts]
+        assert names == ["compute in layers", "elsewhere", *(["mapped reads (page faults)"] if mapped else []),
+                         "exposed copy wait"]  # fmt: skip
+        assert abs(sum(float(ms) for ms, _ in parts) - float(total)) <= 0.005 * len(parts) + 1e-9
+
+
+def test_plan_summary_names_every_term_of_a_prediction():
+    """A plan with offloaded layers mapped on the CPU, copies slower than compute: all four terms are non-zero."""
+    from weightlift.plan import Plan, Workload
+
+    n = 6
+    plan = Plan(
+        model="M", fingerprint="x", device="cpu", budget=10**6, host_budget=None, stacks=["model.layers"],
+        layer_names=[f"model.layers.{i}" for i in range(n)], layer_bytes=[1000] * n, offloaded=[1, 3, 5],
+        prefetch_step=1, source="disk", disk_path="/tmp/x", mmap=True, resident_bytes=5000, pool_bytes=1000,
+        host_bytes=0, link="mapped", copy_bytes_per_s=2e5, serial_s_per_byte=3e-6, goal="decode",
+        workloads={w: Workload(w, [0.002, 0.001, 0.003, 0.001, 0.002, 0.001], 0.004) for w in ("prefill", "decode")},
+    )  # fmt: skip
+    for w in plan.workloads.values():
+        w.predicted_s, w.wait_s = plan.predict(w.compute_s, w.other_s)
+        assert sum(w.wait_s) > 0
+    _assert_terms_add_up(plan.summary(), mapped=True)
+    assert all(ms > 0 for _, ms in plan.terms(plan.workloads["decode"]))
 
 
 def test_bench_with_a_budget_reports_predicted_and_measured(folder, tmp_path):
@@ -74,9 +150,20 @@ def test_generate_streams_and_summarises(tmp_path):
     assert out.stdout.strip()  # the streamed answer
     summary = [line for line in out.stderr.splitlines() if line.startswith("[")]
     assert len(summary) == 1 and "tokens/s" in summary[0] and "layers offloaded" in summary[0]
+    assert re.search(r"first token after \d+\.\d\d s", summary[0])
     assert "it/s" not in out.stderr  # no progress bars when piped
-    as_json = _cli("generate", "smollm2", "--prompt", "Hi!", "--tokens", "3", "--json")
-    assert as_json.returncode == 0 and json.loads(as_json.stdout)["new_tokens"] == 3
+
+
+def test_generate_json_has_first_token_time_plan_and_peak_rss(folder, tmp_path):
+    out = _cli("generate", str(folder), "--prompt", "w5 w6 w7", "--tokens", "3", "--budget", "600KiB",
+               "--cache-dir", str(tmp_path), "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["new_tokens"] == 3 and result["layers_offloaded"] > 0
+    assert 0 < result["time_to_first_token_s"] < 3 / result["tokens_per_s"]  # the first of three tokens
+    assert result["peak_rss_bytes"] > 100 * 2**20  # torch alone is more
+    assert "predicted decode" in result["plan"]["summary"]
+    assert set(result["plan"]["predicted_s_per_forward"]) == {"prefill", "decode"}
 
 
 @pytest.mark.parametrize("source", ["disk", "host", "checkpoint"])
@@ -84,9 +171,11 @@ def test_bench_json_and_plot_on_a_model_folder(tmp_path, source):
     model = tiny("llama")
     model.save_pretrained(tmp_path / "model")
     folder = tmp_path / "model" if source == "checkpoint" else tmp_path / "cache"
-    out = _cli("bench", str(tmp_path / "model"), "--tokens", "4", "--source", source, "--cache-dir", str(folder),
+    out = _cli("-v", "bench", str(tmp_path / "model"), "--tokens", "4", "--source", source, "--cache-dir", str(folder),
                "--json", "--plot", str(tmp_path / "t.png"), "--trace", str(tmp_path / "t.json"))  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^loading .*model: \d+\.\d\d s$", out.stderr, re.M)  # -v: the CLI's phases, with seconds
+    assert "layers of `model.layers` offloaded" in out.stderr  # and the library's own INFO lines
     result = json.loads(out.stdout)
     assert result["identical"] is True
     assert result["report"]["layers_offloaded"] == 5 and result["report"]["prefetch_misses"] == 0
@@ -99,13 +188,13 @@ def test_bench_json_and_plot_on_a_model_folder(tmp_path, source):
     "args,message",
     [
         (["bench", "/nonexistent/model"], "is neither 'smollm2', a .gguf file, nor a transformers model folder"),
-        (["bench", "smollm2", "--prefetch-step", "-1"], "`prefetch_step` must be an int >= 0"),
-        (["bench", "smollm2", "--device", "gpu9"], "is not a device torch knows"),
+        (["bench", "smollm2", "--prefetch-step", "-1"], "`--prefetch-step` must be >= 0"),
+        (["bench", "smollm2", "--device", "gpu9"], "`--device`='gpu9' is not a device torch knows"),
         (["plan", "/nonexistent/model", "--budget", "1GiB"], "is neither 'smollm2', a .gguf file"),
         (["inspect", "/nonexistent/model"], "is neither 'smollm2', a .gguf file"),
-        (["plan", "smollm2", "--budget", "lots"], "`budget`='lots' is not a size"),
-        (["inspect", "smollm2", "--budget", "12 parsecs"], "`budget`='12 parsecs' is not a size"),
-        (["generate", "smollm2", "--prompt", "x", "--budget", "1GiB", "--host-budget", "-"], "`host_budget`='-'"),
+        (["plan", "smollm2", "--budget", "lots"], "`--budget`='lots' is not a size"),
+        (["inspect", "smollm2", "--budget", "12 parsecs"], "`--budget`='12 parsecs' is not a size"),
+        (["generate", "smollm2", "--prompt", "x", "--budget", "1GiB", "--host-budget", "-"], "`--host-budget`='-'"),
         (["generate", "smollm2", "--prompt", "x", "--plan", "/nonexistent.json"], "`--plan`='/nonexistent.json'"),
     ],
 )
@@ -127,3 +216,117 @@ def test_a_budget_below_the_minimum_is_one_line_stating_it(folder, tmp_path):
 def test_usage_error_exits_2():
     out = _cli("bench")
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def no_transformers(tmp_path_factory):
+    """A folder to put ahead on PYTHONPATH whose `transformers` stops the process: a run that imports it did work
+    (loading a model) before its error."""
+    path = tmp_path_factory.mktemp("stub")
+    (path / "transformers").mkdir()
+    (path / "transformers" / "__init__.py").write_text("raise SystemExit('test stub: transformers was imported')\n")
+    return path
+
+
+def _damaged(folder: Path, tmp: Path, how: str) -> Path:
+    copy = tmp / how
+    shutil.copytree(folder, copy)
+    weights = copy / "model.safetensors"
+    if how == "corrupt":
+        with open(weights, "r+b") as f:
+            f.write(b"\xff" * 8)  # a header length of 2**64 - 1: safetensors says "header too large"
+    else:
+        os.truncate(weights, weights.stat().st_size // 2)
+    return copy
+
+
+CASES = {  # name: (arguments after the model folder, what the one line must say)
+    "corrupt model.safetensors": (["inspect"], [], r"`[^`]*corrupt/model\.safetensors` has a corrupt header.*damaged"),
+    "truncated model.safetensors": (["generate"], ["--prompt", "x"],
+                                    r"`[^`]*truncated/model\.safetensors` is truncated.*damaged"),
+    "--tokens 0": (["generate"], ["--prompt", "x", "--tokens", "0"], r"`--tokens` must be >= 1, got 0"),
+    "--temperature -1": (["generate"], ["--prompt", "x", "--temperature", "-1"], r"`--temperature` must be >= 0"),
+    "--top-p without --temperature": (["generate"], ["--prompt", "x", "--top-p", "0.9"],
+                                      r"`--top-p` applies only when sampling: add `--temperature"),
+    "--plan with --budget": (["generate"], ["--prompt", "x", "--plan", "p.json", "--budget", "1MiB"],
+                             r"`--plan` and `--budget` both decide.*drop `--budget`.*drop `--plan`"),
+    "--out into a missing folder": (["plan"], ["--budget", "1MiB", "--out", "{tmp}/missing/p.json"],
+                                    r"`--out`='[^']*missing/p\.json': the folder `[^`]*missing` does not exist"),
+    "--plot into a missing folder": (["bench"], ["--plot", "{tmp}/missing/t.png"],
+                                     r"`--plot`='[^']*missing/t\.png': the folder `[^`]*missing` does not exist"),
+    "--budget with a bench knob": (["bench"], ["--budget", "1MiB", "--prefetch-step", "1"],
+                                   r"`--prefetch-step` is not used by `weightlift bench --budget`"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_in_one_line_before_any_work(case, folder, tmp_path, no_transformers):
+    """Each mistake is one line naming the flag (or the damaged file), exit 2, before transformers is even
+    imported (so before any model is loaded or measured), and nothing is written."""
+    (command, rest, message) = CASES[case]
+    model = _damaged(folder, tmp_path, case.split()[0]) if "safetensors" in case else folder
+    rest = [a.replace("{tmp}", str(tmp_path)) for a in rest]
+    out = _cli(*command, str(model), *rest, "--cache-dir", str(tmp_path / "cache"), path_first=no_transformers) \
+        if command != ["inspect"] else _cli(*command, str(model), *rest, path_first=no_transformers)  # fmt: skip
+    assert re.search(message, _one_error_line(out)), out.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_generating(tmp_path):
+    import transformers as tf
+
+    model = tmp_path / "model"
+    config = tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(model)
+    _save_tokenizer(model, 64)
+    out = _cli("generate", str(model), "--prompt", "w40 w3", "--budget", "1MiB", "--cache-dir", str(tmp_path / "c"))
+    line = _one_error_line(out)
+    assert "tokenizer has 64 tokens and gives id 40, but the model's vocabulary has 32" in line
+    assert not (tmp_path / "c").exists()  # refused before planning
+
+
+def test_bench_plot_gets_prefill_and_decode_of_both_runs_and_the_forward_starts(folder, tmp_path, monkeypatch):
+    import logging
+
+    import weightlift.report
+    from weightlift.cli import main
+
+    got = {}
+    real = weightlift.report.plot_timeline
+    monkeypatch.setattr(weightlift.report, "plot_timeline", lambda *a, **kw: got.update(args=a, kw=kw))
+    level = logging.getLogger("weightlift").level
+    try:
+        assert main(["bench", str(folder), "--tokens", "3", "--source", "host", "--plot", str(tmp_path / "x.png")]) == 0
+    finally:
+        logging.getLogger("weightlift").setLevel(level)
+    events, runs, _ = got["args"]
+    assert set(runs) == {"resident", "offloaded"}
+    assert all(set(r) == {"prefill", "decode"} and min(r.values()) > 0 for r in runs.values())
+    starts = got["kw"]["forwards"]
+    assert [kind for kind, _ in starts] == ["prefill", "decode", "decode"]
+    times = [t for _, t in starts]
+    assert times == sorted(times) and min(e[2] for e in events) <= times[1] <= max(e[3] for e in events)
+    real(events, runs, tmp_path / "t.png", forwards=starts)
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dtype_reaches_the_loader_and_the_default_is_the_checkpoints(folder, capsys):
+    from weightlift.cli import main
+
+    for extra, dtype in (((), "float32"), (("--dtype", "bfloat16"), "bfloat16")):
+        assert main(["inspect", str(folder), "--json", *extra]) == 0
+        layers = json.loads(capsys.readouterr().out)["layers"]
+        assert all(layer["formats"] == [dtype] for layer in layers)
+
+
+def test_library_errors_are_put_in_flag_words():
+    from weightlift.cli import cli_words
+
+    assert cli_words("`disk_path` is given but `source`='host': pass source='disk' to stream from disk") == (
+        "`--cache-dir` is given but `--source`='host': pass `--source disk` to stream from disk"
+    )
+    assert cli_words("make a new plan with weightlift.plan(model, ...)").endswith(
+        "`weightlift plan MODEL --budget SIZE --out FILE`"
+    )
+    assert cli_words("`layers` and `/tmp/budget` stay") == "`layers` and `/tmp/budget` stay"

@@ -8,6 +8,8 @@ import dataclasses
 import io
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ import torch
 from .config import OffloadConfig, format_size
 from .errors import OffloadError
 from .plan import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 EPILOG = """examples:
@@ -32,6 +36,55 @@ EPILOG = """examples:
   weightlift demo --source host        stream from host RAM instead
   weightlift demo --json               the same, as one JSON object
 """
+
+EXAMPLES = {
+    "demo": """examples:
+  weightlift demo                      SmolLM2 resident, then streamed from a disk cache; same answer
+  weightlift demo --source host --tokens 16
+  weightlift demo --json               one JSON object: both answers, tokens/s, the report
+""",
+    "bench": """examples:
+  weightlift bench smollm2             resident, then every layer offloaded (step 2); same tokens required
+  weightlift bench ./my-model --group-size 4 --num-in-group 3 --source disk --plot t.png --trace t.json
+  weightlift bench smollm2 --budget 300MiB --json
+                                       plan for 300 MiB, then predicted vs measured ms per forward
+""",
+    "inspect": """examples:
+  weightlift inspect smollm2           layers, bytes per layer, formats
+  weightlift inspect ./my-model --budget 4GiB --json
+""",
+    "plan": """examples:
+  weightlift plan smollm2 --budget 300MiB
+  weightlift plan ./my-model --budget 6GiB --host-budget 16GiB --out plan.json
+  weightlift generate ./my-model --plan plan.json --prompt "Hi"   (apply it later)
+""",
+    "generate": """examples:
+  weightlift generate smollm2 --prompt "Why is the sky blue?"              everything resident
+  weightlift generate smollm2 --budget 300MiB --prompt "Hi" --tokens 32    layers streamed to fit 300 MiB
+  weightlift generate ./my-model --plan plan.json --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1
+  weightlift generate smollm2 --prompt "Hi" --json     text, tokens/s, time to first token, peak RSS
+""",
+}
+
+# OffloadError messages name the library's arguments in backticks; on the command line they are flags.
+_FLAGS = {
+    "budget": "--budget", "host_budget": "--host-budget", "disk_path": "--cache-dir", "device": "--device",
+    "plan": "--plan", "source": "--source", "prefetch_step": "--prefetch-step", "group_size": "--group-size",
+    "num_in_group": "--num-in-group", "model": "MODEL", "dtype": "--dtype",
+}  # fmt: skip
+_PHRASES = [
+    ("weightlift.plan(model, ...)", "`weightlift plan MODEL --budget SIZE --out FILE`"),
+    ("weightlift.plan()", "`weightlift plan MODEL --budget SIZE --out FILE`"),
+    ("`plan.to_json()`", "`weightlift plan MODEL --budget SIZE --out FILE`"),
+    ("source='disk'", "`--source disk`"),
+]
+
+
+def cli_words(message: str) -> str:
+    """A library error message with the argument names it gives in backticks turned into the CLI's flags."""
+    for python, flag in _PHRASES:
+        message = message.replace(python, flag)
+    return re.sub(r"`([a-z_]+)`", lambda m: f"`{_FLAGS.get(m[1], m[1])}`", message)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -100,15 +153,22 @@ def _bench(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     ids = chat_ids(tokenizer, DEMO_PROMPT) if tokenizer is not None else torch.arange(3, 35)[None]
     model.to(device)
-    resident = measure_decode(model, ids.to(device), args.tokens)
+    with _phase("measuring resident prefill and decode"):
+        resident = measure_decode(model, ids.to(device), args.tokens)
     model.to("cpu")
-    with offload(model, device=device, config=config) as handle:
+    with _phase("setting up the offload (writing the layer cache on the first run)"):
+        handle = offload(model, device=device, config=config)
+    with handle:
         copied_before = handle.report().copy_seconds  # the copies primed at setup are not part of the run
         handle.timeline.events.clear()
-        offloaded = measure_decode(model, ids.to(device), args.tokens)
+        starts = [("prefill", time.perf_counter())]  # where each forward starts, for the plot
+        with _phase("measuring offloaded prefill and decode"):
+            offloaded = measure_decode(model, ids.to(device), args.tokens,
+                                       before_token=lambda: starts.append(("decode", time.perf_counter())))  # fmt: skip
         report = handle.report()
         if args.trace:
             handle.trace(args.trace)
+        handle.timeline.resolve()
         events = list(handle.timeline.events)
     same = torch.equal(resident["tokens"].cpu(), offloaded["tokens"].cpu())
     forwards = args.tokens  # prefill + tokens - 1 decode steps
@@ -127,7 +187,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         from .report import plot_timeline
 
-        plot_timeline(events, {"resident": step_resident, "offloaded": step_offloaded}, args.plot)
+        runs = {"resident": {"prefill": resident["prefill_s"], "decode": step_resident},
+                "offloaded": {"prefill": offloaded["prefill_s"], "decode": step_offloaded}}  # fmt: skip
+        plot_timeline(events, runs, args.plot, forwards=starts)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -142,15 +204,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _add_place_args(parser: argparse.ArgumentParser, sources: list[str], folder: str) -> None:
-    """Where the model runs and where its offloaded weights live."""
+def _add_place_args(parser: argparse.ArgumentParser, sources: list[str] | None, folder: str) -> None:
+    """Where the model runs and where its offloaded weights live (no ``--source`` where a plan chooses it)."""
     parser.add_argument("--device", default=None, help="target device (default: the accelerator if any, else cpu)")
-    parser.add_argument(
-        "--source",
-        choices=sources,
-        default=None,
-        help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
-    )
+    if sources:
+        parser.add_argument(
+            "--source",
+            choices=sources,
+            default=None,
+            help="where offloaded weights live (default: disk on a CPU target, host RAM otherwise)",
+        )
     parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help=f"{folder} (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)")  # fmt: skip
 
@@ -167,40 +230,47 @@ def _dtype(args: argparse.Namespace):
     return getattr(torch, name) if name else None
 
 
+@contextlib.contextmanager
+def _phase(what: str):
+    """One phase of a command: announced on a terminal, logged with its seconds (``-v``)."""
+    if sys.stderr.isatty() and not log.isEnabledFor(logging.INFO):
+        print(f"weightlift: {what} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.2f s", what, time.perf_counter() - start)
+
+
 def _folder(args: argparse.Namespace) -> Path:
-    """The model's checkpoint folder (a GGUF file is converted into the cache once)."""
+    """The model's checkpoint folder (a GGUF file is converted into the cache once, shown by its own bar)."""
     from .hf import model_folder
 
-    with _quiet():
-        return model_folder(args.model, dtype=_dtype(args), cache_dir=getattr(args, "cache_dir", None))
+    return model_folder(args.model, dtype=_dtype(args), cache_dir=getattr(args, "cache_dir", None))
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, folder: Path | None = None):
     """The whole model in memory, and its tokenizer (None when the folder has none)."""
     from transformers import AutoModelForCausalLM
 
     from .hf import tokenizer_of
 
-    folder = _folder(args)
-    with _quiet():
-        model = AutoModelForCausalLM.from_pretrained(folder, **({"dtype": _dtype(args)} if _dtype(args) else {}))
+    folder = folder or _folder(args)
+    with _phase(f"loading {args.model}" + (f" as {args.dtype}" if getattr(args, "dtype", None) else "")), _quiet():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(args) or "auto")
         return model.eval(), tokenizer_of(folder)
 
 
-def _stream(args: argparse.Namespace, device, saved=None, need_tokenizer: bool = False):
+def _stream(args: argparse.Namespace, device, saved=None, folder: Path | None = None):
     """The model with the layers a plan offloads streamed from its checkpoint, never read whole: the plan
-    for ``--budget`` (measured here) or the saved ``--plan``. ``(model, tokenizer, handle)``."""
-    from .hf import load_streaming, tokenizer_of
+    for ``--budget`` (measured here) or the saved ``--plan``. ``(model, handle)``."""
+    from .hf import load_streaming
 
-    folder = _folder(args)
-    with _quiet():
-        tokenizer = tokenizer_of(folder)
-    if tokenizer is None and need_tokenizer:
-        raise OffloadError(f"`model`={args.model!r} has no tokenizer files: generate needs a tokenizer")
+    folder = folder or _folder(args)
     budget = None if saved is not None else args.budget
-    model, handle = load_streaming(folder, budget=budget, host_budget=getattr(args, "host_budget", None),
-                                   plan=saved, device=device, dtype=_dtype(args))  # fmt: skip
-    return model, tokenizer, handle
+    what = f"planning for --budget {budget} (measuring this machine and model, streamed)" if budget else "loading"
+    with _phase(f"{what}; the offloaded layers stream from {folder}"):
+        model, handle = load_streaming(folder, budget=budget, host_budget=getattr(args, "host_budget", None),
+                                       plan=saved, device=device, dtype=_dtype(args))  # fmt: skip
+    return model, handle
 
 
 def _layer_formats(layer) -> list[str]:
@@ -295,56 +365,128 @@ def _plan(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     folder = _folder(args)
     model, _, _ = load_outside_layers(folder, dtype=_dtype(args))  # the layers stay empty: measured streamed
-    result = plan(model, device=device, budget=args.budget, host_budget=args.host_budget, disk_path=args.cache_dir,
-                  checkpoint=folder)  # fmt: skip
+    with _phase(f"planning for --budget {args.budget} (measuring this machine and model)"):
+        result = plan(model, device=device, budget=args.budget, host_budget=args.host_budget,
+                      disk_path=args.cache_dir, checkpoint=folder)  # fmt: skip
     if args.out:
         Path(args.out).write_text(result.to_json())
     print(result.to_json() if args.json else result)
     return 0
 
 
+class _FirstToken:
+    """A ``generate`` streamer that notes when the first new token arrives (the first ``put`` after the
+    prompt's) and passes everything on to ``inner``."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.prompt_seen = False
+        self.at: float | None = None
+
+    def put(self, value) -> None:
+        if self.prompt_seen and self.at is None:
+            self.at = time.perf_counter()
+        self.prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM from /proc/self/status, else ``getrusage``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def _check_vocab(args: argparse.Namespace, folder: Path, tokenizer, ids: torch.Tensor) -> None:
+    """The prompt's token ids index the model's embedding: a tokenizer larger than the vocabulary (the
+    folder's config.json says) is refused before anything is loaded."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    if not isinstance(vocab, int):
+        return
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= vocab:
+        raise OffloadError(
+            f"`MODEL`={args.model!r}: its tokenizer has {len(tokenizer)} tokens and gives id {top}, but the model's "
+            f"vocabulary has {vocab} (config.json vocab_size): the tokenizer files belong to another model; "
+            "put the model's own tokenizer in the folder"
+        )
+    if len(tokenizer) > vocab:
+        log.warning("the tokenizer has %d tokens but the model's vocabulary only %d: ids from %d on would fail",
+                    len(tokenizer), vocab, vocab)  # fmt: skip
+
+
 def _generate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from .apply import resolve_device
-    from .hf import chat_ids
+    from .hf import chat_ids, tokenizer_of
 
     saved = _check_budgets(args)
     device = resolve_device(args.device)
-    if args.budget is not None or saved is not None:
-        model, tokenizer, handle = _stream(args, device, saved, need_tokenizer=True)
-    else:
-        (model, tokenizer), handle = _load(args), None
-        model.to(device)
+    folder = _folder(args)
+    with _quiet():
+        tokenizer = tokenizer_of(folder)
     if tokenizer is None:
-        raise OffloadError(f"`model`={args.model!r} has no tokenizer files: generate needs a tokenizer")
-    ids = chat_ids(tokenizer, args.prompt).to(device)
-    streamer = None
+        raise OffloadError(f"`MODEL`={args.model!r} has no tokenizer files: generate needs a tokenizer")
+    ids = chat_ids(tokenizer, args.prompt)
+    _check_vocab(args, folder, tokenizer, ids)
+    if args.budget is not None or saved is not None:
+        model, handle = _stream(args, device, saved, folder)
+        plan = handle.plan
+    else:
+        model, handle, plan = _load(args, folder)[0], None, None
+        model.to(device)
+    ids = ids.to(device)
+    inner = None
     if not args.json:
         from transformers import TextStreamer
 
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _FirstToken(inner)
     with handle if handle is not None else nullcontext():
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature \
-            else {"do_sample": False}  # fmt: skip
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p or 1.0} \
+            if args.temperature else {"do_sample": False}  # fmt: skip
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        with torch.inference_mode():
+        with _phase(f"generating up to {args.tokens} tokens"), torch.inference_mode():
+            start = time.perf_counter()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens,
                                  streamer=streamer, pad_token_id=tokenizer.eos_token_id, **sampling)  # fmt: skip
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
         report = handle.report() if handle is not None else None
+    first = streamer.at - start if streamer.at is not None else None
     new = out[0, ids.shape[1]:]
     held = report.device_bytes if report is not None else sum(
         t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # fmt: skip
     summary = {"model": args.model, "device": str(device), "new_tokens": int(new.numel()),
-               "tokens_per_s": new.numel() / seconds, "weights_bytes": held,
+               "tokens_per_s": new.numel() / seconds, "time_to_first_token_s": first, "weights_bytes": held,
                "layers_offloaded": report.layers_offloaded if report else 0}  # fmt: skip
     if args.json:
-        print(json.dumps({**summary, "text": tokenizer.decode(new, skip_special_tokens=True)}, indent=2))
+        extra = {"peak_rss_bytes": peak_rss_bytes(), "plan": None}
+        if plan is not None:
+            predicted = {name: w.predicted_s for name, w in plan.workloads.items()}
+            extra["plan"] = {"summary": plan.summary(), "predicted_s_per_forward": predicted}
+        print(json.dumps({**summary, **extra, "text": tokenizer.decode(new, skip_special_tokens=True)}, indent=2))
     else:
-        print(f"\n[{summary['new_tokens']} tokens, {summary['tokens_per_s']:.1f} tokens/s, weights in "
+        ttft = f"first token after {first:.2f} s, " if first is not None else ""
+        print(f"\n[{summary['new_tokens']} tokens, {ttft}{summary['tokens_per_s']:.1f} tokens/s, weights in "
               f"{'RAM' if device.type == 'cpu' else device}: {format_size(held)}, "
               f"{summary['layers_offloaded']} layers offloaded]", file=sys.stderr)  # fmt: skip
     return 0
@@ -355,13 +497,16 @@ def _bench_plan(args: argparse.Namespace, device) -> int:
     from .measure import language_model_workloads, time_forwards
 
     _check_budgets(args)
-    model, _, handle = _stream(args, device)  # resident times would need the whole model: not measured
+    model, handle = _stream(args, device)  # resident times would need the whole model: not measured
     plan = handle.plan
     runners = language_model_workloads(model, device)
     resident: dict = {}
     with handle:
-        measured = time_forwards(runners, device)
+        with _phase("timing the offloaded forwards"):
+            measured = time_forwards(runners, device)
         report = handle.report()
+        if args.trace:
+            handle.trace(args.trace)
     rows = {name: {"predicted_s": plan.workloads[name].predicted_s, "measured_s": measured[name],
                    "resident_s": resident.get(name),
                    "error": measured[name] / plan.workloads[name].predicted_s - 1} for name in measured}  # fmt: skip
@@ -381,10 +526,136 @@ def _bench_plan(args: argparse.Namespace, device) -> int:
     return 0
 
 
+_RANGES = [  # (dest, flag, what it must be, test)
+    ("tokens", "--tokens", ">= 1", lambda v: v >= 1),
+    ("temperature", "--temperature", ">= 0 (0: greedy)", lambda v: v >= 0),
+    ("top_p", "--top-p", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("threads", "--threads", ">= 1", lambda v: v >= 1),
+    ("group_size", "--group-size", ">= 1", lambda v: v >= 1),
+    ("prefetch_step", "--prefetch-step", ">= 0", lambda v: v >= 0),
+]
+BENCH_KNOBS = {"group_size": 1, "num_in_group": 1, "prefetch_step": 2, "tokens": 16}  # defaults without --budget
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    return getattr(args, dest, None) is not None
+
+
+def _check_conflicts(args: argparse.Namespace) -> None:
+    """Options that would be silently ignored together are refused, naming both and the fix."""
+    if _given(args, "host_budget") and not _given(args, "budget"):
+        raise OffloadError("`--host-budget` is used only with `--budget`: add `--budget SIZE` or drop `--host-budget`")
+    command = args.command
+    if command == "bench" and _given(args, "budget"):
+        for dest in ("group_size", "num_in_group", "prefetch_step", "tokens", "source", "plot"):
+            if _given(args, dest):
+                flag = "--" + dest.replace("_", "-")
+                raise OffloadError(
+                    f"`{flag}` is not used by `weightlift bench --budget` (the plan chooses what to offload and "
+                    f"times fixed prefill and decode forwards): drop `{flag}`, or drop `--budget` to bench the "
+                    "offload set by hand"
+                )
+    if command == "generate":
+        if _given(args, "plan") and _given(args, "budget"):
+            raise OffloadError(
+                "`--plan` and `--budget` both decide what is offloaded (a saved plan keeps the budget it was made "
+                "for): drop `--budget` to apply the saved plan, or drop `--plan` to plan anew for the budget"
+            )
+        if _given(args, "top_p") and not args.temperature:
+            raise OffloadError(
+                "`--top-p` applies only when sampling: add `--temperature T` (T > 0), or drop `--top-p` for greedy"
+            )
+
+
+def _check_writable(flag: str, value: str | None) -> None:
+    """An output file: its folder exists and is writable, and it is not a folder itself."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise OffloadError(f"`{flag}`={value!r} is a folder: give a file name, e.g. {str(path / 'out')!r}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OffloadError(f"`{flag}`={value!r}: the folder `{parent}` does not exist; create it or write elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OffloadError(f"`{flag}`={value!r} is not writable here: write the file elsewhere")
+
+
+def _check_cache_dir(args: argparse.Namespace) -> None:
+    """A layer cache folder that will be written: a folder, or creatable under a writable one."""
+    folder = getattr(args, "cache_dir", None)
+    if folder is None or getattr(args, "source", None) in ("host", "checkpoint"):
+        return
+    if args.command == "generate" and not (_given(args, "budget") or _given(args, "plan")):
+        return  # everything resident: no cache
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OffloadError(f"`--cache-dir`={folder!r} is a file: give a folder for the layer cache")
+    above = path
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not path.exists() and not os.access(above, os.W_OK | os.X_OK):
+        raise OffloadError(f"`--cache-dir`={folder!r} cannot be created (`{above}` is not writable): give a "
+                           "writable folder")  # fmt: skip
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the command line that can be wrong, checked before any model is loaded or measured
+    (and before transformers is imported): ranges, conflicts, output paths, the device, the model, budgets
+    and a saved plan. Fills in the defaults of options whose absence the checks need to see."""
+    from .apply import resolve_device
+    from .hf import check_model
+
+    for dest, flag, what, ok in _RANGES:
+        value = getattr(args, dest, None)
+        if value is not None and not ok(value):
+            raise OffloadError(f"`{flag}` must be {what}, got {value}")
+    if _given(args, "num_in_group"):
+        group = args.group_size if _given(args, "group_size") else BENCH_KNOBS["group_size"]
+        if not 0 <= args.num_in_group <= group:
+            raise OffloadError(f"`--num-in-group` must be between 0 and `--group-size` ({group}), "
+                               f"got {args.num_in_group}")  # fmt: skip
+    _check_conflicts(args)
+    for dest in ("out", "plot", "trace"):
+        _check_writable("--" + dest, getattr(args, dest, None))
+    if _given(args, "plot"):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise OffloadError("`--plot` needs matplotlib: `pip install 'weightlift[plot]'`, or drop `--plot`")
+    _check_cache_dir(args)
+    if hasattr(args, "device"):
+        resolve_device(args.device)
+    if _given(args, "model"):
+        check_model(args.model)
+    _check_budgets(args)
+    if args.command == "bench" and not _given(args, "budget"):
+        for dest, default in BENCH_KNOBS.items():
+            if not _given(args, dest):
+                setattr(args, dest, default)
+
+
 def _add_budget_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--budget", required=required, default=None,
                         help="device memory for weights (on a CPU target: RAM), e.g. 4GiB or 300MB")  # fmt: skip
-    parser.add_argument("--host-budget", default=None, help="host RAM the plan may allocate (accelerator targets)")
+    parser.add_argument("--host-budget", default=None,
+                        help="host RAM the plan may allocate (accelerator targets; with --budget)")  # fmt: skip
+
+
+def _add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="load the weights in this dtype (default: the checkpoint's own for a model folder, "
+                             "float32 for GGUF)")  # fmt: skip
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mine = version("weightlift")
+    except PackageNotFoundError:
+        from . import __version__ as mine
+    return f"weightlift {mine} (torch {torch.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,59 +665,79 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what weightlift does")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded SmolLM2 model resident and offloaded, compare answers")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what weightlift does: one line per phase with its seconds")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+
+    def command(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)  # fmt: skip
+
+    model_help = "'smollm2' (the embedded model), a .gguf file, or a transformers model folder"
+    demo = command("demo", "run the embedded SmolLM2 model resident and offloaded, compare answers")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="the user turn (default: a question about the sky)")
     demo.add_argument("--tokens", type=int, default=32, help="new tokens to generate (default 32)")
     _add_place_args(demo, ["disk", "host"], "folder of the disk tier's layer cache")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=_demo, group_size=5, num_in_group=4, prefetch_step=2)
-    bench = sub.add_parser(
-        "bench", help="measure resident vs offloaded prefill and decode on a model",
+
+    bench = command(
+        "bench", "measure resident vs offloaded prefill and decode on a model",
         description="Measure prefill and decode resident, then offloaded, in one process; same tokens required.",
     )  # fmt: skip
-    bench.add_argument("model", help="'smollm2', a .gguf file, or a transformers model folder")
-    bench.add_argument("--group-size", type=int, default=1)
-    bench.add_argument("--num-in-group", type=int, default=1)
-    bench.add_argument("--prefetch-step", type=int, default=2)
-    bench.add_argument("--tokens", type=int, default=16, help="new tokens (default 16)")
-    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    bench.add_argument("model", help=model_help)
+    knobs = "offloaded layers: layer i is offloaded when i %% GROUP_SIZE >= GROUP_SIZE - NUM_IN_GROUP"
+    bench.add_argument("--group-size", type=int, default=None,
+                       help=f"layers per group (default 1); {knobs}")  # fmt: skip
+    bench.add_argument("--num-in-group", type=int, default=None,
+                       help="offloaded layers per group, the last ones of each group (default 1: every layer)")
+    bench.add_argument("--prefetch-step", type=int, default=None,
+                       help="copy the weights of the offloaded layer this many offloaded layers ahead "
+                            "(default 2; 0: load each when it runs)")  # fmt: skip
+    bench.add_argument("--tokens", type=int, default=None, help="new tokens (default 16)")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     bench.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of the offloaded run")
-    bench.add_argument("--plot", default=None, help="draw the timeline and time per token to this PNG")
+    bench.add_argument("--plot", default=None,
+                       help="draw a PNG: the offloaded timeline, and prefill/decode ms resident vs offloaded")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_dtype_arg(bench)
     _add_place_args(bench, ["disk", "host", "checkpoint"], "folder of the layer cache, or of the checkpoint")
     bench.add_argument("--budget", default=None, help="plan for this budget and report predicted vs measured "
                        "time per forward instead of using the knobs above")  # fmt: skip
     bench.add_argument("--host-budget", default=None, help="host RAM the plan may allocate (with --budget)")
     bench.set_defaults(run=_bench)
 
-    model_help = "'smollm2' (the embedded model), a .gguf file, or a transformers model folder"
-    inspect = sub.add_parser("inspect", help="layers, bytes per layer, formats, and what fits in a budget")
+    inspect = command("inspect", "layers, bytes per layer, formats, and what fits in a budget")
     inspect.add_argument("model", help=model_help)
     inspect.add_argument("--budget", default=None, help="say what fits in this much memory, e.g. 4GiB")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_dtype_arg(inspect)
     inspect.set_defaults(run=_inspect)
 
-    plan = sub.add_parser("plan", help="measure this machine and model, choose what to offload for a budget")
+    plan = command("plan", "measure this machine and model, choose what to offload for a budget")
     plan.add_argument("model", help=model_help)
     _add_budget_args(plan, required=True)
-    plan.add_argument("--out", default=None, help="save the plan as JSON (for generate/bench --plan)")
+    plan.add_argument("--out", default=None, help="save the plan as JSON (for generate --plan)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    _add_place_args(plan, ["disk", "host"], "folder of the layer cache when layers stream from disk")
+    _add_dtype_arg(plan)
+    _add_place_args(plan, None, "folder of the layer cache when layers stream from disk")
     plan.set_defaults(run=_plan)
 
-    gen = sub.add_parser("generate", help="chat with a model within a memory budget, output streamed")
+    gen = command("generate", "chat with a model within a memory budget, output streamed")
     gen.add_argument("model", help=model_help)
     gen.add_argument("--prompt", required=True, help="the user turn (chat-formatted with the model's template)")
     gen.add_argument("--tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling threshold in (0, 1] (with --temperature; default 1)")  # fmt: skip
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     _add_budget_args(gen, required=False)
-    gen.add_argument("--plan", default=None, help="apply a plan saved by `weightlift plan --out`")
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    _add_place_args(gen, ["disk", "host"], "folder of the layer cache when layers stream from disk")
+    gen.add_argument("--plan", default=None, help="apply a plan saved by `weightlift plan --out` (not with --budget)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object instead of streaming (adds time to first token, peak RSS, the plan)")
+    _add_dtype_arg(gen)
+    _add_place_args(gen, None, "folder of the layer cache when layers stream from disk")
     gen.set_defaults(run=_generate)
     return parser
 
@@ -454,11 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("weightlift").setLevel(logging.INFO if args.verbose else logging.WARNING)
     for noisy in ("torchao", "torch.utils._pytree"):  # torchao's CUDA-only kernels, and its pytree notices
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        check_args(args)
         return args.run(args)
     except OffloadError as err:
-        print(f"weightlift: error: {err}", file=sys.stderr)
+        print(f"weightlift: error: {cli_words(str(err))}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ def smollm2_file() -> Path:
 
 
 def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
+    path: str | Path, dtype: torch.dtype | None = None, cache_dir: str | Path | None = None
 ) -> tuple[nn.Module, object]:
     """A transformers causal LM and its tokenizer from a local ``.gguf`` file.
 
@@ -50,19 +50,22 @@ def load_gguf(
     if cache_dir is not None:
         from .convert import convert_gguf
 
-        folder = convert_gguf(path, dtype=dtype, cache_dir=Path(cache_dir))
+        folder = convert_gguf(path, dtype=dtype or torch.float32, cache_dir=Path(cache_dir))
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         log.info("loaded %s from %s in %.1f s", path.name, folder, time.perf_counter() - start)
         return model.eval(), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     return model.eval(), tokenizer
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     """Token ids of ``prompt`` as one user turn of the model's chat template, ready for generation."""
+    if getattr(tokenizer, "chat_template", None) is None:  # a base model: the prompt as it is
+        log.info("the tokenizer has no chat template: the prompt is passed as plain text")
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
@@ -91,21 +94,51 @@ def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_toke
     return {"prefill_s": prefill, "decode_tokens_per_s": (tokens - 1) / seconds, "tokens": torch.cat(generated, 1)}
 
 
-def load_model(name: str) -> tuple[nn.Module, object]:
-    """``smollm2`` (the embedded model), a ``.gguf`` file, or a transformers model folder."""
+def check_model(name: str) -> None:
+    """`OffloadError` unless ``name`` is something `model_folder` can open, checked without loading it (and
+    without importing transformers): 'smollm2', a file that starts like GGUF, or a folder with a readable
+    ``config.json`` whose safetensors files have intact headers and hold all the data their headers promise."""
+    import json
+
+    from .disk import read_header
+
     if name == "smollm2":
-        return load_gguf(smollm2_file())
+        smollm2_file()
+        return
     path = Path(name).expanduser()
+    damaged = "the model file is damaged: download or save the model again"
     if path.suffix == ".gguf":
-        return load_gguf(path)
+        if not path.is_file():
+            raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OffloadError(f"`{path}` does not start like a GGUF file: {damaged}")
+        return
     if not (path / "config.json").is_file():
         raise OffloadError(
             f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OffloadError(f"`{path / 'config.json'}` cannot be read as JSON ({e}): {damaged}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise OffloadError(f"`{index}` is not a safetensors index: {damaged}") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise OffloadError(f"`{index}` names {len(missing)} missing file(s), e.g. `{missing[0]}`: {damaged}")
+    for file in sorted(path.glob("*.safetensors")):
+        header, start = read_header(file, fix=damaged)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]  # fmt: skip
+        size = file.stat().st_size
+        if start + max(ends, default=0) > size:
+            raise OffloadError(f"`{file}` is truncated: its header promises {start + max(ends)} bytes, the file "
+                               f"has {size}: {damaged}")  # fmt: skip
 
 
 @torch.inference_mode()

@@ -243,12 +243,19 @@ class Plan:
             f"link: {self.link}",
         ]
         for w in self.workloads.values():
-            head.append(
-                f"predicted {w.name}: {w.predicted_s * 1e3:.2f} ms per forward ({w.bound}-bound; "
-                f"compute {sum(w.compute_s) * 1e3:.2f} ms in layers + {w.other_s * 1e3:.2f} ms elsewhere, "
-                f"exposed wait {sum(w.wait_s) * 1e3:.2f} ms)"
-            )
+            head.append(f"predicted {w.name}: {w.predicted_s * 1e3:.2f} ms per forward ({w.bound}-bound) = "
+                        + " + ".join(f"{ms:.2f} ms {what}" for what, ms in self.terms(w)))  # fmt: skip
         return "\n".join(head)
+
+    def terms(self, workload: Workload) -> list[tuple[str, float]]:
+        """What a workload's predicted time is made of, in milliseconds; the terms add up to it (the
+        simulation spends exactly these: each layer's compute, the rest of the forward, the page faults
+        of mapped offloaded layers inside their compute, and the exposed wait for copies)."""
+        out = [("compute in layers", sum(workload.compute_s) * 1e3), ("elsewhere", workload.other_s * 1e3)]
+        if self.offloaded and self.serial_s_per_byte:
+            out.append(("mapped reads (page faults)", sum(self.serial_s(i) for i in self.offloaded) * 1e3))
+        out.append(("exposed copy wait", sum(workload.wait_s) * 1e3))
+        return out
 
     def __str__(self) -> str:
         goal = self.workloads[self.goal]

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,8 +188,15 @@ class Timeline:
         Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
-def plot_timeline(events: list[tuple[str, str, float, float]], per_token: dict[str, float], path: str | Path) -> None:
-    """A PNG: the compute and copy lanes of the last forwards, and seconds per token of each run."""
+def plot_timeline(
+    events: list[tuple[str, str, float, float]],
+    runs: dict[str, dict[str, float]],
+    path: str | Path,
+    forwards: Sequence[tuple[str, float]] = (),
+) -> None:
+    """A PNG: the compute and copy lanes of the first forwards (each forward's start marked with its kind,
+    from ``forwards``: ``(kind, start time)`` pairs on the events' clock), and a bar chart of milliseconds
+    per forward of each workload (``runs``: run name -> workload name -> seconds), values written on the bars."""
     try:
         import matplotlib
 
@@ -199,20 +206,42 @@ def plot_timeline(events: list[tuple[str, str, float, float]], per_token: dict[s
         from .errors import OffloadError
 
         raise OffloadError("`--plot` needs matplotlib: `pip install 'weightlift[plot]'`") from None
-    fig, (lanes, bars) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [3, 1]})
-    recent = events[-400:]
-    origin = min((start for _, _, start, _ in recent), default=0.0)
+    fig, (lanes, bars) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1.2]})
+    ordered = sorted(forwards, key=lambda m: m[1])
+    marks = ordered[:4]  # the prefill and the first decode steps, up to where the fifth forward starts
+    if marks:
+        end = ordered[4][1] if len(ordered) > 4 else float("inf")
+        recent = [e for e in events if e[2] < end][:2000]  # with the copies primed before the first forward
+    else:
+        recent = events[-400:]
+    origin = min([start for _, _, start, _ in recent] + [t for _, t in marks], default=0.0)
     colours = {"compute": "#4477aa", "wait": "#ee6677", "copy": "#228833"}
     for lane, name, start, end in recent:
         kind = "wait" if name.startswith("wait ") else ("copy" if lane == "copy" else "compute")
         row = 1 if lane == "compute" else 0
-        lanes.broken_barh([((start - origin) * 1e3, (end - start) * 1e3)], (row - 0.4, 0.8), color=colours[kind])
+        lanes.broken_barh([((start - origin) * 1e3, (end - start) * 1e3)], (row - 0.4, 0.8), color=colours[kind],
+                          edgecolor="white", linewidth=0.3)  # fmt: skip
+    for kind, at in marks:
+        x = (at - origin) * 1e3
+        lanes.axvline(x, color="#222222", linestyle="--", linewidth=0.8)
+        lanes.text(x, 1.95, f"{kind} ", fontsize=7, rotation=90, va="top", ha="right")
+    lanes.set_ylim(-0.6, 2.0)
     lanes.set_yticks([0, 1], ["copy", "compute"])
     lanes.set_xlabel("ms")
-    lanes.set_title("timeline (blue: layer forward, red: waiting for its copy, green: copy)")
-    bars.bar(list(per_token), [v * 1e3 for v in per_token.values()], color=["#777777", "#4477aa"])
-    bars.set_ylabel("ms per token")
-    bars.set_title("decode step")
+    lanes.set_title("offloaded timeline (blue: layer forward, red: waiting for its copy, green: copy)", fontsize=9)
+    workloads = list(dict.fromkeys(w for values in runs.values() for w in values))
+    width = 0.8 / max(len(runs), 1)
+    palette = ["#777777", "#4477aa", "#228833", "#ee6677"]
+    for r, (run, values) in enumerate(runs.items()):
+        xs = [i + (r - (len(runs) - 1) / 2) * width for i in range(len(workloads))]
+        drawn = bars.bar(xs, [values.get(w, 0.0) * 1e3 for w in workloads], width, label=run,
+                         color=palette[r % len(palette)])  # fmt: skip
+        bars.bar_label(drawn, fmt="%.1f", fontsize=8)
+    bars.set_xticks(range(len(workloads)), workloads)
+    bars.set_ylabel("ms per forward")
+    bars.set_title("prefill and decode step", fontsize=9)
+    bars.margins(y=0.15)
+    bars.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
