@@ -143,6 +143,18 @@ def test_every_plan_of_a_model_reads_its_one_cache_file(tmp_path, caplog):
     cache.close()
 
 
+def test_a_layer_that_cannot_travel_is_left_out_of_the_cache_when_not_offloaded(tmp_path):
+    model = tiny("llama")
+    model.model.layers[0].register_buffer("sparse", torch.eye(3).to_sparse())  # weightlift cannot stream it
+    ids = prompt()
+    ref = run(model, ids, new_tokens=1)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path, indices=(1, 2, 3, 4))):
+        assert torch.equal(run(model, ids, new_tokens=1)[0], ref[0])
+    cache = disk.LayerCache.open(_cache_file(tmp_path))
+    assert sorted(cache.layers) == [1, 2, 3, 4]
+    cache.close()
+
+
 def test_a_cache_of_an_older_format_version_is_rewritten(tmp_path):
     model, path = _written(tmp_path)
     raw = bytearray(path.read_bytes())

@@ -465,16 +465,18 @@ def open_cache(
             cache = LayerCache.open(path)
             try:
                 cache.check(manifest_of(layouts))
-                stale = [i for i in layouts if materialized and cache.layers[i].digest != layer_digest(layouts[i])]
+                # hashed up to the first that differs: the whole file is rewritten then anyway
+                stale = next((i for i in sorted(layouts) if cache.layers[i].digest != layer_digest(layouts[i])),
+                             None) if materialized else None  # fmt: skip
             except BaseException:
                 cache.close()
                 raise
-            if not stale:
+            if stale is None:
                 log.info("weightlift: reusing layer cache %s", path)
                 mark_used(path)
                 return cache
             cache.close()
-            log.info("weightlift: layer cache %s holds other weights (layers %s): rewriting it", path, stale[:5])
+            log.info("weightlift: layer cache %s holds other weights (layer %d first): rewriting it", path, stale)
         else:
             log.info("weightlift: layer cache %s has format version %s, this weightlift writes %s: rewriting it",
                      path, old, VERSION)  # fmt: skip
