@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 from typing import ClassVar
 
@@ -99,6 +100,74 @@ def test_cache_is_reused_and_rewritten_when_weights_change(tmp_path):
         out = run(model, ids)
     assert torch.equal(out[0], ref[0])
     assert path.stat().st_mtime_ns != stamp
+
+
+def test_every_plan_of_a_model_reads_its_one_cache_file(tmp_path, caplog):
+    """Plans offloading other subsets of one model (other indices, a group rule) share one file holding
+    every layer: written once, by the first, reused by the others, and outputs stay bitwise."""
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids, new_tokens=2)
+    configs = [_disk(tmp_path, indices=(1, 2, 3)), _disk(tmp_path, indices=(2, 3, 4), mmap=False),
+               _disk(tmp_path, group_size=2, num_in_group=1, prefetch_step=1)]  # fmt: skip
+    stamps = []
+    for config in configs:
+        with caplog.at_level("INFO", logger="weightlift.disk"), weightlift.offload(model, device="cpu", config=config):
+            out = run(model, ids, new_tokens=2)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        (path,) = tmp_path.glob("weightlift-*.safetensors")
+        stamps.append(path.stat().st_mtime_ns)
+    assert stamps == [stamps[0]] * 3  # written once, then reused
+    written = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "weightlift.disk"]
+    assert len(written) == 1 and str(path) in written[0].message and "weightlift cache list" in written[0].message
+    assert "745.00 KiB" in written[0].message  # the file's size
+    assert sum("reusing layer cache" in r.message for r in caplog.records) == 2
+    with safe_open(str(path), "pt") as f:
+        assert sorted(k for k in f.keys() if k.startswith("layer.")) == [f"layer.{i}" for i in range(5)]  # noqa: SIM118
+        meta = f.metadata()
+    assert meta["model"] == "LlamaForCausalLM" and meta["dtypes"] == "float32" and meta["version"] == disk.VERSION
+    assert path.with_name(path.name + ".used").exists()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)  # a layer the next plan keeps resident: still reused
+    ref = run(model, ids, new_tokens=2)
+    with weightlift.offload(model, device="cpu", config=configs[1]):
+        assert torch.equal(run(model, ids, new_tokens=2)[0], ref[0])
+    assert path.stat().st_mtime_ns == stamps[0]
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path, indices=(0, 1))):  # now it is stale
+        out = run(model, ids, new_tokens=2)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert path.stat().st_mtime_ns != stamps[0] and len(list(tmp_path.glob("weightlift-*.safetensors"))) == 1
+    cache = disk.LayerCache.open(path)  # the rewrite hashed every layer of the model as it is now
+    layouts = _layer_layouts(model)
+    assert {i: c.digest for i, c in cache.layers.items()} == {i: disk.layer_digest(v) for i, v in layouts.items()}
+    cache.close()
+
+
+def test_a_layer_that_cannot_travel_is_left_out_of_the_cache_when_not_offloaded(tmp_path):
+    model = tiny("llama")
+    model.model.layers[0].register_buffer("sparse", torch.eye(3).to_sparse())  # weightlift cannot stream it
+    ids = prompt()
+    ref = run(model, ids, new_tokens=1)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path, indices=(1, 2, 3, 4))):
+        assert torch.equal(run(model, ids, new_tokens=1)[0], ref[0])
+    cache = disk.LayerCache.open(_cache_file(tmp_path))
+    assert sorted(cache.layers) == [1, 2, 3, 4]
+    cache.close()
+
+
+def test_a_cache_of_an_older_format_version_is_rewritten(tmp_path):
+    model, path = _written(tmp_path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b'"version":"%s"' % disk.VERSION.encode())
+    raw[at : at + 13] = b'"version":"0"'
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OffloadError, match="format version 0, this weightlift reads"):
+        disk.LayerCache.open(path)
+    ids = prompt()
+    ref = run(model, ids, new_tokens=1)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        assert torch.equal(run(model, ids, new_tokens=1)[0], ref[0])
+    assert disk.read_header(path)[0]["__metadata__"]["version"] == disk.VERSION
 
 
 @pytest.mark.parametrize("fmt", ["torchao-int8", "bnb-nf4-double"])
@@ -198,7 +267,7 @@ def test_cache_of_another_model_shape_or_dtype(tmp_path):
     with weightlift.offload(other, device="cpu", config=_disk(tmp_path / "other")):
         pass
     _cache_file(tmp_path / "other").replace(path)
-    (tmp_path / "other").rmdir()
+    shutil.rmtree(tmp_path / "other")  # and its `.used` sidecar
     _refused(model, tmp_path, r"`mlp.up_proj.weight` of layer 1 in .* is float64 \(128, 64\), the model's is float32")
 
 
@@ -487,13 +556,13 @@ def test_cache_of_weights_in_device_memory_is_written_piece_by_piece(tmp_path, o
     model = tiny("llama", layers=3)
     layouts = _layer_layouts(model)
     digests = {i: disk.layer_digest(layout) for i, layout in layouts.items()}
-    disk.write_cache(tmp_path / "cpu.safetensors", "model.layers", layouts, digests)
+    assert disk.write_cache(tmp_path / "cpu.safetensors", "model.layers", layouts) == digests  # hashed on the way
     assert not on_device.host_copies
     for layout in layouts.values():
         layout.sources = [on_device(s) for s in layout.sources]
     pieces = sum(len(layout.sources) for layout in layouts.values())
     assert {i: disk.layer_digest(layout) for i, layout in layouts.items()} == digests
-    disk.write_cache(tmp_path / "device.safetensors", "model.layers", layouts, digests)
+    assert disk.write_cache(tmp_path / "device.safetensors", "model.layers", layouts) == digests
     assert (tmp_path / "device.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
     assert len(on_device.host_copies) == 2 * pieces  # each piece once for its digest, once for the file
     assert on_device.most_alive == 1  # never a second piece on the host at the same time

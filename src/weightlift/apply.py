@@ -114,8 +114,8 @@ def _owner(name: str, index_of: dict[str, int]) -> int:
     return -1
 
 
-def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config: OffloadConfig, adapters: Sequence):
-    """Entries to offload per layer position, and the parameters and buffers kept resident. Touches nothing."""
+def _owners(model: nn.Module, names: list[str], adapters: Sequence) -> dict[tuple, set[int]]:
+    """Per storage, the positions of the layers whose tensors read it (-1: outside every layer)."""
     index_of = {name: i for i, name in enumerate(names)}
     owners: dict[tuple, set[int]] = defaultdict(set)
     for name, t, _ in _tensors(model):
@@ -123,26 +123,62 @@ def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config
         if t.numel():
             for key in _keys(name, t, adapters):
                 owners[key].add(owner)
+    return owners
 
+
+def _layer_entries(
+    index: int, layer: nn.Module, prefix: str, owners: dict, config: OffloadConfig, adapters: Sequence, quiet=False
+) -> list[Entry]:
+    """The entries of layer ``index`` that ``config`` selects; `OffloadError` for one that cannot travel."""
+    entries: list[Entry] = []
+    seen: set[int] = set()
+    for qualname, t, persistent in _tensors(layer):
+        if id(t) in seen or not persistent or t.numel() == 0:
+            continue
+        seen.add(id(t))
+        if not config.offloads_param(qualname):
+            continue
+        parts = take_apart(f"{prefix}.{qualname}", t, adapters)  # refuses what cannot travel
+        if any(owners[storage_key(leaf)] != {index} for leaf in parts.leaves):
+            if not quiet:
+                log.info("keeping `%s.%s` resident: it is shared with other modules", prefix, qualname)
+            continue
+        entries.append(Entry(qualname, t, parts, t.device))
+    return entries
+
+
+def _every_layout(model: nn.Module, names: list[str], layers: list[nn.Module], config: OffloadConfig,
+                  adapters: Sequence, layouts: dict[int, Layout]) -> dict[int, Layout]:
+    """The layouts of every layer that ``config`` would offload if it offloaded every layer (the same
+    ``params``): what the model's one layer cache holds, whichever layers a plan offloads. ``layouts``
+    (the offloaded ones) are taken as they are; a layer that cannot travel is left out. Touches nothing."""
+    owners = _owners(model, names, adapters)
+    every = {}
+    for index, layer in enumerate(layers):
+        if index in layouts:
+            every[index] = layouts[index]
+            continue
+        try:
+            entries = _layer_entries(index, layer, names[index], owners, config, adapters, quiet=True)
+        except OffloadError:
+            continue
+        if entries:
+            every[index] = Layout.of(entries)
+    return every
+
+
+def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config: OffloadConfig, adapters: Sequence):
+    """Entries to offload per layer position, and the parameters and buffers kept resident. Touches nothing."""
+    owners = _owners(model, names, adapters)
     entries: dict[int, list[Entry]] = {}
     chosen: set[int] = set()
     for index, layer in enumerate(layers):
         if not config.offloads_layer(index):
             continue
-        seen: set[int] = set()
-        prefix = names[index]
-        for qualname, t, persistent in _tensors(layer):
-            if id(t) in seen or not persistent or t.numel() == 0:
-                continue
-            seen.add(id(t))
-            if not config.offloads_param(qualname):
-                continue
-            parts = take_apart(f"{prefix}.{qualname}", t, adapters)  # refuses what cannot travel
-            if any(owners[storage_key(leaf)] != {index} for leaf in parts.leaves):
-                log.info("keeping `%s.%s` resident: it is shared with other modules", prefix, qualname)
-                continue
-            entries.setdefault(index, []).append(Entry(qualname, t, parts, t.device))
-            chosen.add(id(t))
+        found = _layer_entries(index, layer, names[index], owners, config, adapters)
+        if found:
+            entries[index] = found
+            chosen.update(id(e.tensor) for e in found)
     if config.params and not entries:
         raise OffloadError(
             f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
@@ -301,7 +337,9 @@ def offload(
         folder = Path(config.disk_path).expanduser()
         materialized = not any(e.tensor.is_meta for es in entries.values() for e in es)
         if config.source == "disk":
-            cache = open_cache(folder, stack_name, layouts, materialized)
+            every = _every_layout(model, names, layers, config, adapters, layouts)
+            cache = open_cache(folder, stack_name, layouts, materialized, every, type(model).__name__)
+            del every  # the layers not offloaded stay resident; their layouts were needed for the write only
         else:
             cache = CheckpointFiles.open(CheckpointIndex(folder, model), names, layouts)
             try:

@@ -658,6 +658,44 @@ def _version() -> str:
     return f"weightlift {mine} (torch {torch.__version__})"
 
 
+def _cache(args: argparse.Namespace) -> int:
+    """``weightlift cache list`` / ``weightlift cache clear``: what is in the cache folder, and removing it."""
+    from . import cache
+
+    folder = Path(args.cache_dir).expanduser()
+    if args.cache_command == "list":
+        found = cache.entries(folder)
+        total = sum(e.size for e in found)
+        if args.json:
+            print(json.dumps({"cache_dir": str(folder), "entries": [e.to_dict() for e in found],
+                              "total_bytes": total}, indent=2))  # fmt: skip
+            return 0
+        if not found:
+            print(f"no weightlift caches in {folder}")
+            return 0
+        rows = [(str(e.path.relative_to(folder)), e.kind, e.model, e.dtype, format_size(e.size),
+                 e.last_used.strftime("%Y-%m-%d %H:%M")) for e in found]  # fmt: skip
+        head = ("file", "kind", "model", "dtype", "size", "last use")
+        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+        for row in (head, *rows):
+            print("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        print(f"total: {format_size(total)} in {len(found)} entr{'y' if len(found) == 1 else 'ies'} in {folder}")
+        return 0
+    if args.older_than is not None and not args.older_than >= 0:
+        raise OffloadError(f"`--older-than`={args.older_than} must be a number of days >= 0, e.g. 30")
+    removed = cache.clear(folder, model=args.model, older_than_days=args.older_than)
+    for e in removed:
+        print(f"removed {e.path.relative_to(folder)} ({e.kind}, {e.model}, {format_size(e.size)})")
+    which = "".join([f" of models matching {args.model!r}" if args.model else "",
+                     f" unused for {args.older_than:g} days" if args.older_than is not None else ""])  # fmt: skip
+    if not removed:
+        print(f"nothing to remove{which} in {folder}")
+    else:
+        print(f"freed {format_size(sum(e.size for e in removed))} ({len(removed)} entr"
+              f"{'y' if len(removed) == 1 else 'ies'}{which}) in {folder}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightlift",
@@ -739,6 +777,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_arg(gen)
     _add_place_args(gen, None, "folder of the layer cache when layers stream from disk")
     gen.set_defaults(run=_generate)
+
+    cache_dir_help = "the cache folder (default: $WEIGHTLIFT_CACHE or ~/.cache/weightlift)"
+    cache_examples = (
+        "examples:\n"
+        "  weightlift cache list                     what is cached, how big, when last used\n"
+        "  weightlift cache list --json              the same, as one JSON object\n"
+        "  weightlift cache clear Llama              remove the entries of models whose name contains 'Llama'\n"
+        "  weightlift cache clear --older-than 30    remove what was not used in the last 30 days\n"
+        "  weightlift cache clear                    remove everything weightlift cached\n"
+    )
+    raw = argparse.RawDescriptionHelpFormatter
+    cache = sub.add_parser(
+        "cache", help="list or remove the layer caches and converted models weightlift keeps on disk",
+        description="weightlift keeps, in its cache folder, one layer cache file per model and dtype (written the\n"
+        "first time a model's layers stream from disk, reused by every plan of that model) and converted models.",
+        epilog=cache_examples, formatter_class=raw,
+    )  # fmt: skip
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="{list,clear}")
+    listing = cache_sub.add_parser(
+        "list", help="list the entries (file, kind, model, dtype, size, last use) and their total",
+        description="List weightlift's entries in the cache folder: file, kind, model, dtype, size, last use.",
+        epilog=cache_examples, formatter_class=raw,
+    )  # fmt: skip
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+    listing.add_argument("--cache-dir", default=str(default_cache_dir()), metavar="DIR", help=cache_dir_help)
+    clearing = cache_sub.add_parser(
+        "clear", help="remove entries: all, or those matching MODEL and/or --older-than",
+        description="Remove weightlift's entries from the cache folder and say how many bytes that freed. Files\n"
+        "that are not weightlift's are never touched. A model whose layer cache is removed gets it written\n"
+        "again the next time its layers stream from disk.",
+        epilog=cache_examples, formatter_class=raw,
+    )  # fmt: skip
+    clearing.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                          help="only entries whose model name (as `cache list` shows it) contains this text, "
+                          "case-insensitive (a substring match), e.g. 'Llama' or 'LlamaForCausalLM'")  # fmt: skip
+    clearing.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                          help="only entries last used more than DAYS days ago (fractions allowed)")  # fmt: skip
+    clearing.add_argument("--cache-dir", default=str(default_cache_dir()), metavar="DIR", help=cache_dir_help)
+    cache.set_defaults(run=_cache)
     return parser
 
 

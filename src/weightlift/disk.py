@@ -1,13 +1,19 @@
 """The disk tier: offloaded layers live in a layer-contiguous cache file and are read straight into slots.
 
-The cache is a valid safetensors file: one ``uint8`` tensor ``layer.<i>`` per offloaded layer holding
+One cache file per model and dtype: it holds every layer of the model's stack that can be offloaded
+(not only the ones a plan offloads), and its name is a fingerprint of the stack and of all those
+layers' layouts (which encode their dtypes), so every plan of one model reads the same file.
+
+The cache is a valid safetensors file: one ``uint8`` tensor ``layer.<i>`` per layer holding
 that layer's bytes in exactly the slot layout (`storage.Layout`), each starting on a 4 KiB boundary
 (``pad.<k>`` tensors fill the gaps, since safetensors allows no holes), and in ``__metadata__`` a
-manifest of every tensor's leaves (dtype, shape, strides, offset) and a digest of each layer's bytes.
+manifest of every tensor's leaves (dtype, shape, strides, offset), a digest of each layer's bytes, the
+model's class name and the dtypes of its layers' bytes (for ``weightlift cache list``).
 Reading a layer is one ``pread`` of its bytes into the slot: no staging copy on a CPU target, no
 per-step allocation. The file is written once (to a temporary name, fsynced, then renamed, so a
 failed write never leaves a cache a later run would trust) and checked for size and mtime before
-every read.
+every read. Each use touches a sidecar ``<file>.used`` (never the cache file: its mtime is part of
+the check) so ``weightlift cache list`` can say when it was last used.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .config import format_size
 from .dtypes import leaf_span
 from .errors import OffloadError
 from .storage import ALIGN, Entry, Layout
@@ -34,7 +41,7 @@ from .storage import ALIGN, Entry, Layout
 log = logging.getLogger(__name__)
 
 FORMAT = "weightlift-layer-cache"
-VERSION = "1"
+VERSION = "2"  # 2: every layer of the model in one file; model and dtypes in the metadata
 PAGE = 4096
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
@@ -170,7 +177,12 @@ class LayerCache:
         header, data_start = read_header(path)
         size = path.stat().st_size
         meta = header.get("__metadata__", {})
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        if meta.get("format") == FORMAT and meta.get("version") != VERSION:
+            raise OffloadError(
+                f"`{path}` is a layer cache of format version {meta.get('version')}, this weightlift reads "
+                f"{VERSION}: delete it to rebuild the cache"
+            )
+        if meta.get("format") != FORMAT:
             raise OffloadError(
                 f"`{path}` is not a weightlift layer cache (format {meta.get('format')!r}): weightlift never "
                 "writes over it; choose another `disk_path` or delete the file"
@@ -292,10 +304,44 @@ class Mapping:
         self.mapped.close()
 
 
-def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> tuple[bytes, dict[int, int]]:
+def used_marker(path: Path) -> Path:
+    """The sidecar whose mtime says when ``path`` (a cache file, or a folder) was last used."""
+    return path / ".used" if path.is_dir() else path.with_name(f"{path.name}.used")
+
+
+def mark_used(path: Path) -> None:
+    """Record that ``path`` was used now, in its sidecar (the file itself is left alone: its size and
+    mtime are what an open cache is checked against). Best effort: a read-only folder is no error."""
+    marker = used_marker(Path(path))
+    try:
+        marker.touch()
+        os.utime(marker)
+    except OSError as err:
+        log.debug("weightlift: cannot record the use of %s: %s", path, err)
+
+
+def dtypes_of(manifest: dict) -> list[str]:
+    """The dtypes of the leaves in a manifest, the one holding the most elements first."""
+    counts: dict[str, int] = {}
+    for _, entries in manifest.values():
+        for _, leaves in entries:
+            for dtype, shape, *_ in leaves:
+                n = 1
+                for d in shape:
+                    n *= d
+                counts[dtype] = counts.get(dtype, 0) + n
+    return sorted(counts, key=lambda d: (-counts[d], d))
+
+
+_NO_DIGEST = "0" * 32  # a blake2b-16 hex digest's width: the header is written before the layers are hashed
+
+
+def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str], model: str) -> tuple[bytes, dict]:
     """The safetensors header (padded so data starts on a page) and each layer's offset in the data."""
-    meta = {"format": FORMAT, "version": VERSION, "stack": stack, "manifest": json.dumps(manifest_of(layouts)),
-            "digests": json.dumps({str(i): digests[i] for i in sorted(layouts)})}  # fmt: skip
+    manifest = manifest_of(layouts)
+    meta = {"format": FORMAT, "version": VERSION, "stack": stack, "model": model,
+            "dtypes": ",".join(dtypes_of(manifest)), "manifest": json.dumps(manifest),
+            "digests": json.dumps({str(i): digests.get(i, _NO_DIGEST) for i in sorted(layouts)})}  # fmt: skip
     entries: dict = {"__metadata__": meta}
     placed, position = {}, 0
     for i in sorted(layouts):
@@ -311,24 +357,32 @@ def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> 
     return struct.pack("<Q", len(body)) + body, placed
 
 
-def _write_layers(f, layouts: dict[int, Layout], placed: dict[int, int], bar) -> None:
-    written = 0
+def _write_layers(f, layouts: dict[int, Layout], placed: dict[int, int], bar) -> dict[int, str]:
+    """Write each layer's bytes at its place (after the header) and return their digests, hashed on the
+    way: each piece comes to the host once, for both."""
+    written, digests = 0, {}
     for i in sorted(layouts):
         f.write(b"\0" * (placed[i] - written))
+        h = hashlib.blake2b(digest_size=16)
         end = 0
         for offset, chunk in _layer_chunks(layouts[i]):
             f.write(b"\0" * (offset - end))
             f.write(chunk)
+            h.update(chunk)
             end = offset + len(chunk)
             del chunk  # this piece's host copy goes before the next one is made
         f.write(b"\0" * (layouts[i].nbytes - end))
         written = placed[i] + layouts[i].nbytes
+        digests[i] = h.hexdigest()
         bar.update(layouts[i].nbytes)
+    return digests
 
 
-def write_cache(path: Path, stack: str, layouts: dict[int, Layout], digests: dict[int, str]) -> None:
-    """Write the layers' current bytes to ``path`` atomically; nothing is left behind on failure."""
-    header, placed = _header(stack, layouts, digests)
+def write_cache(path: Path, stack: str, layouts: dict[int, Layout], model: str = "") -> dict[int, str]:
+    """Write the layers' current bytes to ``path`` atomically (nothing is left behind on failure) and
+    return each layer's digest. The header goes first with placeholder digests, then the layers (hashed
+    as they are written), then the header again with the digests: same length, one pass over the bytes."""
+    header, placed = _header(stack, layouts, {}, model)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     total = sum(layout.nbytes for layout in layouts.values())
     try:
@@ -336,7 +390,11 @@ def write_cache(path: Path, stack: str, layouts: dict[int, Layout], digests: dic
         with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="weightlift: writing cache",
                                         disable=None, leave=False) as bar:  # fmt: skip
             f.write(header)
-            _write_layers(f, layouts, placed, bar)
+            digests = _write_layers(f, layouts, placed, bar)
+            final, _ = _header(stack, layouts, digests, model)
+            assert len(final) == len(header), "a digest changed the header's length"
+            f.seek(0)
+            f.write(final)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -350,6 +408,7 @@ def write_cache(path: Path, stack: str, layouts: dict[int, Layout], digests: dic
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    return digests
 
 
 @dataclass
@@ -376,29 +435,67 @@ class DiskMaster:
         self.cache.read_into(self.index, buffer)
 
 
-def open_cache(folder: Path, stack: str, layouts: dict[int, Layout], materialized: bool) -> LayerCache:
-    """The cache for these layers in ``folder``: reused when it holds the same bytes, written when absent
-    or stale (only for a model whose weights are in memory), refused when damaged or foreign."""
-    manifest = manifest_of(layouts)
-    path = folder / f"weightlift-{fingerprint(stack, manifest)}.safetensors"
-    digests = {i: layer_digest(layout) for i, layout in layouts.items()} if materialized else {}
+def cache_path(folder: Path, stack: str, every: dict[int, Layout]) -> Path:
+    """The model's one cache file in ``folder``: named after its stack and the layouts of ``every`` layer
+    that can be offloaded, whichever of them a plan offloads."""
+    return folder / f"weightlift-{fingerprint(stack, manifest_of(every))}.safetensors"
+
+
+def _other_version(path: Path) -> str | None:
+    """The version of a weightlift layer cache of another format version at ``path``, else None."""
+    meta = read_header(path)[0].get("__metadata__", {})
+    version = meta.get("version")
+    return str(version) if meta.get("format") == FORMAT and version != VERSION else None
+
+
+def open_cache(
+    folder: Path, stack: str, layouts: dict[int, Layout], materialized: bool,
+    every: dict[int, Layout] | None = None, model: str = "",
+) -> LayerCache:  # fmt: skip
+    """The model's cache in ``folder``, holding ``every`` layer that can be offloaded (default: just
+    ``layouts``, the offloaded ones). Reused when its offloaded layers hold the same bytes (only those are
+    hashed), written from ``every`` layer when absent or stale (only for a model whose weights are in
+    memory), refused when damaged or foreign."""
+    every = layouts if every is None else every
+    path = cache_path(folder, stack, every)
+    writable = not any(s.is_meta for layout in every.values() for s in layout.sources)
     if path.exists():
-        cache = LayerCache.open(path)
-        try:
-            cache.check(manifest)
-            stale = [i for i in layouts if materialized and cache.layers[i].digest != digests[i]]
-        except BaseException:
+        old = _other_version(path)
+        if old is None:
+            cache = LayerCache.open(path)
+            try:
+                cache.check(manifest_of(layouts))
+                # hashed up to the first that differs: the whole file is rewritten then anyway
+                stale = next((i for i in sorted(layouts) if cache.layers[i].digest != layer_digest(layouts[i])),
+                             None) if materialized else None  # fmt: skip
+            except BaseException:
+                cache.close()
+                raise
+            if stale is None:
+                log.info("weightlift: reusing layer cache %s", path)
+                mark_used(path)
+                return cache
             cache.close()
-            raise
-        if not stale:
-            log.info("weightlift: reusing layer cache %s", path)
-            return cache
-        cache.close()
-        log.info("weightlift: layer cache %s holds other weights (layers %s): rewriting it", path, stale[:5])
-    elif not materialized:
+            log.info("weightlift: layer cache %s holds other weights (layer %d first): rewriting it", path, stale)
+        else:
+            log.info("weightlift: layer cache %s has format version %s, this weightlift writes %s: rewriting it",
+                     path, old, VERSION)  # fmt: skip
+        if not writable:
+            raise OffloadError(
+                f"`disk_path`={str(folder)!r} holds a layer cache of this model that cannot serve it ("
+                f"{'other weights' if old is None else f'format version {old}'}) and its offloaded weights are on "
+                "the meta device: run offload once with the weights loaded to rewrite the cache"
+            )
+    elif not writable:
         raise OffloadError(
             f"`disk_path`={str(folder)!r} has no layer cache for this model and its offloaded weights are on the "
             "meta device: run offload once with the weights loaded to write the cache"
         )
-    write_cache(path, stack, layouts, digests)
+    write_cache(path, stack, every, model)
+    size = path.stat().st_size
+    log.warning(
+        "weightlift: wrote the layer cache of %s (%s) to %s; `weightlift cache list` lists caches, "
+        "`weightlift cache clear` removes them", model or stack, format_size(size), path,
+    )  # fmt: skip
+    mark_used(path)
     return LayerCache.open(path)

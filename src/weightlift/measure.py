@@ -128,18 +128,18 @@ def mapped_overhead(
     """Seconds per byte that computing on the mapped layer cache adds to a layer's compute on a CPU target
     (page faults, read-ahead and release advice, the hooks: serial, inside compute), measured on this
     model with weightlift itself: a few of its layers (spread along the stack, enough to hold 96 MiB, so
-    that as in the real run nothing stays in the CPU caches) are offloaded from a temporary cache and
-    their compute is compared with ``resident``, theirs without offloading."""
+    that as in the real run nothing stays in the CPU caches) are offloaded from the model's layer cache in
+    ``folder`` (written if absent: it holds every layer, and the run the plan is for reads that same file)
+    and their compute is compared with ``resident``, theirs without offloading."""
     from .apply import offload
 
     n = len(info.names)
     picks = sorted(spread_order(n)[: min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))])
     picks = [i for i in picks if info.nbytes[i]]
     cpu = torch.device("cpu")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".weightlift-probe-") as tmp:
-        config = OffloadConfig(layers=tuple(info.stacks), indices=tuple(picks), source="disk", disk_path=tmp)
-        with offload(model, device=cpu, config=config):
-            mapped, _ = measure_layers(info.layers, run, cpu, reps)
+    config = OffloadConfig(layers=tuple(info.stacks), indices=tuple(picks), source="disk", disk_path=folder)
+    with offload(model, device=cpu, config=config):
+        mapped, _ = measure_layers(info.layers, run, cpu, reps)
     rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
     return statistics.median(rates) if rates else 0.0
 
