@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .config import format_size
+from .disk import mark_used
 from .errors import OffloadError
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,7 @@ def convert_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, cache_
     expected = _marker(path, dtype)
     if _trusted(folder, expected):
         log.info("using the converted %s in %s", path.name, folder)
+        mark_used(folder)
         return folder
 
     with _writing(cache_dir):
@@ -200,7 +203,10 @@ def convert_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, cache_
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1f s: %.0f MB written", path.name, time.perf_counter() - start, written / 2**20)
+    log.warning("weightlift: converted %s to %s in %.1f s: %s written to %s (`weightlift cache list` shows it, "
+                "`weightlift cache clear` removes it)", path.name, _dtype_name(dtype), time.perf_counter() - start,
+                format_size(written), folder)  # fmt: skip
+    mark_used(folder)
     return folder
 
 
