@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -154,10 +158,6 @@ def reset_peak():
 
 def measure_in_subprocess(body: str, *args: object) -> list[int]:
     """Run ``RSS_PRELUDE + body`` in a fresh interpreter; the integers its last line prints."""
-    import os
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [sys.executable, "-c", RSS_PRELUDE + body, *map(str, args)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -204,3 +204,38 @@ def save_tokenizer(folder, vocab_size: int) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     fast.save_pretrained(folder)
+
+
+CONVERT_BODY = """
+from pathlib import Path
+import gguf, safetensors.torch, transformers.integrations.gguf, transformers.modeling_gguf_pytorch_utils
+from transformers import AutoConfig, AutoTokenizer
+from weightlift.convert import convert_gguf
+from weightlift.hf import smollm2_file
+base = reset_peak()
+convert_gguf(smollm2_file(), dtype=torch.float32, cache_dir=Path(sys.argv[1]))
+print(base, status("VmHWM"))
+"""
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(tmp_path_factory, request):
+    """SmolLM2 converted to float32 (`weightlift.convert`) in a cache folder: ``(cache, folder, base, peak)``,
+    written by a fresh interpreter that reports its baseline and peak RSS (bytes) while this one loads the
+    GGUF the transformers way for comparison. Session-wide: CLI runs of `smollm2` pass ``--cache-dir cache``."""
+    cache = tmp_path_factory.mktemp("cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RSS_PRELUDE + CONVERT_BODY, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        request.getfixturevalue("smollm2")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    base, peak = map(int, out.strip().splitlines()[-1].split())
+    from weightlift.convert import converted_folder
+    from weightlift.hf import smollm2_file
+
+    return cache, converted_folder(smollm2_file(), dtype=torch.float32, cache_dir=cache), base, peak

@@ -143,8 +143,8 @@ def test_bench_with_a_budget_reports_predicted_and_measured(folder, tmp_path):
     assert result["report"]["device_bytes"] <= 600 * 1024
 
 
-def test_generate_streams_and_summarises(tmp_path):
-    out = _cli("generate", "smollm2", "--budget", "300MiB", "--cache-dir", str(tmp_path), "--prompt", "Hi!",
+def test_generate_streams_and_summarises(smollm2_converted):
+    out = _cli("generate", "smollm2", "--budget", "300MiB", "--cache-dir", str(smollm2_converted[0]), "--prompt", "Hi!",
                "--tokens", "4")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()  # the streamed answer

@@ -5,54 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import RSS_PRELUDE
 from weightlift import OffloadError
 from weightlift.convert import MARKER, convert_gguf, converted_folder
 from weightlift.hf import load_gguf, smollm2_file
 
 pytestmark = pytest.mark.slow
 
-CONVERT_BODY = """
-from pathlib import Path
-import gguf, safetensors.torch, transformers.integrations.gguf, transformers.modeling_gguf_pytorch_utils
-from transformers import AutoConfig, AutoTokenizer
-from weightlift.convert import convert_gguf
-from weightlift.hf import smollm2_file
-base = reset_peak()
-convert_gguf(smollm2_file(), dtype=torch.float32, cache_dir=Path(sys.argv[1]))
-print(base, status("VmHWM"))
-"""
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, request):
-    """The float32 conversion, written by a fresh interpreter that reports its baseline and peak RSS (bytes),
-    while this one loads the GGUF the transformers way for comparison."""
-    cache = tmp_path_factory.mktemp("cache")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RSS_PRELUDE + CONVERT_BODY, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    try:
-        request.getfixturevalue("smollm2")
-        out, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    base, peak = map(int, out.strip().splitlines()[-1].split())
-    return cache, converted_folder(smollm2_file(), dtype=torch.float32, cache_dir=cache), base, peak
-
-
-def test_converted_folder_equals_transformers_gguf_load(converted, smollm2):
+def test_converted_folder_equals_transformers_gguf_load(smollm2_converted, smollm2):
     from weightlift.hf import chat_ids
 
-    cache, folder, _, _ = converted
+    cache, folder, _, _ = smollm2_converted
     reference, ids = smollm2
     model, tokenizer = load_gguf(smollm2_file(), cache_dir=cache)  # reuses the folder
     got, want = model.state_dict(), reference.state_dict()
@@ -74,11 +40,11 @@ def test_converted_folder_equals_transformers_gguf_load(converted, smollm2):
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
 
 
-def test_second_call_reuses_the_folder_without_writing(converted):
-    cache, folder, _, _ = converted
-    before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+def test_second_call_reuses_the_folder_without_writing(smollm2_converted):
+    cache, folder, _, _ = smollm2_converted
+    before = {p: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".used"}
     assert convert_gguf(smollm2_file(), dtype=torch.float32, cache_dir=cache) == folder
-    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".used"} == before  # .used: last use
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
     marker = json.loads((folder / MARKER).read_text())
     stat = smollm2_file().stat()
@@ -86,8 +52,8 @@ def test_second_call_reuses_the_folder_without_writing(converted):
     assert (marker["source_size"], marker["source_mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
 
 
-def test_conversion_peak_rss_is_below_the_dequantized_model(converted):
-    _, folder, base, peak = converted
+def test_conversion_peak_rss_is_below_the_dequantized_model(smollm2_converted):
+    _, folder, base, peak = smollm2_converted
     model_bytes = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert model_bytes == 134_515_008 * 4  # every parameter in float32 (538 MB), embeddings once
     assert peak - base < model_bytes, f"peak {(peak - base) / 2**20:.0f} MiB above the baseline"

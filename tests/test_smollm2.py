@@ -47,10 +47,11 @@ def test_smollm2_disk_tier_equals_resident(smollm2, tmp_path, mapped):
     assert torch.equal(run(model, ids, new_tokens=8)[1], ref_tokens)  # restored from the cache
 
 
-def test_demo_prints_identical_answers_and_the_report():
+def test_demo_prints_identical_answers_and_the_report(smollm2_converted):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cache = str(smollm2_converted[0])  # converted once for the session
     out = subprocess.run(
-        [sys.executable, "-m", "weightlift", "demo", "--tokens", "12", "--json"],
+        [sys.executable, "-m", "weightlift", "demo", "--tokens", "12", "--json", "--cache-dir", cache],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

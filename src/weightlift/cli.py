@@ -90,13 +90,14 @@ def cli_words(message: str) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from . import offload
     from .apply import resolve_device
-    from .hf import chat_ids, greedy, load_gguf, smollm2_file
+    from .hf import chat_ids, greedy, smollm2_file
 
     device = resolve_device(args.device)
     config = _offload_config(args, device)
     source = config.source
     path = smollm2_file()
-    model, tokenizer = load_gguf(path)
+    args.model = "smollm2"
+    model, tokenizer = _load(args)  # from its conversion in the cache (written on the first run)
     ids = chat_ids(tokenizer, args.prompt)
     resident, t_resident = greedy(model, ids, args.tokens)
     with offload(model, device=device, config=config) as handle:
@@ -794,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
         "first time a model's layers stream from disk, reused by every plan of that model) and converted models.",
         epilog=cache_examples, formatter_class=raw,
     )  # fmt: skip
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="{list,clear}")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="{list,clear}",
+                                     help="list the cache, or clear entries of it")  # fmt: skip
     listing = cache_sub.add_parser(
         "list", help="list the entries (file, kind, model, dtype, size, last use) and their total",
         description="List weightlift's entries in the cache folder: file, kind, model, dtype, size, last use.",
