@@ -72,3 +72,32 @@ def test_generate_with_a_budget_peaks_near_the_budget_not_the_model(tmp_path, fa
     runs = {"streamed": streamed, "small": baseline, "resident": resident}
     mib = {k: round(v["peak_rss_bytes"] / 2**20) for k, v in runs.items()}
     print(f"{family}: peak RSS (MiB) {mib}")
+
+
+def test_a_folder_streamed_in_another_dtype_is_converted_once_and_equals_loading_it_so(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import prompt, run, tiny
+    from weightlift import OffloadConfig
+    from weightlift.cache import entries
+    from weightlift.hf import load_streaming, model_folder
+
+    source, cache = tmp_path / "model", tmp_path / "cache"
+    tiny("qwen3", layers=4).save_pretrained(source, max_shard_size="100KB")
+    assert model_folder(str(source), dtype=torch.float32, cache_dir=cache, stream=True) == source  # as saved
+    folder = model_folder(str(source), dtype=torch.bfloat16, cache_dir=cache, stream=True)
+    assert folder.parent == cache / "converted"
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert model_folder(str(source), dtype=torch.bfloat16, cache_dir=cache, stream=True) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".used"} == {
+        k: v for k, v in written.items() if k != ".used"}  # reused, not written again
+    [entry] = entries(cache)
+    assert entry.kind == "converted model" and entry.dtype == "bfloat16"
+    resident = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    ids = prompt()
+    ref = run(resident, ids)
+    model, handle = load_streaming(folder, config=OffloadConfig(prefetch_step=1))
+    with handle:
+        assert handle.report().layers_offloaded == 4
+        out = run(model, ids)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

@@ -27,7 +27,7 @@ from .errors import OffloadError
 from .storage import Entry, Layout
 from .tensors import typed_view
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -120,7 +120,7 @@ class CheckpointIndex:
             raise OffloadError(f"`{path}` has a corrupt header entry for `{key}`: {_FIX}") from None
         if data_start + end > path.stat().st_size:
             raise OffloadError(f"`{path}` is truncated: `{key}` ends past the end of the file; {_FIX}")
-        dtype = _SAFETENSORS_DTYPES.get(record.get("dtype"))
+        dtype = SAFETENSORS_DTYPES.get(record.get("dtype"))
         if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
             raise OffloadError(f"`{key}` in `{path}` has {end - begin} bytes for its shape {shape}: {_FIX}")
         return Located(key, dtype, shape, (Piece(path, data_start + begin, end - begin, 0),), str(record.get("dtype")))

@@ -241,11 +241,12 @@ def _phase(what: str):
     log.info("%s: %.2f s", what, time.perf_counter() - start)
 
 
-def _folder(args: argparse.Namespace) -> Path:
-    """The model's checkpoint folder (a GGUF file is converted into the cache once, shown by its own bar)."""
+def _folder(args: argparse.Namespace, stream: bool = False) -> Path:
+    """The model's checkpoint folder: a GGUF file is converted into the cache once (shown by its own bar),
+    and so is a folder to ``stream`` in another ``--dtype`` than it was saved in."""
     from .hf import model_folder
 
-    return model_folder(args.model, dtype=_dtype(args), cache_dir=getattr(args, "cache_dir", None))
+    return model_folder(args.model, dtype=_dtype(args), cache_dir=getattr(args, "cache_dir", None), stream=stream)
 
 
 def _load(args: argparse.Namespace, folder: Path | None = None):
@@ -265,7 +266,7 @@ def _stream(args: argparse.Namespace, device, saved=None, folder: Path | None = 
     for ``--budget`` (measured here) or the saved ``--plan``. ``(model, handle)``."""
     from .hf import load_streaming
 
-    folder = folder or _folder(args)
+    folder = folder or _folder(args, stream=True)
     budget = None if saved is not None else args.budget
     what = f"planning for --budget {budget} (measuring this machine and model, streamed)" if budget else "loading"
     with _phase(f"{what}; the offloaded layers stream from {folder}"):
@@ -364,7 +365,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     _check_budgets(args)
     device = resolve_device(args.device)
-    folder = _folder(args)
+    folder = _folder(args, stream=True)
     model, _, _ = load_outside_layers(folder, dtype=_dtype(args))  # the layers stay empty: measured streamed
     with _phase(f"planning for --budget {args.budget} (measuring this machine and model)"):
         result = plan(model, device=device, budget=args.budget, host_budget=args.host_budget,
@@ -441,7 +442,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     saved = _check_budgets(args)
     device = resolve_device(args.device)
-    folder = _folder(args)
+    folder = _folder(args, stream=args.budget is not None or saved is not None)
     with _quiet():
         tokenizer = tokenizer_of(folder)
     if tokenizer is None:

@@ -178,7 +178,12 @@ def convert_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, cache_
         raise OffloadError(f"`dtype`={dtype!r} is not a floating-point torch dtype: give torch.float32 or bfloat16")
     cache_dir = Path(cache_dir).expanduser()
     folder = converted_folder(path, dtype=dtype, cache_dir=cache_dir)
-    expected = _marker(path, dtype)
+    return _converted(path, dtype, folder, _marker(path, dtype), cache_dir, _write)
+
+
+def _converted(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cache_dir: Path, write) -> Path:
+    """``folder`` as ``write(path, dtype, out, cache_dir)`` makes it, reused when its marker is ``expected``,
+    else written beside it and renamed into place."""
     if _trusted(folder, expected):
         log.info("using the converted %s in %s", path.name, folder)
         mark_used(folder)
@@ -190,7 +195,7 @@ def convert_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, cache_
     log.info("converting %s (%.0f MB) to %s into %s", path, path.stat().st_size / 2**20, _dtype_name(dtype), folder)
     start = time.perf_counter()
     try:
-        written = _write(path, dtype, tmp, cache_dir)
+        written = write(path, dtype, tmp, cache_dir)
         with _writing(cache_dir):
             created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             (tmp / MARKER).write_text(json.dumps({**expected, "created": created}, indent=1))
@@ -293,4 +298,105 @@ def _write(path: Path, dtype: torch.dtype, out: Path, cache_dir: Path) -> int:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(out)
         tokenizer.save_pretrained(out)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- another dtype
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise OffloadError(f"`{index}` is not a safetensors index: save the model again") from None
+    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("weightlift-"))
+
+
+def checkpoint_dtypes(folder: str | Path) -> set[torch.dtype]:
+    """The floating-point dtypes a checkpoint folder stores its tensors in (read from the headers only)."""
+    from .checkpoint import SAFETENSORS_DTYPES
+    from .disk import read_header
+
+    found = set()
+    for file in _checkpoint_files(Path(folder)):
+        header, _ = read_header(file, "the model file is damaged: download or save the model again")
+        for key, record in header.items():
+            dtype = SAFETENSORS_DTYPES.get(record.get("dtype")) if key != "__metadata__" else None
+            if dtype is not None and dtype.is_floating_point:
+                found.add(dtype)
+    return found
+
+
+def _folder_marker(folder: Path, dtype: torch.dtype) -> dict:
+    stats = [f.stat() for f in _checkpoint_files(folder)]
+    return {"format": FORMAT, "version": VERSION, "source": str(folder.resolve()),
+            "source_size": sum(st.st_size for st in stats), "dtype": _dtype_name(dtype),
+            "source_mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}  # fmt: skip
+
+
+def convert_folder(folder: str | Path, *, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """A copy of checkpoint ``folder`` with its floating-point tensors in ``dtype``, in the cache
+    (``cache_dir/converted/<name>-<key>-<dtype>``): what the checkpoint tier streams from when the model
+    is wanted in another dtype than it was saved in (it reads the bytes as stored). Written once, a few
+    tensors at a time (at most 64 MiB of them in memory), with the folder's other files (config.json
+    names the new dtype); reused while the folder's safetensors files are unchanged."""
+    folder = Path(folder).expanduser()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise OffloadError(f"`dtype`={dtype!r} is not a floating-point torch dtype: give torch.float32 or bfloat16")
+    cache_dir = Path(cache_dir).expanduser()
+    expected = _folder_marker(folder, dtype)
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir / "converted" / f"{folder.name}-{key}-{_dtype_name(dtype)}"
+    return _converted(folder, dtype, out, expected, cache_dir, _write_folder)
+
+
+def _write_folder(folder: Path, dtype: torch.dtype, out: Path, cache_dir: Path, cap: int = 64 * 2**20) -> int:
+    """Write ``folder``'s checkpoint in ``dtype`` into ``out``, in shards of at most ``cap`` bytes (or one
+    tensor); the bytes of tensors written."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    files = _checkpoint_files(folder)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    written = held = 0
+
+    def flush() -> None:
+        nonlocal written, held
+        if shard:
+            name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            written += held
+            shard.clear()
+            held = 0
+
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"weightlift: converting {folder.name}", disable=None)
+    with bar, _writing(cache_dir, total):
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    t = f.get_tensor(key)
+                    bar.update(t.numel() * t.element_size())
+                    t = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+                    if held and held + t.numel() * t.element_size() > cap:
+                        flush()
+                    shard[key] = t
+                    held += t.numel() * t.element_size()
+                    del t
+        flush()
+        index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        skip = {"model.safetensors.index.json", MARKER, "config.json", ".used"}
+        for other in folder.iterdir():
+            if other.is_file() and other.suffix != ".safetensors" and other.name not in skip:
+                shutil.copy2(other, out / other.name)
+        config = json.loads((folder / "config.json").read_text())
+        config["dtype"] = _dtype_name(dtype)
+        config.pop("torch_dtype", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
     return written

@@ -165,32 +165,35 @@ def skeleton(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     if dtype is None:
         dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(model_config)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
+    with init_empty_weights(include_buffers=False):  # in ``dtype`` as from_pretrained builds it (buffers kept)
+        model = AutoModelForCausalLM.from_config(model_config, **({"dtype": dtype} if dtype is not None else {}))
     model.tie_weights()  # tied tensors are one (meta) tensor, read once
     return model.eval()
 
 
-def model_folder(name: str, *, dtype: torch.dtype | None = None, cache_dir: str | Path | None = None) -> Path:
+def model_folder(
+    name: str, *, dtype: torch.dtype | None = None, cache_dir: str | Path | None = None, stream: bool = False
+) -> Path:
     """The transformers checkpoint folder of ``name``: ``smollm2`` (the embedded model) or a ``.gguf`` file,
     converted once into the cache (``cache_dir``, default `plan.default_cache_dir`) in ``dtype`` (default
-    float32, as transformers dequantizes GGUF), or a model folder as it is."""
+    float32, as transformers dequantizes GGUF), or a model folder as it is; with ``stream`` (its layers
+    will stream from the folder, as stored) a folder saved in another dtype than ``dtype`` is converted
+    once into the cache too (`convert.convert_folder`)."""
+    from .convert import checkpoint_dtypes, convert_folder, convert_gguf
     from .plan import default_cache_dir
 
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = smollm2_file() if name == "smollm2" else Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
-        from .convert import convert_gguf
-
-        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        return convert_gguf(path, dtype=dtype or torch.float32, cache_dir=folder)
+        return convert_gguf(path, dtype=dtype or torch.float32, cache_dir=cache)
     if not (path / "config.json").is_file():
         raise OffloadError(
             f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
         )
+    if stream and dtype is not None and checkpoint_dtypes(path) - {dtype}:
+        return convert_folder(path, dtype=dtype, cache_dir=cache)
     return path
 
 
