@@ -166,6 +166,29 @@ def test_generate_json_has_first_token_time_plan_and_peak_rss(folder, tmp_path):
     assert set(result["plan"]["predicted_s_per_forward"]) == {"prefill", "decode"}
 
 
+def test_a_second_generate_with_the_budget_reuses_the_measured_plan(folder, tmp_path, monkeypatch, capsys):
+    from weightlift.cache import clear, entries
+    from weightlift.cli import main
+
+    args = ["generate", str(folder), "--prompt", "w5 w6 w7", "--tokens", "3", "--budget", "600KiB", "--device", "cpu",
+            "--cache-dir", str(tmp_path), "--json"]  # fmt: skip
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    [entry] = [e for e in entries(tmp_path) if e.kind == "measured plan"]
+    assert "LlamaForCausalLM" in entry.model
+
+    def measured(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sys.modules["weightlift.plan"], "plan", measured)  # the module, not weightlift.plan()
+    assert main(args) == 0  # nothing measured: the plan of the first run
+    second = json.loads(capsys.readouterr().out)
+    assert second["text"] == first["text"] and second["plan"] == first["plan"]
+    assert clear(tmp_path, model="LlamaForCausalLM") and not entries(tmp_path)
+    with pytest.raises(AssertionError, match="measured again"):  # cleared: the next run measures
+        main(args)
+
+
 @pytest.mark.parametrize("source", ["disk", "host", "checkpoint"])
 def test_bench_json_and_plot_on_a_model_folder(tmp_path, source):
     model = tiny("llama")

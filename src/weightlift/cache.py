@@ -6,7 +6,9 @@ The folder (``$WEIGHTLIFT_CACHE`` or ``~/.cache/weightlift``, `plan.default_cach
 - layer caches, ``weightlift-<fingerprint>.safetensors`` directly in the folder: one per model and
   dtype (see `disk`), recognised by the ``format`` in their safetensors metadata;
 - converted models, folders ``converted/<name>/`` holding a marker ``weightlift.json``
-  (``{"format": "weightlift-converted", "source": ..., "dtype": ..., "created": ...}``).
+  (``{"format": "weightlift-converted", "source": ..., "dtype": ..., "created": ...}``);
+- measured plans, ``plans/<key>.json``: what the CLI measured for a model, device and budget
+  (`saved_plan`, `save_plan`), so that a second run starts without measuring again.
 
 When an entry was last used is the mtime of its sidecar (``<file>.used`` next to a layer cache,
 ``.used`` inside a converted folder; `mark_used` touches it), else of the file or marker itself. Only
@@ -31,7 +33,7 @@ from pathlib import Path
 from .disk import FORMAT, VERSION, dtypes_of, mark_used, read_header, used_marker
 from .errors import OffloadError
 
-__all__ = ["CONVERTED_FORMAT", "CacheEntry", "clear", "entries", "mark_used"]
+__all__ = ["CONVERTED_FORMAT", "CacheEntry", "clear", "entries", "mark_used", "plan_key", "save_plan", "saved_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ _STALE_WRITE_S = 24 * 3600  # a temporary file of a write older than this is a w
 class CacheEntry:
     """One thing weightlift keeps in its cache folder."""
 
-    path: Path  # the layer cache file, or the converted model's folder
-    kind: str  # "layer cache" or "converted model"
+    path: Path  # the layer cache file, the converted model's folder, or the plan file
+    kind: str  # "layer cache", "converted model" or "measured plan"
     model: str  # the model's class name (layer cache) or the source file's name (converted model)
     dtype: str  # the dtypes of its weights, the most common first, comma-separated
     size: int  # bytes on disk (a folder: the sum of its files)
@@ -139,7 +141,69 @@ def entries(cache_dir: str | os.PathLike) -> list[CacheEntry]:
                 entry = _converted(sub)
                 if entry is not None:
                     found.append(entry)
+    plans = folder / "plans"
+    if plans.is_dir() and not plans.is_symlink():
+        for path in sorted(plans.glob("*.json")):
+            entry = _plan_entry(path)
+            if entry is not None:
+                found.append(entry)
     return sorted(found, key=lambda e: e.last_used)
+
+
+# ---------------------------------------------------------------------------------------------- measured plans
+
+
+def plan_key(folder: Path, **what: object) -> str:
+    """A name for the plan of checkpoint ``folder`` under ``what`` (device, budget ...): it changes when the
+    folder's config or safetensors files change, or with weightlift's version."""
+    import hashlib
+
+    from . import __version__
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    text = json.dumps([str(Path(folder).resolve()), stamp, sorted((k, str(v)) for k, v in what.items()), __version__])
+    return f"{Path(folder).name}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
+
+
+def saved_plan(cache_dir: str | os.PathLike, key: str):
+    """The `Plan` saved under ``key``, or None (none saved, or not readable as a plan)."""
+    from .plan import Plan
+
+    path = Path(cache_dir).expanduser() / "plans" / f"{key}.json"
+    try:
+        plan = Plan.from_json(path.read_text())
+    except (OSError, UnicodeDecodeError, OffloadError):
+        return None
+    mark_used(path)
+    return plan
+
+
+def save_plan(cache_dir: str | os.PathLike, key: str, plan) -> Path | None:
+    """Save ``plan`` under ``key`` (atomically); None, with a log line, when the cache is not writable."""
+    folder = Path(cache_dir).expanduser() / "plans"
+    path = folder / f"{key}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.json.tmp-{os.getpid()}"
+        tmp.write_text(plan.to_json())
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("weightlift: could not save the plan in %s (%s): the next run measures again", folder, err)
+        return None
+    mark_used(path)
+    return path
+
+
+def _plan_entry(path: Path) -> CacheEntry | None:
+    from .config import format_size
+
+    try:
+        data = json.loads(path.read_text())
+        model = f"{data['model']} ({data['device']}, budget {format_size(int(data['budget']))})"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return CacheEntry(path, "measured plan", model, "-", path.stat().st_size, _when(path, path))
 
 
 def _check_age(older_than_days: float | None) -> None:
@@ -169,6 +233,9 @@ def clear(
         try:
             if entry.kind == "converted model":
                 shutil.rmtree(entry.path)
+            elif entry.kind == "measured plan":
+                entry.path.unlink()
+                used_marker(entry.path).unlink(missing_ok=True)
             else:
                 entry.path.unlink()
                 used_marker(entry.path).unlink(missing_ok=True)

@@ -261,17 +261,35 @@ def _load(args: argparse.Namespace, folder: Path | None = None):
         return model.eval(), tokenizer_of(folder)
 
 
-def _stream(args: argparse.Namespace, device, saved=None, folder: Path | None = None):
+def _stream(args: argparse.Namespace, device, saved=None, folder: Path | None = None, reuse: bool = True):
     """The model with the layers a plan offloads streamed from its checkpoint, never read whole: the plan
-    for ``--budget`` (measured here) or the saved ``--plan``. ``(model, handle)``."""
+    for ``--budget`` (measured here, or by an earlier run with ``reuse``: kept in the cache) or the saved
+    ``--plan``. ``(model, handle)``."""
+    from .cache import plan_key, save_plan, saved_plan
     from .hf import load_streaming
 
     folder = folder or _folder(args, stream=True)
-    budget = None if saved is not None else args.budget
+    host_budget = getattr(args, "host_budget", None)
+    budget, key = None if saved is not None else args.budget, None
+    if budget is not None:  # what an earlier run measured for this model, device and budget
+        key = plan_key(folder, device=device, budget=budget, host_budget=host_budget, dtype=_dtype(args))
+        saved = saved_plan(args.cache_dir, key) if reuse else None
+        if saved is not None:
+            log.info("reusing the plan measured for --budget %s (`weightlift cache clear` removes it)", budget)
+            budget = None
     what = f"planning for --budget {budget} (measuring this machine and model, streamed)" if budget else "loading"
     with _phase(f"{what}; the offloaded layers stream from {folder}"):
-        model, handle = load_streaming(folder, budget=budget, host_budget=getattr(args, "host_budget", None),
-                                       plan=saved, device=device, dtype=_dtype(args))  # fmt: skip
+        try:
+            model, handle = load_streaming(folder, budget=budget, host_budget=host_budget, plan=saved, device=device,
+                                           dtype=_dtype(args))  # fmt: skip
+        except OffloadError:
+            if key is None or budget is not None:
+                raise
+            log.info("the saved plan no longer fits this model: planning again")  # a changed model
+            model, handle = load_streaming(folder, budget=args.budget, host_budget=host_budget, device=device,
+                                           dtype=_dtype(args))  # fmt: skip
+    if key is not None and budget is not None:
+        save_plan(args.cache_dir, key, handle.plan)
     return model, handle
 
 
@@ -499,7 +517,7 @@ def _bench_plan(args: argparse.Namespace, device) -> int:
     from .measure import language_model_workloads, time_forwards
 
     _check_budgets(args)
-    model, handle = _stream(args, device)  # resident times would need the whole model: not measured
+    model, handle = _stream(args, device, reuse=False)  # planned afresh; no resident times (the whole model)
     plan = handle.plan
     runners = language_model_workloads(model, device)
     resident: dict = {}
