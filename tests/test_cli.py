@@ -344,7 +344,7 @@ def test_dtype_reaches_the_loader_and_the_default_is_the_checkpoints(folder, cap
 
 
 def test_library_errors_are_put_in_flag_words():
-    from weightlift.cli import cli_words
+    from weightlift.cli_checks import cli_words
 
     assert cli_words("`disk_path` is given but `source`='host': pass source='disk' to stream from disk") == (
         "`--cache-dir` is given but `--source`='host': pass `--source disk` to stream from disk"

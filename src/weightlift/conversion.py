@@ -240,7 +240,9 @@ def _check_complete(recipe: Recipe, ops: list, model_shape: tuple[int, ...] | No
     if not found:
         return
     count = max(i for idx in found.values() for i in idx) + 1
-    merge = next((op for op in ops if type(op).__name__ == "MergeModulelist"), None)
+    from transformers.core_model_loading import MergeModulelist
+
+    merge = next((op for op in ops if isinstance(op, MergeModulelist)), None)
     if merge is not None and ops and ops[0] is merge and model_shape is not None and len(model_shape) > merge.dim:
         count = max(count, model_shape[merge.dim])
     for pattern, idx in found.items():
@@ -271,14 +273,16 @@ def _same_shapes(tensors: list[_Sym], labels: list[str], op, target: str, skip: 
 
 
 def _apply(op, tensors: dict, recipe: Recipe, metas: dict, model_shape, config) -> dict:
-    kind, name = type(op).__name__, recipe.target
-    if kind == "MergeModulelist":
+    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Transpose
+
+    name = recipe.target
+    if isinstance(op, MergeModulelist):
         out = {}
         for pattern, ts in tensors.items():
             _same_shapes(ts, _labels(pattern, ts, recipe, metas), op, name)
             out[pattern] = [_stack(ts, op.dim)]
         return out
-    if kind == "Concatenate":
+    if isinstance(op, Concatenate):
         parts, labels = [], []
         for pattern in recipe.converter.source_patterns:
             ts = tensors.get(pattern, [])
@@ -286,7 +290,7 @@ def _apply(op, tensors: dict, recipe: Recipe, metas: dict, model_shape, config) 
             labels.extend(_labels(pattern, ts, recipe, metas))
         _same_shapes(parts, labels, op, name, skip=op.dim)
         return {recipe.converter.target_patterns[0]: [_cat(parts, op.dim)]}
-    if kind == "Chunk":
+    if isinstance(op, Chunk):
         if len(tensors) != 1 or len(next(iter(tensors.values()))) != 1:
             raise OffloadError(f"`{name}`: transformers' {op!r} takes one tensor; the checkpoint has more: {_DISK}")
         (t,) = next(iter(tensors.values()))
@@ -297,7 +301,7 @@ def _apply(op, tensors: dict, recipe: Recipe, metas: dict, model_shape, config) 
                 f"along dim {op.dim} (transformers' {op!r}): {_DISK}"
             )
         return dict(zip(targets, ([c] for c in _chunk(t, len(targets), op.dim))))
-    if kind == "Transpose" and getattr(op, "check_dims", False):
+    if isinstance(op, Transpose) and getattr(op, "check_dims", False):
         ts = [t for v in tensors.values() for t in v]
         if len(ts) == 1 and model_shape is not None and tuple(ts[0].shape) == tuple(model_shape):
             return tensors  # stored as the model holds it: transformers does not transpose
