@@ -101,3 +101,29 @@ def test_a_folder_streamed_in_another_dtype_is_converted_once_and_equals_loading
         assert handle.report().layers_offloaded == 4
         out = run(model, ids)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_planning_empty_layers_streams_them_and_leaves_them_empty(tmp_path):
+    """`plan(checkpoint=)` on a model whose layers were never read: measured streamed (a few layers read
+    for a moment), the layers are on the meta device again afterwards, and the plan streams from the folder."""
+    import weightlift
+    from conftest import prompt, run, tiny
+    from weightlift.hf import load_outside_layers, load_streaming
+    from weightlift.measure import analyse
+
+    resident = tiny("llama", layers=6)
+    ref = run(resident, prompt())
+    resident.save_pretrained(tmp_path)
+    info = analyse(resident)
+    budget = info.other_bytes + 3 * max(info.nbytes)
+    model, _, _ = load_outside_layers(tmp_path)
+    plan = weightlift.plan(model, device="cpu", budget=budget, checkpoint=tmp_path, reps=3)
+    assert all(p.is_meta for p in model.model.layers.parameters())  # as it was
+    assert not any(p.is_meta for p in model.model.embed_tokens.parameters())
+    assert plan.source == "checkpoint" and plan.disk_path == str(tmp_path) and plan.offloaded
+    assert plan.device_bytes <= budget
+    streamed, handle = load_streaming(tmp_path, plan=plan)
+    with handle:
+        assert handle.report().device_bytes <= budget
+        out = run(streamed, prompt())
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
