@@ -36,16 +36,33 @@ SAFETENSORS_DTYPES = {
 _FIX = "the checkpoint is damaged: restore it, or offload from a layer cache with source='disk'"
 
 
+def _weight_map(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> file, from the folder's ``model.safetensors.index.json``; None without one."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise OffloadError(f"`{index}` is not a safetensors index (no weight_map): {_FIX}") from None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: those its index names, else its ``*.safetensors``
+    (never a weightlift layer cache kept beside them)."""
+    weight_map = _weight_map(folder)
+    if weight_map is not None:
+        return sorted(set(weight_map.values()))
+    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("weightlift-"))
+
+
 def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the file holding it."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise OffloadError(f"`{index}` is not a safetensors index (no weight_map): {_FIX}") from None
-        return {name: folder / file for name, file in weight_map.items()}
-    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("weightlift-"))
+    weight_map = _weight_map(folder)
+    if weight_map is not None:
+        return weight_map
+    files = checkpoint_files(folder)
     if not files:
         raise OffloadError(
             f"`disk_path`={str(folder)!r} holds no safetensors checkpoint (no model.safetensors.index.json, no "

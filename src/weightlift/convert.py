@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import SAFETENSORS_DTYPES, checkpoint_files
 from .config import format_size
-from .disk import mark_used
+from .disk import mark_used, read_header
 from .errors import OffloadError
 
 log = logging.getLogger(__name__)
@@ -304,23 +305,11 @@ def _write(path: Path, dtype: torch.dtype, out: Path, cache_dir: Path) -> int:
 # ---------------------------------------------------------------------------------------------- another dtype
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise OffloadError(f"`{index}` is not a safetensors index: save the model again") from None
-    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("weightlift-"))
-
-
 def checkpoint_dtypes(folder: str | Path) -> set[torch.dtype]:
     """The floating-point dtypes a checkpoint folder stores its tensors in (read from the headers only)."""
-    from .checkpoint import SAFETENSORS_DTYPES
-    from .disk import read_header
 
     found = set()
-    for file in _checkpoint_files(Path(folder)):
+    for file in checkpoint_files(Path(folder)):
         header, _ = read_header(file, "the model file is damaged: download or save the model again")
         for key, record in header.items():
             dtype = SAFETENSORS_DTYPES.get(record.get("dtype")) if key != "__metadata__" else None
@@ -330,7 +319,7 @@ def checkpoint_dtypes(folder: str | Path) -> set[torch.dtype]:
 
 
 def _folder_marker(folder: Path, dtype: torch.dtype) -> dict:
-    stats = [f.stat() for f in _checkpoint_files(folder)]
+    stats = [f.stat() for f in checkpoint_files(folder)]
     return {"format": FORMAT, "version": VERSION, "source": str(folder.resolve()),
             "source_size": sum(st.st_size for st in stats), "dtype": _dtype_name(dtype),
             "source_mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}  # fmt: skip
@@ -359,7 +348,7 @@ def _write_folder(folder: Path, dtype: torch.dtype, out: Path, cache_dir: Path, 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    files = _checkpoint_files(folder)
+    files = checkpoint_files(folder)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     written = held = 0
