@@ -227,16 +227,22 @@ def _folder(args: argparse.Namespace, stream: bool = False) -> Path:
     return model_folder(args.model, dtype=_dtype(args), cache_dir=getattr(args, "cache_dir", None), stream=stream)
 
 
-def _load(args: argparse.Namespace, folder: Path | None = None):
-    """The whole model in memory, and its tokenizer (None when the folder has none)."""
+def _load_model(args: argparse.Namespace, folder: Path):
+    """The whole model of checkpoint ``folder`` in memory."""
     from transformers import AutoModelForCausalLM
 
+    with _phase(f"loading {args.model}" + (f" as {args.dtype}" if getattr(args, "dtype", None) else "")), _quiet():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(args) or "auto").eval()
+
+
+def _load(args: argparse.Namespace):
+    """The whole model in memory, and its tokenizer (None when the folder has none)."""
     from .hf import tokenizer_of
 
-    folder = folder or _folder(args)
-    with _phase(f"loading {args.model}" + (f" as {args.dtype}" if getattr(args, "dtype", None) else "")), _quiet():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(args) or "auto")
-        return model.eval(), tokenizer_of(folder)
+    folder = _folder(args)
+    model = _load_model(args, folder)
+    with _quiet():
+        return model, tokenizer_of(folder)
 
 
 def _stream(args: argparse.Namespace, device, saved=None, folder: Path | None = None, reuse: bool = True):
@@ -431,7 +437,7 @@ def _generate(args: argparse.Namespace) -> int:
         model, handle = _stream(args, device, saved, folder)
         plan = handle.plan
     else:
-        model, handle, plan = _load(args, folder)[0], None, None
+        model, handle, plan = _load_model(args, folder), None, None  # the tokenizer is loaded already
         model.to(device)
     ids = ids.to(device)
     inner = None
