@@ -133,29 +133,31 @@ def mapped_overhead(
     and their compute is compared with ``resident``, theirs without offloading."""
     from .apply import offload
 
-    n = len(info.names)
-    picks = sorted(spread_order(n)[: min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))])
-    picks = [i for i in picks if info.nbytes[i]]
+    picks = _probe_picks(info)
     cpu = torch.device("cpu")
     config = OffloadConfig(layers=tuple(info.stacks), indices=tuple(picks), source="disk", disk_path=folder)
     with offload(model, device=cpu, config=config):
         mapped, _ = measure_layers(info.layers, run, cpu, reps)
-    rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
-    return statistics.median(rates) if rates else 0.0
+    return _per_byte(mapped, resident, picks, info)
 
 
-def _probe_picks(info: ModelInfo, room: int) -> list[int]:
-    """A few layers spread along the stack, enough to hold 96 MiB (at least two) and at most ``room`` bytes."""
+def _probe_picks(info: ModelInfo, room: int | None = None) -> list[int]:
+    """The layers a mapping is priced on: a few spread along the stack, enough to hold 96 MiB (at least
+    two), those with bytes; with ``room``, only as many as fit it (at least one)."""
     n = len(info.names)
-    want = min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))
+    spread = spread_order(n)[: min(n, max(2, -(-_WORKING_SET // max(max(info.nbytes), 1))))]
     picks, held = [], 0
-    for i in spread_order(n):
-        if len(picks) == want:
-            break
-        if info.nbytes[i] and (held + info.nbytes[i] <= room or not picks):
+    for i in spread:
+        if info.nbytes[i] and (room is None or held + info.nbytes[i] <= room or not picks):
             picks.append(i)
             held += info.nbytes[i]
     return sorted(picks)
+
+
+def _per_byte(mapped: Sequence[float], resident: Sequence[float], picks: Sequence[int], info: ModelInfo) -> float:
+    """The median over ``picks`` of what computing mapped added to a layer's compute, per byte."""
+    rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
+    return statistics.median(rates) if rates else 0.0
 
 
 def streamed_overhead(
@@ -181,8 +183,7 @@ def streamed_overhead(
             resident, _ = measure_layers(info.layers, run, cpu, reps)
     finally:
         undo()
-    rates = [max(0.0, mapped[i] - resident[i]) / info.nbytes[i] for i in picks]
-    return (statistics.median(rates) if rates else 0.0), {i: resident[i] for i in picks}
+    return _per_byte(mapped, resident, picks, info), {i: resident[i] for i in picks}
 
 
 def available_ram() -> int | None:
