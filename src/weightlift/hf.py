@@ -94,6 +94,20 @@ def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_toke
     return {"prefill_s": prefill, "decode_tokens_per_s": (tokens - 1) / seconds, "tokens": torch.cat(generated, 1)}
 
 
+def _model_path(name: str) -> Path:
+    """What ``name`` names: the embedded GGUF for 'smollm2', a .gguf file, or a folder with a config.json;
+    `OffloadError` for anything else."""
+    path = smollm2_file() if name == "smollm2" else Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
+    elif not (path / "config.json").is_file():
+        raise OffloadError(
+            f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
+        )
+    return path
+
+
 def check_model(name: str) -> None:
     """`OffloadError` unless ``name`` is something `model_folder` can open, checked without loading it (and
     without importing transformers): 'smollm2', a file that starts like GGUF, or a folder with a readable
@@ -102,22 +116,13 @@ def check_model(name: str) -> None:
 
     from .disk import read_header
 
-    if name == "smollm2":
-        smollm2_file()
-        return
-    path = Path(name).expanduser()
+    path = _model_path(name)
     damaged = "the model file is damaged: download or save the model again"
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise OffloadError(f"`{path}` does not start like a GGUF file: {damaged}")
         return
-    if not (path / "config.json").is_file():
-        raise OffloadError(
-            f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
-        )
     try:
         json.loads((path / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -183,15 +188,9 @@ def model_folder(
     from .plan import default_cache_dir
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = smollm2_file() if name == "smollm2" else Path(name).expanduser()
+    path = _model_path(name)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise OffloadError(f"`model`={name!r} is not a file: give the path of a .gguf file")
         return convert_gguf(path, dtype=dtype or torch.float32, cache_dir=cache)
-    if not (path / "config.json").is_file():
-        raise OffloadError(
-            f"`model`={name!r} is neither 'smollm2', a .gguf file, nor a transformers model folder (no config.json)"
-        )
     if stream and dtype is not None and checkpoint_dtypes(path) - {dtype}:
         return convert_folder(path, dtype=dtype, cache_dir=cache)
     return path
