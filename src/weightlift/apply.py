@@ -17,6 +17,7 @@ from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
 from .engine import StagedEngine, StagingRing, StreamEngine, ThreadEngine, Transfer
 from .errors import OffloadError
+from .experts import ExpertStreams, LayerExperts, Mover, find_experts, nbytes_of
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stacks
 from .plan import Plan, check_plan
@@ -191,15 +192,64 @@ def _collect(model: nn.Module, names: list[str], layers: list[nn.Module], config
     return entries, list(resident.values())
 
 
-def _engine_and_jobs(handle: OffloadHandle, schedule, ring_slabs: int, slot_bytes: int):
-    """The copy engine and each offloaded position's transfer into its slot."""
-    jobs = []
+def _transfer(layer: OffloadedLayer, slot: torch.Tensor, ranges: list[tuple[int, int]] | None) -> Transfer:
+    """The move of ``layer`` (or of the byte ranges ``ranges`` of its layout) into ``slot``."""
+    master = layer.master
+    nbytes = master.layout.nbytes if ranges is None else nbytes_of(ranges)
+    if isinstance(master, HostMaster):
+        return Transfer(layer.name, slot, nbytes, pairs=master.pairs(slot, ranges))
+    return Transfer(layer.name, slot, nbytes, read=lambda buffer: master.read(buffer, ranges), ranges=ranges)
+
+
+def _experts(config: OffloadConfig, names: list[str], layers: list[nn.Module], schedule, layouts: dict,
+             stack_name: str) -> dict[int, LayerExperts]:  # fmt: skip
+    """Per offloaded position, its expert units (`weightlift.experts`); empty for ``experts=None``."""
+    if config.experts is None:
+        return {}
+    named = None if config.experts in ("auto", True) else config.experts
+    units = {}
+    for position, index in enumerate(schedule.offloaded):
+        stacks = find_experts(layers[index], named, names[index])
+        found = LayerExperts.of(layouts[index], stacks, names[index]) if stacks else None
+        if found is not None:
+            units[position] = found
+    if not units and (config.experts is True or named is not None):
+        what = f"`experts`={config.experts!r}" if named else "`experts`=True"
+        raise OffloadError(
+            f"{what}: no offloaded layer of `{stack_name}` has a stack of experts (a module whose parameters lead "
+            "with the expert count, or a ModuleList of experts, beside a router): the model is dense, or its "
+            "experts stay resident; pass experts=None to stream whole layers"
+        )
+    return units
+
+
+def _routers(handle: OffloadHandle, units: dict[int, LayerExperts], dev: torch.device) -> dict:
+    """For the router lookahead: per position and stack, a resident copy of the router's weight (or None)."""
+    out = {}
     for position, layer in enumerate(handle.layers):
-        slot, master = handle.pool.slots[schedule.slot_of[position]], layer.master
-        if isinstance(master, HostMaster):
-            jobs.append(Transfer(layer.name, slot, master.layout.nbytes, pairs=master.pairs(slot)))
-        else:
-            jobs.append(Transfer(layer.name, slot, master.layout.nbytes, read=master.read))
+        if position not in units:
+            continue
+        weights = []
+        for stack in units[position].stacks:
+            name = f"{stack.stack.router}.weight" if stack.stack.router else None
+            entry = next((e for e in layer.master.layout.entries if e.qualname == name), None)
+            if entry is not None and entry.parts.kind == "plain":
+                weight = layer.master.leaves(entry)[0]
+            else:
+                weight = layer.module.get_parameter(name) if name else None
+            plain = weight is not None and type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point()
+            weights.append(weight.detach().to(dev, copy=True) if plain and not weight.is_meta else None)
+        out[position] = weights
+    return out
+
+
+def _engine_and_jobs(handle: OffloadHandle, schedule, ring_slabs: int, slot_bytes: int):
+    """The copy engine and each offloaded position's transfer into its slot (its dense part, for MoE layers)."""
+    jobs = []
+    experts = handle.experts
+    for position, layer in enumerate(handle.layers):
+        slot = handle.pool.slots[schedule.slot_of[position]]
+        jobs.append(_transfer(layer, slot, experts.dense(position) if experts is not None else None))
     streams = handle.streams
     if streams is None:
         return ThreadEngine(handle.timeline), jobs
@@ -207,6 +257,22 @@ def _engine_and_jobs(handle: OffloadHandle, schedule, ring_slabs: int, slot_byte
         handle.ring = StagingRing(ring_slabs, slot_bytes, streams)
         return StagedEngine(streams, schedule.n_slots, handle.timeline, handle.ring), jobs
     return StreamEngine(streams, schedule.n_slots, handle.timeline), jobs
+
+
+def _slot_mover(handle: OffloadHandle, schedule) -> Mover:
+    """Experts moved into a layer's slot by its copy engine: ahead (a ticket), or before compute reads them."""
+    engine, slots, slot_of = handle.engine, handle.pool.slots, schedule.slot_of
+
+    def ahead(p: int, ranges: list) -> object:
+        return engine.start(_transfer(handle.layers[p], slots[slot_of[p]], ranges), slot_of[p])
+
+    def now(p: int, ranges: list, pending: object) -> None:
+        if ranges:
+            engine.load_now(_transfer(handle.layers[p], slots[slot_of[p]], ranges), slot_of[p], pending)
+        elif pending is not None:
+            engine.wait(pending)
+
+    return Mover(ahead, now)
 
 
 def _move(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
@@ -316,6 +382,7 @@ def offload(
         )
     schedule = make_schedule(sorted(entries), config.prefetch_step)
     layouts = {i: Layout.of(entries[i]) for i in schedule.offloaded}
+    units = _experts(config, names, layers, schedule, layouts, stack_name)
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
     streams = streams_for(dev)  # None: a CPU target, where disk reads go straight into the slot
     mapped = config.source != "host" and config.mmap and streams is None  # compute on the mapped files
@@ -383,19 +450,40 @@ def offload(
                     views = entry.views(handle.pool.slots[schedule.slot_of[position]])
                 entry.parts.install(entry.tensor, views)
             master.release_originals()  # with a copy, the original storages can now be freed
+        experts = None
+        if units:
+            routers = _routers(handle, units, dev) if config.expert_lookahead == "router" else None
+            modules = {p: layer.module for p, layer in enumerate(handle.layers)}
+            handle.experts = experts = ExpertStreams(units, modules, config.expert_lookahead, routers)
         if mapping is not None:
             handle.engine = None
             indices, timeline = schedule.offloaded, handle.timeline
             named = [layer.name for layer in handle.layers]
+            dense = experts.dense if experts is not None else lambda p: None
+
+            def willneed(p: int) -> None:
+                timeline.timed("copy", "copy", named[p], lambda: mapping.willneed(indices[p], dense(p)))
+
             handle.prefetcher = prefetcher = MappedPrefetcher(
                 schedule,
-                willneed=lambda p: timeline.timed("copy", "copy", named[p], lambda: mapping.willneed(indices[p])),
+                willneed=willneed,
                 release=lambda p: mapping.release(indices[p]),
                 check=mapping.check,
+                loaded=experts.loaded if experts is not None else None,
+                # a MoE layer's pages faulting in would read the disk's read-ahead window around them, most
+                # of it experts nobody chose; asked for once more, its dense part is read exactly
+                again=(lambda p: mapping.willneed(indices[p], dense(p)) if dense(p) else None) if experts else None,
             )
+            mover = Mover(lambda p, r: mapping.willneed(indices[p], r),
+                          lambda p, r, pending: mapping.willneed(indices[p], r))  # fmt: skip
         else:
             handle.engine, jobs = _engine_and_jobs(handle, schedule, ring_slabs, slot_bytes)
-            handle.prefetcher = prefetcher = Prefetcher(schedule, handle.engine, jobs)
+            handle.prefetcher = prefetcher = Prefetcher(
+                schedule, handle.engine, jobs, loaded=experts.loaded if experts is not None else None
+            )
+            mover = _slot_mover(handle, schedule)
+        if experts is not None:
+            experts.install(mover)
         for position, layer in enumerate(handle.layers):
             handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline, handle.graphs))
         prefetcher.prime()

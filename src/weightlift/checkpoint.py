@@ -14,7 +14,7 @@ import json
 import math
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +198,19 @@ class _Read:
     itemsize: int
 
 
+def _within(reads: list[_Read], ranges: Sequence[tuple[int, int]] | None) -> list[tuple[_Read, int, int]]:
+    """Each read with the part of its slot range ``[lo, hi)`` inside ``ranges`` (all of it for None)."""
+    if ranges is None:
+        return [(r, r.slot_offset, r.slot_offset + r.nbytes) for r in reads]
+    out = []
+    for a, b in ranges:
+        for r in reads:
+            lo, hi = max(a, r.slot_offset), min(b, r.slot_offset + r.nbytes)
+            if lo < hi:
+                out.append((r, lo, hi))
+    return out
+
+
 class CheckpointFiles:
     """The checkpoint's files, open, and for each offloaded layer the reads that fill its slot."""
 
@@ -249,12 +262,13 @@ class CheckpointFiles:
                 by_leaf[(position, slot_offset)] = leaf_reads
         return cls(folder, files, reads, by_leaf)
 
-    def read_into(self, index: int, slot: torch.Tensor) -> None:
+    def read_into(self, index: int, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """Read layer ``index`` into ``slot`` in the slot layout (only the byte ranges ``ranges`` of it, if given)."""
         view = memoryview(slot.numpy()).cast("B")
-        for r in self.reads[index]:
+        for r, lo, hi in _within(self.reads[index], ranges):
             file = self.files[r.file]
             file.check()
-            pread_into(file.fd, view[r.slot_offset : r.slot_offset + r.nbytes], r.offset, file.path, f"layer {index}")
+            pread_into(file.fd, view[lo:hi], r.offset + lo - r.slot_offset, file.path, f"layer {index}")
 
     def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
         (spec,), (slot_offset,) = entry.specs, entry.offsets
@@ -314,12 +328,12 @@ class CheckpointMapping:
         (r,) = self.checkpoint._by_leaf[(index, slot_offset)]
         return [typed_view(self.files[r.file].bytes, r.offset, spec)]
 
-    def _advise(self, advice: int, index: int) -> None:
-        for r in self.checkpoint.reads[index]:
-            self.files[r.file].advise(advice, r.offset, r.nbytes)
+    def _advise(self, advice: int, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        for r, lo, hi in _within(self.checkpoint.reads[index], ranges):
+            self.files[r.file].advise(advice, r.offset + lo - r.slot_offset, hi - lo)
 
-    def willneed(self, index: int) -> None:
-        self._advise(mmap.MADV_WILLNEED, index)
+    def willneed(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        self._advise(mmap.MADV_WILLNEED, index, ranges)
 
     def release(self, index: int) -> None:
         self._advise(mmap.MADV_DONTNEED, index)

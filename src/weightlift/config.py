@@ -72,6 +72,14 @@ class OffloadConfig:
     pool and staging may take; a plan that needs more is refused with the minimum. With ``source="disk"``
     on a CPU target the cache is mapped and layers are computed on in place, with no copy (``mmap=True``,
     the default); ``mmap=False`` reads each layer into a pool slot instead.
+
+    Mixture-of-experts layers move at expert granularity (`weightlift.experts`): ``experts="auto"`` (the
+    default) finds the expert stacks of each offloaded layer by structure and moves each layer's dense part
+    ahead, and after its router runs only the experts it chose; ``experts=None`` moves whole layers;
+    ``experts=True`` is "auto" that refuses a model without experts; a module path inside the layer (or
+    a tuple of them, ``fnmatch`` patterns allowed, e.g. ``"mlp.experts"``) names the stacks. ``expert_lookahead``
+    also moves ahead the experts a layer is predicted to use: ``"previous"`` (those of its last forward) or
+    ``"router"`` (its router applied to the previous MoE layer's input); None (the default) predicts nothing.
     """
 
     group_size: int = 1
@@ -84,6 +92,8 @@ class OffloadConfig:
     disk_path: str | os.PathLike | None = None
     host_budget: int | str | None = None
     mmap: bool = True
+    experts: bool | str | tuple[str, ...] | None = "auto"
+    expert_lookahead: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("group_size", self.group_size)
@@ -122,6 +132,24 @@ class OffloadConfig:
             raise OffloadError("`disk_path` is given but `source`='host': pass source='disk' to stream from disk")
         if not isinstance(self.mmap, bool):
             raise OffloadError(f"`mmap` must be True or False, got {self.mmap!r}")
+        if self.experts is False:
+            object.__setattr__(self, "experts", None)
+        elif self.experts is not None and self.experts is not True and self.experts != "auto":
+            names = (self.experts,) if isinstance(self.experts, str) else self.experts
+            try:
+                names = tuple(names)
+            except TypeError:
+                names = (None,)
+            if not names or any(not isinstance(n, str) or not n.strip(".") for n in names):
+                raise OffloadError(
+                    "`experts` must be 'auto', True, None, or a module path inside a layer like 'mlp.experts' "
+                    f"(or a tuple of them), got {self.experts!r}"
+                )
+            object.__setattr__(self, "experts", names)
+        if self.expert_lookahead not in (None, "previous", "router"):
+            raise OffloadError(
+                f"`expert_lookahead` must be None, 'previous' or 'router', got {self.expert_lookahead!r}"
+            )
         if self.host_budget is not None:
             object.__setattr__(self, "host_budget", parse_size(self.host_budget, name="host_budget"))
         if self.layers is not None:

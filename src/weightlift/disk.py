@@ -25,7 +25,7 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,12 +231,14 @@ class LayerCache:
                 f"layer {key} in `{self.path}` is laid out unlike the model's: delete the file to rebuild the cache"
             )
 
-    def read_into(self, index: int, slot: torch.Tensor) -> None:
-        """Read layer ``index`` into the uint8 CPU tensor ``slot`` (its first ``nbytes`` bytes)."""
+    def read_into(self, index: int, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """Read layer ``index`` into the uint8 CPU tensor ``slot`` (its first ``nbytes`` bytes, or only the
+        byte ranges ``ranges`` of its layout)."""
         self.file.check()
         layer = self.layers[index]
         view = memoryview(slot[: layer.nbytes].numpy()).cast("B")
-        pread_into(self.file.fd, view, layer.offset, self.path, f"layer.{index}")
+        for a, b in ranges if ranges is not None else [(0, layer.nbytes)]:
+            pread_into(self.file.fd, view[a:b], layer.offset + a, self.path, f"layer.{index}")
 
     def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
         """Fresh CPU tensors holding ``entry``'s true leaves, read from the file."""
@@ -292,9 +294,11 @@ class Mapping:
         layer = self.cache.layers[index]
         return entry.views(self.mapped.bytes[layer.offset : layer.offset + layer.nbytes])
 
-    def willneed(self, index: int) -> None:
+    def willneed(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """Ask the kernel to read layer ``index`` ahead (or only the byte ranges ``ranges`` of its layout)."""
         layer = self.cache.layers[index]
-        self.mapped.advise(mmap.MADV_WILLNEED, layer.offset, layer.nbytes)
+        for a, b in ranges if ranges is not None else [(0, layer.nbytes)]:
+            self.mapped.advise(mmap.MADV_WILLNEED, layer.offset + a, b - a)
 
     def release(self, index: int) -> None:
         layer = self.cache.layers[index]
@@ -430,9 +434,9 @@ class DiskMaster:
     def restored(self, entry: Entry, device: torch.device) -> list[torch.Tensor]:
         return [leaf.to(device) for leaf in self.cache.read_leaves(self.index, entry)]
 
-    def read(self, buffer: torch.Tensor) -> None:
-        """Read this layer, in the slot layout, into a CPU ``buffer`` (a staging slab)."""
-        self.cache.read_into(self.index, buffer)
+    def read(self, buffer: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """Read this layer (or the byte ranges ``ranges`` of it), in the slot layout, into a CPU ``buffer``."""
+        self.cache.read_into(self.index, buffer, ranges)
 
 
 def cache_path(folder: Path, stack: str, every: dict[int, Layout]) -> Path:

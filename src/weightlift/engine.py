@@ -25,13 +25,15 @@ from .streams import Streams
 @dataclass
 class Transfer:
     """One layer's move into its slot ``dst``: ``(dst, src)`` byte pairs from host memory, or a disk read
-    ``read(buffer)`` that fills ``nbytes`` of a buffer in the slot layout."""
+    ``read(buffer)`` that fills ``nbytes`` of a buffer in the slot layout. ``ranges`` (byte ranges of the
+    slot layout) limits a read to part of the layer (its dense part, or some of its experts)."""
 
     name: str  # the layer's name, for the timeline
     dst: torch.Tensor
     nbytes: int
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
     read: Callable[[torch.Tensor], None] | None = None
+    ranges: Sequence[tuple[int, int]] | None = None  # a read of these ranges only (None: the first nbytes)
 
 
 class Engine(Protocol):
@@ -202,7 +204,8 @@ class StagedEngine(_Accelerated):
             self.timeline.timed("read", "read", job.name, lambda: job.read(buffer))
             if ready is not None:
                 self.streams.wait(stream, ready)  # the slot's last reader has run
-            done = self._copy_on(stream, job.name, [(job.dst[: job.nbytes], buffer[: job.nbytes])])
+            spans = job.ranges if job.ranges is not None else [(0, job.nbytes)]
+            done = self._copy_on(stream, job.name, [(job.dst[a:b], buffer[a:b]) for a, b in spans])
         finally:
             self.ring.release(index, done)
         return done

@@ -167,6 +167,7 @@ class OffloadHandle:
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
         self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
         self.plan: Any = None  # the `Plan` applied, if any
+        self.experts: Any = None  # the `experts.ExpertStreams` of MoE layers streamed expert by expert
         self.removed = False
         self._final: OffloadReport | None = None  # the report as it stood when removed
 
@@ -270,6 +271,11 @@ class OffloadHandle:
             raise OffloadError("`cuda_graph` on a removed handle: offload the model again")
         if self.streams is None or not self.streams.can_capture:
             raise OffloadError(f"`cuda_graph` needs a CUDA target; this model is offloaded to `{self.device}`")
+        if self.experts is not None:
+            raise OffloadError(
+                "`cuda_graph`: experts are moved as the router chooses them, which a replay would not repeat; "
+                "offload with OffloadConfig(experts=None) to capture whole layers"
+            )
         if self.ring is not None or self.cache is not None or not isinstance(self.prefetcher, Prefetcher):
             raise OffloadError(
                 "`cuda_graph`: the disk tier cannot be captured (its reads run on a host thread, outside any "
@@ -308,6 +314,7 @@ class OffloadHandle:
             copy_seconds=sum(t["copy"] for t in self.timeline.totals.values()),
             exposed_copy_seconds=sum(t["wait"] for t in self.timeline.totals.values()),
             compute_seconds=sum(t["compute"] for t in self.timeline.totals.values()),
+            experts=self.experts.report() if self.experts is not None else None,
         )
 
     def timings(self) -> list[dict]:
@@ -333,6 +340,8 @@ class OffloadHandle:
         if self.prefetcher is not None:
             self._final = self.report()
         self.mapped_window = 0
+        if self.experts is not None:
+            self.experts.remove()
         for layer in self.layers:
             for h in layer.hooks:
                 h.remove()
@@ -349,6 +358,6 @@ class OffloadHandle:
         if self.cache is not None:
             self.cache.close()
         self.layers, self.moved, self.pool, self.engine, self.cache, self.ring = [], [], None, None, None, None
-        self.prefetcher, self.arena = None, None
+        self.prefetcher, self.arena, self.experts = None, None, None
         self.removed = True
         log.info("weightlift: removed offloading from %s", type(self.model).__name__)

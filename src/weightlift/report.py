@@ -18,6 +18,45 @@ from .config import format_size
 
 
 @dataclass(frozen=True)
+class ExpertReport:
+    """Expert-level streaming of mixture-of-experts layers (`weightlift.experts`), so far."""
+
+    stacks: int  # expert stacks in the offloaded layers
+    experts: int  # experts in them, all stacks together
+    dense_bytes: int  # bytes of the offloaded MoE layers outside their experts (attention, norms, routers ...)
+    expert_bytes: int  # bytes of their experts
+    dense_moved: int  # bytes of dense parts moved (copied, read, or read ahead)
+    experts_moved: int  # bytes of experts moved
+    tokens: int  # tokens through the first expert stack
+    routed: int  # stack forwards that moved only the chosen experts
+    whole: int  # stack forwards that moved every expert (more than half were chosen)
+    used: int  # experts computed on, per stack forward
+    hits: int  # of those, already in place: moved ahead, or still in the layer's slot from its last run
+    misses: int  # of those, moved after the router chose them
+    predicted: int  # experts the lookahead moved ahead
+    predicted_used: int  # of those, used
+
+    @property
+    def precision(self) -> float | None:
+        """Share of the experts moved ahead that were used (None without a lookahead)."""
+        return self.predicted_used / self.predicted if self.predicted else None
+
+    @property
+    def moved_per_token(self) -> float | None:
+        return (self.dense_moved + self.experts_moved) / self.tokens if self.tokens else None
+
+    def __str__(self) -> str:
+        ahead = f", lookahead precision {self.precision:.0%}" if self.precision is not None else ""
+        per = f", {format_size(int(self.moved_per_token))} per token" if self.moved_per_token is not None else ""
+        return (
+            f"{self.experts} experts in {self.stacks} stacks ({format_size(self.expert_bytes)}; dense parts "
+            f"{format_size(self.dense_bytes)}): moved {format_size(self.dense_moved + self.experts_moved)}{per}; "
+            f"{self.routed} routed and {self.whole} whole stack forwards; {self.used} experts used, "
+            f"{self.hits} in place, {self.misses} moved on demand{ahead}"
+        )
+
+
+@dataclass(frozen=True)
 class OffloadReport:
     """Exact figures for one `OffloadHandle`. Bytes are storage bytes (quantized as stored)."""
 
@@ -40,6 +79,7 @@ class OffloadReport:
     copy_seconds: float = 0.0  # time the copy engine spent transferring layers
     exposed_copy_seconds: float = 0.0  # time compute waited for a copy (or loaded one itself, on a miss)
     compute_seconds: float = 0.0  # time spent inside offloaded layers' forwards
+    experts: ExpertReport | None = None  # MoE layers moved expert by expert (None: whole layers)
 
     @property
     def saved_bytes(self) -> int:
@@ -52,7 +92,10 @@ class OffloadReport:
         return self.resident_bytes + self.pool_bytes
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "saved_bytes": self.saved_bytes, "device_bytes": self.device_bytes}
+        out = {**asdict(self), "saved_bytes": self.saved_bytes, "device_bytes": self.device_bytes}
+        if self.experts is not None:
+            out["experts"].update(precision=self.experts.precision, moved_per_token=self.experts.moved_per_token)
+        return out
 
     def __str__(self) -> str:
         rows = [
@@ -68,6 +111,7 @@ class OffloadReport:
                          f"{self.prefetch_hits} hits, {self.prefetch_misses} misses"),
             ("time in offloaded layers", f"compute {self.compute_seconds:.3f} s, waited for copies "
                                          f"{self.exposed_copy_seconds:.3f} s, copying {self.copy_seconds:.3f} s"),
+            *([("experts", str(self.experts))] if self.experts is not None else []),
             *([("replaced after offload", f"{self.replaced} tensors (now resident; see the log)")]
               if self.replaced else []),
         ]  # fmt: skip

@@ -99,6 +99,7 @@ class Prefetcher:
     schedule: Schedule
     engine: Any
     jobs: Sequence[Any]
+    loaded: Callable[[int], None] | None = None  # told each time a position's transfer is issued (experts)
     slots: list[_Slot] = field(default_factory=list)
     hits: int = 0
     misses: int = 0
@@ -128,6 +129,8 @@ class Prefetcher:
             self.copies += 1
             self.engine.load_now(self.jobs[position], index, slot.ticket)
             slot.position, slot.ticket = position, None
+            if self.loaded is not None:
+                self.loaded(position)
         elif slot.ticket is not None:
             self.engine.wait(slot.ticket)
             slot.ticket = None
@@ -178,6 +181,8 @@ class Prefetcher:
         slot.position = position
         slot.ticket = self.engine.start(self.jobs[position], self.schedule.slot_of[position])
         self.copies += 1
+        if self.loaded is not None:
+            self.loaded(position)
 
 
 @dataclass
@@ -190,18 +195,29 @@ class MappedPrefetcher:
     willneed: Callable[[int], None]
     release: Callable[[int], None]
     check: Callable[[], None]  # refuses a file changed after setup before its pages are touched
+    loaded: Callable[[int], None] | None = None  # told each time a position is read ahead (experts)
+    again: Callable[[int], None] | None = None  # before a layer runs: asks for its read-ahead once more
     hits: int = 0
     misses: int = 0
     copies: int = 0
 
+    def _ahead(self, position: int) -> None:
+        self.willneed(position)
+        self.copies += 1
+        if self.loaded is not None:
+            self.loaded(position)
+
     def prime(self) -> None:
         for position in range(self.schedule.step):
-            self.willneed(position)
-            self.copies += 1
+            self._ahead(position)
 
     def before(self, position: int) -> None:
         self.check()
         self.hits += 1
+        if not self.schedule.step and self.loaded is not None:  # nothing read ahead: its pages fault in now
+            self.loaded(position)
+        if self.again is not None:
+            self.again(position)
 
     def ensure(self, position: int) -> None:
         self.check()
@@ -212,5 +228,4 @@ class MappedPrefetcher:
     def after(self, position: int, every_slot: bool = False) -> None:
         self.release(position)
         if self.schedule.step:
-            self.willneed(self.schedule.ahead(position))
-            self.copies += 1
+            self._ahead(self.schedule.ahead(position))

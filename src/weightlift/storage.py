@@ -9,6 +9,7 @@ moves as one copy (or two, where its host master spans two arena blocks).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,8 +167,17 @@ class HostMaster:
                 storages[piece] = self._bytes(self.layout.offsets[piece], self.layout.piece_bytes[piece], device)
         return [typed_view(storages[piece], rel, spec) for piece, rel, spec in out]
 
-    def pairs(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(dst, src) byte pairs that copy this layer into ``slot``: one per arena chunk."""
-        if self.originals is None:
-            return [(slot[o : o + c.numel()], c) for o, c in self.chunks]
-        return [(slot[o : o + p.numel()], p) for o, p in zip(self.layout.offsets, self.layout.sources)]
+    def pairs(self, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """(dst, src) byte pairs that copy this layer into ``slot``: one per arena chunk (or piece), or with
+        ``ranges`` (byte ranges of the layout) only the bytes inside them."""
+        segments = self.chunks if self.originals is None else list(zip(self.layout.offsets, self.layout.sources))
+        if ranges is None:
+            return [(slot[o : o + c.numel()], c) for o, c in segments]
+        out = []
+        for a, b in ranges:
+            for o, c in segments:
+                lo, hi = max(a, o), min(b, o + c.numel())
+                if lo < hi:
+                    out.append((slot[lo:hi], c[lo - o : hi - o]))
+        return out

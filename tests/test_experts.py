@@ -1,0 +1,293 @@
+"""Mixture-of-experts layers streamed expert by expert (`weightlift.experts`).
+
+Every run is compared bit for bit with the resident model (logits and 8 greedy tokens with the KV cache).
+The slot tests first fill every device slot with 0xFF bytes (NaN in every float dtype) and forget what the
+slots held: an expert whose bytes were not moved but were read anyway would turn the output into NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import weightlift
+from conftest import VOCAB, assert_same, hook_counts, prompt, run, snapshot, tiny
+from weightlift import OffloadConfig, OffloadError
+from weightlift.experts import find_experts
+
+LAYERS, EXPERTS, TOP_K = 4, 8, 2
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=LAYERS, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+
+
+def _config(family: str):
+    import transformers as tf
+
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**COMMON, intermediate_size=128, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                                 moe_intermediate_size=32, head_dim=16)  # fmt: skip
+    if family == "qwen2_moe":  # a shared expert beside the routed ones
+        return tf.Qwen2MoeConfig(**COMMON, intermediate_size=128, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                                 moe_intermediate_size=32, shared_expert_intermediate_size=48)  # fmt: skip
+    if family == "mixtral":
+        return tf.MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**COMMON, intermediate_size=32, num_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    if family == "deepseek_v3":  # shared experts, grouped routing, a first dense layer
+        return tf.DeepseekV3Config(**COMMON, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=EXPERTS,
+                                   num_experts_per_tok=TOP_K, n_shared_experts=1, n_group=2, topk_group=1,
+                                   first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=8, v_head_dim=16)  # fmt: skip
+    if family == "gpt_oss":  # biases on the experts, a router with a bias
+        return tf.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                               head_dim=16, sliding_window=8)  # fmt: skip
+    raise AssertionError(family)
+
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+
+
+def moe(family: str, seed: int = 0) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(_config(family)).eval()
+
+
+def _poison_slots(handle: weightlift.OffloadHandle) -> None:
+    """Every slot 0xFF (NaN), and the prefetcher told they hold nothing: every layer is loaded again."""
+    handle.prefetcher.settle()
+    for slot in handle.pool.slots:
+        slot.fill_(0xFF)
+    for slot in handle.prefetcher.slots:
+        slot.position, slot.ticket = None, None
+
+
+def _expert_bytes(model: nn.Module) -> int:
+    """Bytes of one expert, by hand: its slice of each expert tensor of the first MoE layer."""
+    stack = next(s for layer in model.model.layers for s in find_experts(layer))
+    module = next(layer for layer in model.model.layers if find_experts(layer)).get_submodule(stack.path)
+    return sum(p[0].numel() * p.element_size() for p in module.parameters())
+
+
+TIERS = {
+    "host": dict(prefetch_step=1),  # 2 slots for 4 layers: each slot holds another layer every time
+    "disk mapped": dict(source="disk"),
+    "disk read": dict(source="disk", mmap=False, prefetch_step=1),
+    "checkpoint": dict(source="checkpoint", prefetch_step=1),  # save_pretrained's per-expert files: read, not mapped
+}
+LOOKAHEAD = [None, "previous", "router"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_families_and_tiers_are_bitwise(tmp_path, family, tier):
+    model = moe(family)
+    ids = prompt()
+    ref_logits, ref_tokens = run(model, ids)
+    how = dict(TIERS[tier])
+    if how.get("source") == "disk":
+        how["disk_path"] = tmp_path
+    elif how.get("source") == "checkpoint":
+        model.save_pretrained(tmp_path / "ckpt")
+        how["disk_path"] = tmp_path / "ckpt"
+    lookahead = LOOKAHEAD[(FAMILIES.index(family) + list(TIERS).index(tier)) % 3]
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(**how, expert_lookahead=lookahead)) as handle:
+        if handle.pool.slots:
+            _poison_slots(handle)
+        logits, tokens = run(model, ids)
+        report = handle.report()
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    e = report.experts
+    moe_layers = LAYERS - (1 if family == "deepseek_v3" else 0)
+    assert (e.stacks, e.experts) == (moe_layers, moe_layers * EXPERTS)
+    assert e.used == e.hits + e.misses and e.misses > 0
+    assert e.routed > 0 and e.whole + e.routed == moe_layers * (1 + 1 + 7)  # a forward, a prefill, 7 decode steps
+    if lookahead is None:
+        assert e.predicted == 0
+    else:
+        assert 0 < e.predicted_used <= e.predicted
+
+
+def test_decode_moves_the_dense_parts_and_the_chosen_experts_only():
+    model = moe("qwen3_moe")
+    ids = prompt()
+    chosen = []  # distinct experts per layer in the prompt's forward, from the resident model
+    hooks = [layer.mlp.experts.register_forward_pre_hook(lambda m, args: chosen.append(len(args[1].unique())))
+             for layer in model.model.layers]  # fmt: skip
+    with torch.inference_mode():
+        ref = model(ids, use_cache=True)
+    for h in hooks:
+        h.remove()
+    with torch.inference_mode():
+        step = ref.logits[:, -1:].argmax(-1)
+        ref_next = model(step, past_key_values=ref.past_key_values).logits
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        _poison_slots(handle)
+        with torch.inference_mode():
+            out = model(ids, use_cache=True)
+            assert torch.equal(out.logits, ref.logits)
+            before = handle.report().experts
+            _poison_slots(handle)  # nothing in place: this token moves all it needs
+            nxt = model(step, past_key_values=out.past_key_values).logits
+        after = handle.report().experts
+    assert torch.equal(nxt, ref_next)
+    one = _expert_bytes(model)
+    assert one == (2 * 32 * 64 + 64 * 32) * 4  # gate_up [2I, H] and down [H, I] in float32, by hand
+    assert after.experts_moved - before.experts_moved == LAYERS * TOP_K * one
+    # every layer's dense part once, and the first layer's once more: prefetched for the next forward
+    assert after.dense_moved - before.dense_moved == after.dense_bytes // LAYERS * (LAYERS + 1)
+    assert after.misses - before.misses == LAYERS * TOP_K and after.tokens - before.tokens == 1
+    # the 12-token prompt moved whole stacks where it chose more than half of the 8 experts
+    assert 0 < before.whole == sum(n > EXPERTS // 2 for n in chosen) and before.routed == LAYERS - before.whole
+
+
+def test_whole_layers_with_experts_none_move_every_byte():
+    model = moe("qwen3_moe")
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(experts=None, prefetch_step=1)) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert report.experts is None
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_the_previous_lookahead_finds_a_repeated_token_in_place():
+    model = moe("mixtral")
+    ids = prompt()
+    with torch.inference_mode():
+        ref = [model(ids[:, :1]).logits for _ in range(3)]
+    config = OffloadConfig(prefetch_step=1, expert_lookahead="previous")
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        _poison_slots(handle)
+        with torch.inference_mode():
+            out = [model(ids[:, :1]).logits for _ in range(3)]
+        e = handle.report().experts
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    # the same token routes alike: after the first forward every expert it uses was moved ahead
+    assert e.misses == LAYERS * TOP_K and e.hits == 2 * LAYERS * TOP_K
+    # and the first layer's guess for a fourth forward, which never came, is the only one unused
+    assert e.predicted_used == 2 * LAYERS * TOP_K and e.predicted == e.predicted_used + TOP_K
+
+
+class ListMoE(nn.Module):
+    """Experts kept as a ModuleList of MLPs, called one by one for their tokens, beside a shared expert."""
+
+    def __init__(self, hidden: int = 32, experts: int = 6, k: int = 2) -> None:
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, 48), nn.GELU(), nn.Linear(48, hidden)) for _ in range(experts)
+        )
+        self.shared = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(flat).softmax(-1).topk(self.k, dim=-1)
+        out = self.shared(flat)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out = out.index_add(0, rows, self.experts[e](flat[rows]) * weights[rows, slot, None])
+        return out.reshape(x.shape)
+
+
+class ListModel(nn.Module):
+    def __init__(self, layers: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ListMoE() for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_modulelist_experts_move_one_by_one_as_they_are_called():
+    torch.manual_seed(0)
+    model = ListModel().eval()
+    x = torch.randn(1, 1, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    (stack,) = find_experts(model.layers[0])
+    assert (stack.path, stack.count, stack.fused, stack.router) == ("experts", 6, False, "gate")
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        _poison_slots(handle)
+        with torch.inference_mode():
+            out = model(x)
+        e = handle.report().experts
+    assert torch.equal(out, ref)
+    one = sum(p.numel() * 4 for p in model.layers[0].experts[0].parameters())
+    assert e.used == e.misses == 4 * 2  # one token, two experts per layer
+    assert e.experts_moved == 4 * 2 * one
+
+
+def test_quantized_experts_stream_as_stored():
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    model = ListModel().eval()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: ".experts." in f".{name}." and
+              isinstance(m, nn.Linear))  # fmt: skip
+    assert type(model.layers[0].experts[0][0].weight).__module__.startswith("torchao")
+    x = torch.randn(1, 3, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        _poison_slots(handle)
+        with torch.inference_mode():
+            out = model(x)
+        e = handle.report().experts
+    assert torch.equal(out, ref) and torchao is not None
+    assert 0 < e.misses <= 4 * 3 * 2 and e.experts < 4 * 6 + 1
+
+
+def test_experts_can_be_named():
+    model = moe("olmoe")
+    ids = prompt()
+    ref = run(model, ids)
+    config = OffloadConfig(experts="mlp.experts", prefetch_step=1)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        out = run(model, ids)
+        assert handle.report().experts.stacks == LAYERS
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize(
+    "build, experts, message",
+    [
+        (lambda: moe("qwen3_moe"), "self_attn", "is not a stack of experts"),
+        (lambda: moe("qwen3_moe"), "mlp.nothing", "names no module"),
+        (lambda: tiny("llama"), True, "the model is dense"),
+        (lambda: tiny("llama"), "mlp", "is not a stack of experts"),
+    ],
+    ids=["not a stack", "no such module", "dense model", "dense mlp named"],
+)
+def test_refusals_leave_the_model_untouched(build, experts, message):
+    model = build()
+    snap, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(OffloadError, match=message):
+        weightlift.offload(model, device="cpu", config=OffloadConfig(experts=experts))
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(experts=3), "`experts` must be"), (dict(experts=("",)), "`experts` must be"),
+     (dict(expert_lookahead="next"), "`expert_lookahead` must be")],
+)  # fmt: skip
+def test_bad_expert_settings_are_refused(kwargs, message):
+    with pytest.raises(OffloadError, match=message):
+        OffloadConfig(**kwargs)
+
+
+def test_detection_ignores_dense_layers_and_keeps_shared_experts_dense():
+    model = moe("deepseek_v3")
+    assert find_experts(model.model.layers[0]) == []  # first_k_dense_replace=1
+    (stack,) = find_experts(model.model.layers[1])
+    assert (stack.path, stack.count, stack.fused, stack.router) == ("mlp.experts", EXPERTS, True, "mlp.gate")
+    assert find_experts(tiny("llama").model.layers[0]) == []
