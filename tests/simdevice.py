@@ -136,6 +136,13 @@ class SimDevice:
         self.writing: dict[int, int] = defaultdict(int)
         self.filled: set[int] = set()  # staging slabs
         self.needs: dict[int, dict[int, Any]] = {}  # position -> the labels its slot must hold
+        # experts (weightlift.experts): landed copies as byte spans, span[storage] = [(start, end, label, src)],
+        # and per position the dense ranges its layer reads from entry on (its experts are checked apart)
+        self.spans: dict[int, list[tuple[int, int, Any, int | None]]] = defaultdict(list)
+        self.dense: dict[int, list[tuple[int, int]]] = {}
+        self.reader: dict[int, int] = {}  # storage -> the position reading it
+        self.read_ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)  # storage -> ranges read so far
+        self.writes: dict[int, list[tuple[int, int]]] = defaultdict(list)  # storage -> copies landing now
         self.names: dict[int, str] = {}
         self.hooks: list = []  # the checker's hooks on watched layers
         self.log: list[tuple[int, str, int, Any]] = []  # (tick, copy/copied/read/read_end, storage, what)
@@ -182,6 +189,9 @@ class SimDevice:
         elif kind == "read_end":
             position, key, stream = args
             stream.put(lambda: self._read_end(key, position))
+        elif kind == "expert_read":
+            position, key, checks, stream = args
+            stream.put(lambda: self._expert_read(position, key, checks))
         else:
             raise AssertionError(kind)
 
@@ -275,16 +285,25 @@ class SimDevice:
             else:  # a host master: its bytes never change
                 label = ("host", src.data_ptr())
             self.reading[skey] += 1
-            if self.reading[dkey]:
+            if self.reading[dkey] and not self._beside_the_read(dkey, offset, dst.numel(), stream):
                 self.hazards.append(f"t={self.tick()}: {self._name(dkey)} overwritten while a layer reads it")
             self.writing[dkey] += 1
+            self.writes[dkey].append((offset, offset + dst.numel()))
             self.log.append((self.tick(), "copy", dkey, label))
         time.sleep(stream.delay)
         dst.copy_(src)
         with self.cond:
             self.reading[skey] -= 1
             self.writing[dkey] -= 1
+            self.writes[dkey].remove((offset, offset + dst.numel()))
             self.label[dkey][offset] = label
+            end = offset + dst.numel()
+            kept = [sp for sp in self.spans[dkey] if sp[1] <= offset or sp[0] >= end]
+            kept += [(a, min(b, offset), lab, p) for a, b, lab, p in self.spans[dkey] if a < offset < b]
+            kept += [(end, b, lab, None if p is None else p + end - a)
+                     for a, b, lab, p in self.spans[dkey] if a < end < b]  # fmt: skip
+            host = label is not None and label[0] == "host"
+            self.spans[dkey] = [*kept, (offset, end, "host" if host else label, src.data_ptr() if host else None)]
             self.counts["copies"] += 1
             self.log.append((self.tick(), "copied", dkey, label))
 
@@ -294,11 +313,37 @@ class SimDevice:
             if held != self.needs[position]:
                 self.hazards.append(f"t={self.tick()}: position {position} read {self._name(key)} holding "
                                     f"{sorted(map(str, held.values()))}, not its weights")  # fmt: skip
-            if self.writing[key]:
+            dense = self.dense.get(position)
+            if dense is None and self.writing[key] or dense is not None and any(
+                    a < wb and wa < b for a, b in dense for wa, wb in self.writes[key]):  # fmt: skip
                 self.hazards.append(f"t={self.tick()}: position {position} read {self._name(key)} while it is written")
             self.reading[key] += 1
+            self.reader[key] = position
+            self.read_ranges[key] = list(dense or [])
             self.counts["reads"] += 1
             self.log.append((self.tick(), "read", key, position))
+
+    def _beside_the_read(self, key: int, offset: int, n: int, stream) -> bool:
+        """A copy into the slot a MoE layer reads, outside every byte that layer has read so far (its dense
+        part, and the experts it computed on): experts moved while the layer runs."""
+        if self.reader.get(key) not in self.dense:
+            return False
+        return all(offset + n <= a or offset >= b for a, b in self.read_ranges[key])
+
+    def _expert_read(self, position: int, key: int, checks: list) -> None:
+        """The experts chosen at ``position`` compute: each (offset, n, kind, source) must have landed."""
+        with self.cond:
+            for offset, n, kind, source in checks:
+                self.read_ranges[key].append((offset, offset + n))
+                if any(a < offset + n and offset < b for a, b in self.writes[key]):
+                    self.hazards.append(f"t={self.tick()}: position {position}'s experts read {self._name(key)} "
+                                        f"bytes {offset}-{offset + n} while they are written")  # fmt: skip
+                ok = any(a <= offset and offset + n <= b and lab == kind and (p is None or p + offset - a == source)
+                         for a, b, lab, p in self.spans[key])  # fmt: skip
+                if not ok:
+                    self.hazards.append(f"t={self.tick()}: position {position}'s experts read {self._name(key)} "
+                                        f"bytes {offset}-{offset + n} that do not hold them")  # fmt: skip
+            self.counts["expert_reads"] += 1
 
     def _read_end(self, key: int, position: int) -> None:
         time.sleep(self.compute_lag)
@@ -337,11 +382,17 @@ class SimDevice:
         for position, layer in enumerate(handle.layers):
             slot = handle.pool.slots[schedule.slot_of[position]]
             base = slot.untyped_storage().data_ptr()
+            dense = handle.experts.dense(position) if handle.experts is not None else None
+            if dense is not None:
+                self.dense[position] = [(slot.data_ptr() - base + a, slot.data_ptr() - base + b) for a, b in dense]
             if isinstance(layer.master, DiskMaster):
-                self.needs[position] = {slot.data_ptr() - base: ("disk", layer.index)}
+                first = dense[0][0] if dense else 0
+                self.needs[position] = {slot.data_ptr() - base + first: ("disk", layer.index)}
             else:
-                pairs = layer.master.pairs(slot)
+                pairs = layer.master.pairs(slot, dense)
                 self.needs[position] = {d.data_ptr() - base: ("host", s.data_ptr()) for d, s in pairs}
+            if dense is not None:
+                self._watch_experts(handle, position, layer, slot, base)
 
             def enter(module, args, position=position, key=base):
                 self._issue("read", position, key, self.current_stream())
@@ -356,6 +407,30 @@ class SimDevice:
                 layer.module.register_forward_hook(leave, prepend=True, always_call=True),
             ]
 
+    def _watch_experts(self, handle, position: int, layer, slot: torch.Tensor, base: int) -> None:
+        """Before each expert stack computes (after weightlift's hook moved what it chose), check its bytes."""
+        from weightlift.experts import _routing
+
+        for units in handle.experts.units[position].stacks:
+            module = layer.module.get_submodule(units.stack.path)
+
+            def check(module, args, kwargs, units=units):
+                index = _routing(args, kwargs, units.stack.count)
+                chosen = sorted({e for e in index.reshape(-1).tolist() if 0 <= e < units.stack.count})
+                checks = []
+                for ranges in (units.experts[e] for e in chosen):
+                    if isinstance(layer.master, DiskMaster):
+                        checks += [(slot.data_ptr() - base + a, b - a, ("disk", layer.index), None) for a, b in ranges]
+                    else:
+                        checks += [(d.data_ptr() - base, d.numel(), "host", s.data_ptr())
+                                   for d, s in layer.master.pairs(slot, ranges)]  # fmt: skip
+                self._issue("expert_read", position, base, checks, self.current_stream())
+                if self._graph is None:
+                    self.compute.drain()
+
+            assert units.stack.fused, "the checker follows fused experts"
+            self.hooks.append(module.register_forward_pre_hook(check, with_kwargs=True))
+
     def assert_clean(self) -> None:
         self.synchronize()
         assert not self.hazards, "\n".join(self.hazards[:20])
@@ -366,6 +441,6 @@ def install(monkeypatch, **delays: float) -> SimDevice:
     sim = SimDevice(**delays)
     monkeypatch.setattr(weightlift.apply, "streams_for", lambda device: sim)
     read = DiskMaster.read
-    monkeypatch.setattr(DiskMaster, "read", lambda master, buffer: sim.fill(buffer, master.index,
-                                                                            lambda b: read(master, b)))  # fmt: skip
+    monkeypatch.setattr(DiskMaster, "read", lambda master, buffer, ranges=None: sim.fill(
+        buffer, master.index, lambda b: read(master, b, ranges)))  # fmt: skip
     return sim

@@ -291,3 +291,47 @@ def test_detection_ignores_dense_layers_and_keeps_shared_experts_dense():
     (stack,) = find_experts(model.model.layers[1])
     assert (stack.path, stack.count, stack.fused, stack.router) == ("mlp.experts", EXPERTS, True, "mlp.gate")
     assert find_experts(tiny("llama").model.layers[0]) == []
+
+
+@pytest.mark.parametrize("lookahead", [None, "previous"])
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_expert_loads_on_the_accelerator_path_pass_the_ordering_checker(monkeypatch, tmp_path, source, lookahead):
+    import simdevice
+
+    sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005, read_delay=0.001)
+    try:
+        model = moe("qwen3_moe")
+        ids = prompt()
+        ref_logits, ref_tokens = run(model, ids)
+        how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
+        config = OffloadConfig(prefetch_step=1, expert_lookahead=lookahead, **how)
+        with weightlift.offload(model, device="cpu", config=config) as handle:
+            assert handle.streams is not None  # the accelerator engines, on the simulated device
+            sim.watch(handle)
+            logits, tokens = run(model, ids)
+            e = handle.report().experts
+        sim.assert_clean()
+    finally:
+        sim.close()
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert sim.counts["expert_reads"] == LAYERS * 9 and e.misses > 0  # every expert stack's forward was checked
+    if lookahead:
+        assert e.predicted_used > 0
+
+
+def test_the_checker_reports_experts_read_before_they_are_moved(monkeypatch):
+    import simdevice
+    from weightlift import experts
+
+    monkeypatch.setattr(experts.ExpertStreams, "_need", lambda self, position, s, chosen, whole: None)
+    sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005)
+    try:
+        model = moe("qwen3_moe")
+        with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+            sim.watch(handle)
+            with torch.inference_mode():
+                model(prompt())
+        sim.synchronize()
+        assert any("experts read" in h for h in sim.hazards)
+    finally:
+        sim.close()
