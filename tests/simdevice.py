@@ -314,8 +314,8 @@ class SimDevice:
                 self.hazards.append(f"t={self.tick()}: position {position} read {self._name(key)} holding "
                                     f"{sorted(map(str, held.values()))}, not its weights")  # fmt: skip
             dense = self.dense.get(position)
-            if dense is None and self.writing[key] or dense is not None and any(
-                    a < wb and wa < b for a, b in dense for wa, wb in self.writes[key]):  # fmt: skip
+            if (dense is None and self.writing[key]) or (dense is not None and any(
+                    a < wb and wa < b for a, b in dense for wa, wb in self.writes[key])):  # fmt: skip
                 self.hazards.append(f"t={self.tick()}: position {position} read {self._name(key)} while it is written")
             self.reading[key] += 1
             self.reader[key] = position
@@ -415,7 +415,7 @@ class SimDevice:
             module = layer.module.get_submodule(units.stack.path)
 
             def check(module, args, kwargs, units=units):
-                index = _routing(args, kwargs, units.stack.count)
+                index = _routing(args, kwargs)
                 chosen = sorted({e for e in index.reshape(-1).tolist() if 0 <= e < units.stack.count})
                 checks = []
                 for ranges in (units.experts[e] for e in chosen):

@@ -335,3 +335,105 @@ def test_the_checker_reports_experts_read_before_they_are_moved(monkeypatch):
         assert any("experts read" in h for h in sim.hazards)
     finally:
         sim.close()
+
+
+def test_inspect_shows_dense_and_expert_bytes_and_what_a_token_reads(tmp_path, capsys):
+    import json
+
+    from weightlift.cli import main
+
+    model = moe("qwen3_moe")
+    model.save_pretrained(tmp_path / "m")
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    one = (2 * 32 * 64 + 64 * 32) * 4  # by hand: gate_up [2I, H] and down [H, I], float32
+    layer = model.model.layers[0]
+    dense = sum(p.numel() * 4 for n, p in layer.named_parameters() if not n.startswith("mlp.experts."))
+    for found in layers:
+        assert found["experts"] == {"stacks": ["mlp.experts"], "count": EXPERTS, "bytes_per_expert": one,
+                                    "dense_bytes": dense, "top_k": TOP_K,
+                                    "routed_bytes_per_token": dense + TOP_K * one}  # fmt: skip
+
+
+def test_compiled_moe_moves_experts_inside_the_graph():
+    """fullgraph=True: the experts hook becomes the ``weightlift::experts`` op, so the compiled code moves
+    the chosen experts each run; slots poisoned first, 2 slots for 4 layers (``aot_eager``: dynamo and
+    functionalization as with inductor, without its minutes of code generation)."""
+    model = moe("qwen3_moe")
+    ids = prompt()
+    with torch.inference_mode():
+        ref = model(ids).logits  # aot_eager runs the eager kernels: the same bytes
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.inference_mode():
+            compiled(ids)  # compiles
+            _poison_slots(handle)
+            before = handle.report().experts
+            out = [compiled(ids).logits for _ in range(2)]
+        after = handle.report().experts
+    torch._dynamo.reset()
+    assert all(torch.equal(o, ref) for o in out)
+    # the op ran in the compiled code: once per stack per run, and it moved experts into the poisoned slots
+    assert (after.routed + after.whole) - (before.routed + before.whole) == 2 * LAYERS
+    assert after.misses > before.misses
+
+
+def test_state_dict_of_an_offloaded_moe_is_the_resident_one():
+    model = moe("gpt_oss")
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        _poison_slots(handle)
+        with torch.inference_mode():
+            model(prompt())
+        got = model.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_custom_fused_experts_move_whole_unless_named():
+    """A fused experts module weightlift does not know the forward of (it could read every expert) streams
+    whole in auto mode; named, it streams expert by expert."""
+
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 32, 32))
+
+        def forward(self, x, index):
+            return torch.stack([x[t] @ self.w[index[t]].sum(0) for t in range(x.shape[0])])
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(32, 6, bias=False)
+            self.experts = Fused()
+
+        def forward(self, x):
+            flat = x.reshape(-1, 32)
+            return x + self.experts(flat, self.gate(flat).topk(2, dim=-1).indices).reshape(x.shape)
+
+    torch.manual_seed(0)
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(4))
+
+        def forward(self, x):
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    model = Net().eval()
+    assert find_experts(model.layers[0]) == []
+    (named,) = find_experts(model.layers[0], "experts")
+    assert (named.count, named.fused, named.router) == (6, True, "gate")
+    x = torch.randn(1, 3, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    for experts, stacks in (("auto", None), ("experts", 4)):
+        with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1, experts=experts)) as h:
+            _poison_slots(h)
+            with torch.inference_mode():
+                out = model(x)
+            report = h.report().experts
+        assert torch.equal(out, ref)
+        assert (report.stacks if report else None) == stacks

@@ -305,3 +305,24 @@ def test_gpu_plan_sends_layers_to_disk_when_the_host_budget_is_short(tmp_path):
         logits, tokens = run(model, ids)
         assert handle.report().host_bytes <= 600 * 1024
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+@pytest.mark.parametrize("lookahead", [None, "previous"])
+def test_gpu_moe_experts_stream_expert_by_expert(tmp_path, source, lookahead):
+    from test_experts import EXPERTS, LAYERS, TOP_K, _poison_slots, moe
+
+    dev = _device()
+    model = moe("qwen3_moe")
+    ids = prompt().to(dev)
+    model.to(dev)
+    ref_logits, ref_tokens = run(model, ids)
+    model.to("cpu")
+    how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
+    config = OffloadConfig(prefetch_step=1, expert_lookahead=lookahead, **how)
+    with weightlift.offload(model, device=dev, config=config) as handle:
+        _poison_slots(handle)  # NaN everywhere an expert not moved would be read
+        logits, tokens = run(model, ids)
+        e = handle.report().experts
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert e.stacks == LAYERS and e.experts == LAYERS * EXPERTS and e.misses > 0 and TOP_K == 2

@@ -259,20 +259,37 @@ def _engine_and_jobs(handle: OffloadHandle, schedule, ring_slabs: int, slot_byte
     return StreamEngine(streams, schedule.n_slots, handle.timeline), jobs
 
 
-def _slot_mover(handle: OffloadHandle, schedule) -> Mover:
-    """Experts moved into a layer's slot by its copy engine: ahead (a ticket), or before compute reads them."""
-    engine, slots, slot_of = handle.engine, handle.pool.slots, schedule.slot_of
+class _SlotMover:
+    """`experts.Mover` for slots: experts copied (or read) into a layer's slot by its copy engine."""
 
-    def ahead(p: int, ranges: list) -> object:
-        return engine.start(_transfer(handle.layers[p], slots[slot_of[p]], ranges), slot_of[p])
+    def __init__(self, handle: OffloadHandle, schedule) -> None:
+        self.handle, self.slot_of = handle, schedule.slot_of
 
-    def now(p: int, ranges: list, pending: object) -> None:
+    def _job(self, p: int, ranges: list) -> Transfer:
+        return _transfer(self.handle.layers[p], self.handle.pool.slots[self.slot_of[p]], ranges)
+
+    def ahead(self, p: int, ranges: list) -> object:
+        return self.handle.engine.start(self._job(p, ranges), self.slot_of[p])
+
+    def now(self, p: int, ranges: list, pending: object) -> None:
         if ranges:
-            engine.load_now(_transfer(handle.layers[p], slots[slot_of[p]], ranges), slot_of[p], pending)
+            self.handle.engine.load_now(self._job(p, ranges), self.slot_of[p], pending)
         elif pending is not None:
-            engine.wait(pending)
+            self.handle.engine.wait(pending)
 
-    return Mover(ahead, now)
+
+class _MappedMover:
+    """`experts.Mover` for a mapped file: experts read ahead by the kernel (compute faults on the rest)."""
+
+    def __init__(self, mapping, indices: Sequence[int]) -> None:
+        self.mapping, self.indices = mapping, indices
+
+    def ahead(self, p: int, ranges: list) -> None:
+        self.mapping.willneed(self.indices[p], ranges)
+
+    def now(self, p: int, ranges: list, pending: object) -> None:
+        if ranges:
+            self.mapping.willneed(self.indices[p], ranges)
 
 
 def _move(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
@@ -474,14 +491,13 @@ def offload(
                 # of it experts nobody chose; asked for once more, its dense part is read exactly
                 again=(lambda p: mapping.willneed(indices[p], dense(p)) if dense(p) else None) if experts else None,
             )
-            mover = Mover(lambda p, r: mapping.willneed(indices[p], r),
-                          lambda p, r, pending: mapping.willneed(indices[p], r))  # fmt: skip
+            mover: Mover = _MappedMover(mapping, indices)
         else:
             handle.engine, jobs = _engine_and_jobs(handle, schedule, ring_slabs, slot_bytes)
             handle.prefetcher = prefetcher = Prefetcher(
                 schedule, handle.engine, jobs, loaded=experts.loaded if experts is not None else None
             )
-            mover = _slot_mover(handle, schedule)
+            mover = _SlotMover(handle, schedule)
         if experts is not None:
             experts.install(mover)
         for position, layer in enumerate(handle.layers):

@@ -292,6 +292,20 @@ def _layer_formats(layer) -> list[str]:
     return found
 
 
+def _experts_of(layer, nbytes: int, top_k: int | None) -> dict | None:
+    """A MoE layer's dense and expert bytes, and what a decode token reads of it (top-k experts per stack)."""
+    from .experts import expert_bytes, find_experts
+
+    stacks = find_experts(layer)
+    if not stacks:
+        return None
+    per = [expert_bytes(layer, s) for s in stacks]
+    dense = nbytes - sum(p * s.count for p, s in zip(per, stacks))
+    return {"stacks": [s.path for s in stacks], "count": sum(s.count for s in stacks), "bytes_per_expert": max(per),
+            "dense_bytes": dense, "top_k": top_k,
+            "routed_bytes_per_token": dense + top_k * sum(per) if top_k else None}  # fmt: skip
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .hf import skeleton
     from .measure import analyse
@@ -303,6 +317,11 @@ def _inspect(args: argparse.Namespace) -> int:
     largest = max(info.nbytes, default=0)
     layers = [{"name": n, "bytes": b, "formats": _layer_formats(m)} for n, b, m in zip(info.names, info.data_bytes,
                                                                                       info.layers)]  # fmt: skip
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    for layer, module in zip(layers, info.layers):
+        found = _experts_of(module, layer["bytes"], top_k)
+        if found is not None:
+            layer["experts"] = found
     result = {"model": args.model, "class": type(model).__name__, "stacks": info.stacks, "layers": layers,
               "total_bytes": total, "outside_layers_bytes": info.other_bytes, "largest_layer_slot_bytes": largest,
               "minimum_budget_bytes": minimum}  # fmt: skip
@@ -329,6 +348,11 @@ def _inspect(args: argparse.Namespace) -> int:
     width = max(len(layer["name"]) for layer in layers)
     for layer in layers:
         print(f"  {layer['name'].ljust(width)}  {format_size(layer['bytes']):>11}  {', '.join(layer['formats'])}")
+        if "experts" in layer:
+            e = layer["experts"]
+            per = f", {format_size(e['routed_bytes_per_token'])} per decode token" if e["top_k"] else ""
+            print(f"  {''.ljust(width)}  dense {format_size(e['dense_bytes'])} + {e['count']} experts x "
+                  f"{format_size(e['bytes_per_expert'])}{per}")  # fmt: skip
     print(f"smallest budget that runs it: {format_size(minimum)} (everything outside the layers + one layer slot)")
     if "budget" in result:
         b = result["budget"]

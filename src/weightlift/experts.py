@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from . import ops
 from .dtypes import leaf_span
 from .errors import OffloadError
 from .report import ExpertReport
@@ -107,16 +109,33 @@ def _stack(layer: nn.Module, path: str) -> ExpertStack | None:
     return None
 
 
+KNOWN = ("eager", "batched_mm", "grouped_mm")  # transformers' experts forwards that index only chosen experts
+
+
+def _reads_only_chosen(module: nn.Module) -> bool:
+    """Fused experts whose forward dispatches through transformers' ``ExpertsInterface`` (the attributes its
+    ``use_experts_implementation`` decorator sets) to an implementation that reads only chosen experts."""
+    config = getattr(module, "config", None)
+    return hasattr(module, "is_transposed") and getattr(config, "_experts_implementation", None) in KNOWN
+
+
 def find_experts(layer: nn.Module, names: str | Sequence[str] | None = None, where: str = "layer") -> list[ExpertStack]:
-    """The expert stacks of ``layer``. Detected (``names`` None): a stack needs a router beside it.
+    """The expert stacks of ``layer``. Detected (``names`` None): a stack needs a router beside it, and fused
+    experts a forward known to read only the experts it is called for (`KNOWN`).
     Named (module paths inside the layer, or ``fnmatch`` patterns such as ``"*.experts"``): each module
     named must be an expert stack, or `OffloadError` says what it is instead."""
     if names is None:
         found = []
-        for path, _ in layer.named_modules():
+        for path, module in layer.named_modules():
             stack = _stack(layer, path) if path else None
-            if stack is not None and stack.router is not None:
-                found.append(stack)
+            if stack is None or stack.router is None:
+                continue
+            if stack.fused and not _reads_only_chosen(module):
+                log.info("`%s.%s` looks like fused experts, but its forward is not one weightlift knows to read only "
+                         "the experts it is given tokens for: it moves whole; name it with `experts=` to stream it "
+                         "expert by expert", where, path)  # fmt: skip
+                continue
+            found.append(stack)
         return found
     patterns = (names,) if isinstance(names, str) else tuple(names)
     found = []
@@ -138,6 +157,14 @@ def find_experts(layer: nn.Module, names: str | Sequence[str] | None = None, whe
                 )
             found.append(stack)
     return found
+
+
+def expert_bytes(layer: nn.Module, stack: ExpertStack) -> int:
+    """Bytes of one expert of ``stack`` as stored (from shapes: works on meta skeletons too)."""
+    module = layer.get_submodule(stack.path)
+    if stack.fused:
+        return sum(t.numel() // stack.count * t.element_size() for _, t in _direct(module))
+    return sum(t.numel() * t.element_size() for t in module[0].parameters())
 
 
 def _merge(ranges: Ranges) -> Ranges:
@@ -236,7 +263,7 @@ class ExpertCounters:
     tokens: int = 0  # tokens through the first expert stack
 
 
-def _routing(args: tuple, kwargs: dict, count: int) -> torch.Tensor | None:
+def _routing(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The integer tensor of expert indices the experts module is called with, if any."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex() \
@@ -264,12 +291,15 @@ class _State:
     guess: list[list[int]] = field(default_factory=list)  # per stack: the router lookahead's prediction
 
 
-class Mover:
-    """How bytes of an offloaded position get where compute reads them (see `apply`): ``ahead`` starts
-    moving ``ranges`` (returns a ticket or None), ``now`` moves them before compute issued after it."""
+class Mover(Protocol):
+    """How byte ranges of an offloaded position's layout get where compute reads them: copied into its
+    slot by the copy engine, or read ahead in the mapped file (`apply` builds one of each)."""
 
-    def __init__(self, ahead: Callable[[int, Ranges], object], now: Callable[[int, Ranges, object], None]) -> None:
-        self.ahead, self.now = ahead, now
+    def ahead(self, position: int, ranges: Ranges) -> object:
+        """Start moving ``ranges`` (the slot's last reader has run); a ticket for `now`, or None."""
+
+    def now(self, position: int, ranges: Ranges, pending: object) -> None:
+        """Compute issued from now on sees ``ranges``, and the move ``pending`` (a ticket or None) has landed."""
 
 
 class ExpertStreams:
@@ -285,6 +315,7 @@ class ExpertStreams:
         self.mover: Mover | None = None
         self.state = {p: _State([set() for _ in u.stacks], [set() for _ in u.stacks]) for p, u in units.items()}
         self.hooks: list = []
+        self.stack_hooks: list[StackHook] = []  # held here: the ops registry holds them weakly
         self._first = min(units) if units else None
         self._order = sorted(units)
         self._warned = False
@@ -296,15 +327,19 @@ class ExpertStreams:
             for s, stack in enumerate(units.stacks):
                 module = layer.get_submodule(stack.stack.path)
                 if stack.stack.fused:
-                    self.hooks.append(module.register_forward_pre_hook(self._fused_hook(position, s), with_kwargs=True))
+                    hook = StackHook(self, position, s)
+                    self.stack_hooks.append(hook)
+                    self.hooks.append(module.register_forward_pre_hook(hook.fused, with_kwargs=True))
                 else:
                     for e, expert in enumerate(module):
-                        self.hooks.append(expert.register_forward_pre_hook(self._list_hook(position, s, e)))
+                        hook = StackHook(self, position, s, e)
+                        self.stack_hooks.append(hook)
+                        self.hooks.append(expert.register_forward_pre_hook(hook.called, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
-        self.hooks = []
+        self.hooks, self.stack_hooks = [], []
 
     def report(self) -> ExpertReport:
         c, units = self.counters, self.units.values()
@@ -369,40 +404,32 @@ class ExpertStreams:
             state.pending = None
             have.update(missing)
 
-    def _fused_hook(self, position: int, s: int):
+    def route(self, position: int, s: int, hidden: torch.Tensor | None, index: torch.Tensor | None) -> None:
+        """Stack ``s`` of ``position`` is about to compute on ``hidden`` with the expert indices ``index``
+        (None: unknown, so every expert moves)."""
         count = self.units[position].stacks[s].stack.count
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            index = _routing(args, kwargs, count)
-            hidden = _hidden(args, kwargs)
-            if position == self._first and hidden is not None:
-                self.counters.tokens += hidden.reshape(-1, hidden.shape[-1]).shape[0]
-            if index is None:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("the experts at `%s` were called without expert indices: moving all of them",
-                                self.units[position].stacks[s].stack.path)  # fmt: skip
-                self.counters.whole += 1
-                self._need(position, s, list(range(count)), True)
-                return
-            flat = index.reshape(-1)
-            chosen = sorted({e for e in flat.tolist() if 0 <= e < count})
-            whole = len(chosen) > WHOLE_AT * count
-            if whole:
-                self.counters.whole += 1
-            else:
-                self.counters.routed += 1
-            self._need(position, s, chosen, whole)
-            if self.lookahead == "router" and hidden is not None:
-                self._guess_next(position, hidden, index.shape[-1] if index.dim() else 1)
-
-        return hook
-
-    def _list_hook(self, position: int, s: int, e: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._need(position, s, [e], False)
-
-        return hook
+        rows = hidden.reshape(-1, hidden.shape[-1]).shape[0] if hidden is not None else None
+        if position == self._first and rows is not None:
+            self.counters.tokens += rows
+        if index is not None and (index.dim() == 0 or index.reshape(-1, index.shape[-1]).shape[0] != rows):
+            index = None  # not one row of choices per token: not the routing
+        if index is None:
+            if not self._warned:
+                self._warned = True
+                log.warning("the experts at `%s` were called without one row of expert indices per token: moving "
+                            "all of them", self.units[position].stacks[s].stack.path)  # fmt: skip
+            self.counters.whole += 1
+            self._need(position, s, list(range(count)), True)
+            return
+        chosen = sorted({e for e in index.reshape(-1).tolist() if 0 <= e < count})
+        whole = len(chosen) > WHOLE_AT * count
+        if whole:
+            self.counters.whole += 1
+        else:
+            self.counters.routed += 1
+        self._need(position, s, chosen, whole)
+        if self.lookahead == "router" and hidden is not None:
+            self._guess_next(position, hidden, index.shape[-1])
 
     def _guess_next(self, position: int, hidden: torch.Tensor, k: int) -> None:
         """The router lookahead: the next MoE layer's router applied to this layer's experts' input."""
@@ -419,3 +446,33 @@ class ExpertStreams:
             logits = torch.nn.functional.linear(x.to(weight.device, weight.dtype), weight)
             guesses.append(sorted(logits.topk(min(k, logits.shape[-1]), dim=-1).indices.reshape(-1).tolist()))
         self.state[nxt].guess = guesses
+
+
+class StackHook:
+    """The forward pre-hook of one expert stack (fused), or of one expert of a ModuleList (``expert``).
+    Under `torch.compile` it calls the ``weightlift::experts`` op (`weightlift.ops`), which declares it
+    mutates the experts' input: every read of the expert weights that depends on that input runs after it."""
+
+    def __init__(self, streams: ExpertStreams, position: int, s: int, expert: int | None = None) -> None:
+        self.streams, self.position, self.s, self.expert = streams, position, s, expert
+        self.key = ops.register(self)
+
+    def route(self, hidden: torch.Tensor, index: torch.Tensor | None) -> None:
+        if self.expert is None:
+            self.streams.route(self.position, self.s, hidden, index)
+        else:
+            self.streams._need(self.position, self.s, [self.expert], False)
+
+    def fused(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        index, hidden = _routing(args, kwargs), _hidden(args, kwargs)
+        if hidden is not None and index is not None and torch.compiler.is_compiling():
+            torch.ops.weightlift.experts(hidden, index, self.key)
+        else:
+            self.route(hidden, index)
+
+    def called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = _hidden(args, kwargs)
+        if hidden is not None and torch.compiler.is_compiling():
+            torch.ops.weightlift.experts(hidden, None, self.key)
+        else:
+            self.route(hidden, None)

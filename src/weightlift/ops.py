@@ -35,18 +35,18 @@ class Steps(Protocol):
     def prefetch(self) -> None: ...
 
 
-_HOOKS: weakref.WeakValueDictionary[int, Steps] = weakref.WeakValueDictionary()
+_HOOKS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # Steps, or experts.StackHook
 _KEYS = itertools.count()
 
 
-def register(hook: Steps) -> int:
+def register(hook: Any) -> int:
     """A fresh key naming ``hook`` to the ops, for as long as ``hook`` lives."""
     key = next(_KEYS)
     _HOOKS[key] = hook
     return key
 
 
-def _hook(key: int) -> Steps:
+def _hook(key: int) -> Any:
     hook = _HOOKS.get(key)
     if hook is None:
         raise OffloadError(
@@ -76,6 +76,18 @@ def prefetch(x: torch.Tensor, key: int) -> None:
 
 @prefetch.register_fake
 def _(x: torch.Tensor, key: int) -> None:
+    return None
+
+
+@torch.library.custom_op("weightlift::experts", mutates_args=("x",))
+def experts(x: torch.Tensor, index: torch.Tensor | None, key: int) -> None:
+    """The experts named by ``key`` are about to compute on ``x`` with the expert indices ``index``: move the
+    chosen ones into place (`weightlift.experts`). ``x`` is declared mutated, left as is."""
+    _hook(key).route(x, index)
+
+
+@experts.register_fake
+def _(x: torch.Tensor, index: torch.Tensor | None, key: int) -> None:
     return None
 
 
