@@ -271,7 +271,7 @@ class _SlotMover:
     def ahead(self, p: int, ranges: list) -> object:
         return self.handle.engine.start(self._job(p, ranges), self.slot_of[p])
 
-    def now(self, p: int, ranges: list, pending: object) -> None:
+    def now(self, p: int, ranges: list, pending: object, present: list) -> None:
         if ranges:
             self.handle.engine.load_now(self._job(p, ranges), self.slot_of[p], pending)
         elif pending is not None:
@@ -287,9 +287,9 @@ class _MappedMover:
     def ahead(self, p: int, ranges: list) -> None:
         self.mapping.willneed(self.indices[p], ranges)
 
-    def now(self, p: int, ranges: list, pending: object) -> None:
-        if ranges:
-            self.mapping.willneed(self.indices[p], ranges)
+    def now(self, p: int, ranges: list, pending: object, present: list) -> None:
+        if ranges or present:
+            self.mapping.willneed(self.indices[p], sorted(ranges + present))
 
 
 def _move(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:

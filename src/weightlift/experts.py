@@ -298,8 +298,11 @@ class Mover(Protocol):
     def ahead(self, position: int, ranges: Ranges) -> object:
         """Start moving ``ranges`` (the slot's last reader has run); a ticket for `now`, or None."""
 
-    def now(self, position: int, ranges: Ranges, pending: object) -> None:
-        """Compute issued from now on sees ``ranges``, and the move ``pending`` (a ticket or None) has landed."""
+    def now(self, position: int, ranges: Ranges, pending: object, present: Ranges) -> None:
+        """Compute issued from now on sees ``ranges``, and the move ``pending`` (a ticket or None) has landed.
+        ``present``: the other ranges compute will read, moved before (a mapped file asks for them again:
+        their pages may have left the page cache since, and a fault would read the disk's read-ahead
+        window around each one)."""
 
 
 class ExpertStreams:
@@ -396,13 +399,13 @@ class ExpertStreams:
         if state.ahead:
             c.predicted_used += len(state.ahead[s] & set(chosen))
             state.ahead[s] -= set(chosen)
-        if missing or state.pending is not None:
-            ranges = stack.of(missing)
-            c.expert_bytes += nbytes_of(ranges)
-            assert self.mover is not None
-            self.mover.now(position, ranges, state.pending)  # waits for the predicted experts in flight
-            state.pending = None
-            have.update(missing)
+        present = [e for e in wanted if e in have]
+        ranges = stack.of(missing)
+        c.expert_bytes += nbytes_of(ranges)
+        assert self.mover is not None
+        self.mover.now(position, ranges, state.pending, stack.of(present))  # waits for experts in flight
+        state.pending = None
+        have.update(missing)
 
     def route(self, position: int, s: int, hidden: torch.Tensor | None, index: torch.Tensor | None) -> None:
         """Stack ``s`` of ``position`` is about to compute on ``hidden`` with the expert indices ``index``
