@@ -437,3 +437,24 @@ def test_custom_fused_experts_move_whole_unless_named():
             report = h.report().experts
         assert torch.equal(out, ref)
         assert (report.stacks if report else None) == stacks
+
+
+def test_the_planner_counts_the_bytes_a_decode_token_moves(tmp_path):
+    model = moe("qwen3_moe")
+    from weightlift.measure import analyse
+
+    info = analyse(model)
+    plan = weightlift.plan(model, device="cpu", budget=info.minimum_bytes, disk_path=tmp_path, reps=2)
+    assert plan.offloaded == list(range(LAYERS))
+    one = (2 * 32 * 64 + 64 * 32) * 4  # one expert by hand
+    # one decode token chooses TOP_K distinct experts per layer: the rest of each layer's experts stay put
+    assert plan.moved("decode") == [b - (EXPERTS - TOP_K) * one for b in plan.layer_bytes]
+    assert all(b - (EXPERTS - TOP_K) * one <= m <= b for m, b in zip(plan.moved("prefill"), plan.layer_bytes))
+    again = weightlift.Plan.from_json(plan.to_json())
+    assert again.moved_bytes == plan.moved_bytes
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", plan=plan) as handle:
+        out = run(model, ids)
+        assert handle.report().experts.stacks == LAYERS
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -165,6 +165,46 @@ def expert_bytes(layer: nn.Module, stack: ExpertStack) -> int:
     if stack.fused:
         return sum(t.numel() // stack.count * t.element_size() for _, t in _direct(module))
     return sum(t.numel() * t.element_size() for t in module[0].parameters())
+
+
+def routed_bytes(layers: Sequence[nn.Module], nbytes: Sequence[int], run: Callable[[], object]) -> list[int] | None:
+    """Bytes each layer moves per forward of ``run`` at expert granularity (for the planner): its dense
+    part plus the experts that forward's tokens choose (every expert where more than half are chosen).
+    ``nbytes``: each layer's whole size. None when no layer has experts. Runs ``run`` once."""
+    stacks = [find_experts(layer) for layer in layers]
+    if not any(stacks):
+        return None
+    chosen: dict[tuple[int, int], set[int]] = {}
+    handles = []
+    for i, (layer, found) in enumerate(zip(layers, stacks)):
+        for s, stack in enumerate(found):
+            module = layer.get_submodule(stack.path)
+
+            def seen(module, args, kwargs, key=(i, s), count=stack.count):
+                index = _routing(args, kwargs)
+                picked = range(count) if index is None else {e for e in index.reshape(-1).tolist() if 0 <= e < count}
+                chosen.setdefault(key, set()).update(picked)
+
+            if stack.fused:
+                handles.append(module.register_forward_pre_hook(seen, with_kwargs=True))
+            else:
+                for e, expert in enumerate(module):
+                    handles.append(expert.register_forward_pre_hook(
+                        lambda m, a, k, key=(i, s), e=e: chosen.setdefault(key, set()).add(e), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for i, (layer, found) in enumerate(zip(layers, stacks)):
+        moved = nbytes[i]
+        for s, stack in enumerate(found):
+            n = len(chosen.get((i, s), ()))
+            moved -= expert_bytes(layer, stack) * (stack.count - (stack.count if n > WHOLE_AT * stack.count else n))
+        out.append(max(moved, 0))
+    return out
 
 
 def _merge(ranges: Ranges) -> Ranges:

@@ -8,6 +8,8 @@ number of offloaded layers (spread along the stack, largest layers first) and ev
 keeps those whose resident weights + pool (+ host staging) fit the budgets, and picks the fastest
 predicted decode (the forward that hides copies worst); among plans within 2% of each other, the one
 that offloads fewer layers and then uses the smaller step wins (nothing is offloaded when all fits).
+Mixture-of-experts layers move expert by expert (`weightlift.experts`): their copy in each workload is
+their dense part plus the experts that workload's tokens chose, counted on one run of it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size
 from .errors import OffloadError
+from .experts import routed_bytes
 from .measure import (
     analyse,
     available_ram,
@@ -166,6 +169,9 @@ class Plan:
     serial_s_per_byte: float  # time per byte an offloaded layer adds inside compute (mapped page faults)
     workloads: dict[str, Workload]
     goal: str  # the workload the plan was chosen for
+    # per workload, bytes each layer moves per forward when MoE layers move expert by expert (dense part +
+    # the experts its tokens chose, measured on the sample input); absent: whole layers (``layer_bytes``)
+    moved_bytes: dict[str, list[int]] = field(default_factory=dict)
 
     # -- derived
 
@@ -193,15 +199,20 @@ class Plan:
             mmap=self.mmap,
         )
 
-    def copy_s(self, index: int) -> float:
-        return _copy_s(self.layer_bytes[index], self.copy_bytes_per_s)
+    def moved(self, workload: str | None = None) -> list[int]:
+        """Bytes each layer moves per forward of ``workload`` (the goal's by default)."""
+        return self.moved_bytes.get(workload or self.goal, self.layer_bytes)
 
-    def serial_s(self, index: int) -> float:
-        return self.layer_bytes[index] * self.serial_s_per_byte
+    def copy_s(self, index: int, workload: str | None = None) -> float:
+        return _copy_s(self.moved(workload)[index], self.copy_bytes_per_s)
 
-    def predict(self, compute_s: Sequence[float], other_s: float) -> tuple[float, list[float]]:
+    def serial_s(self, index: int, workload: str | None = None) -> float:
+        return self.moved(workload)[index] * self.serial_s_per_byte
+
+    def predict(self, compute_s: Sequence[float], other_s: float, workload: str | None = None
+                ) -> tuple[float, list[float]]:  # fmt: skip
         """Seconds per forward for these measured compute times under this plan, and each layer's wait."""
-        return predict(compute_s, other_s, self.layer_bytes, self.offloaded, self.prefetch_step,
+        return predict(compute_s, other_s, self.moved(workload), self.offloaded, self.prefetch_step,
                        self.copy_bytes_per_s, self.serial_s_per_byte)  # fmt: skip
 
     # -- JSON
@@ -242,6 +253,12 @@ class Plan:
             + (f" of {format_size(self.host_budget)}" if self.host_budget is not None else ""),
             f"link: {self.link}",
         ]
+        if self.moved_bytes and self.offloaded:
+            whole = sum(self.layer_bytes[i] for i in self.offloaded)
+            for name in self.moved_bytes:
+                part = sum(self.moved(name)[i] for i in self.offloaded)
+                head.append(f"expert level: a {name} forward moves {format_size(part)} of the {format_size(whole)} "
+                            "offloaded (dense parts + the experts its tokens chose)")  # fmt: skip
         for w in self.workloads.values():
             head.append(f"predicted {w.name}: {w.predicted_s * 1e3:.2f} ms per forward ({w.bound}-bound) = "
                         + " + ".join(f"{ms:.2f} ms {what}" for what, ms in self.terms(w)))  # fmt: skip
@@ -253,7 +270,8 @@ class Plan:
         of mapped offloaded layers inside their compute, and the exposed wait for copies)."""
         out = [("compute in layers", sum(workload.compute_s) * 1e3), ("elsewhere", workload.other_s * 1e3)]
         if self.offloaded and self.serial_s_per_byte:
-            out.append(("mapped reads (page faults)", sum(self.serial_s(i) for i in self.offloaded) * 1e3))
+            faults = sum(self.serial_s(i, workload.name) for i in self.offloaded)
+            out.append(("mapped reads (page faults)", faults * 1e3))
         out.append(("exposed copy wait", sum(workload.wait_s) * 1e3))
         return out
 
@@ -389,12 +407,18 @@ def plan(
             layers=tuple(info.stacks), source="checkpoint", disk_path=str(ckpt), prefetch_step=1 if cpu else 0))
     elif not all(t.device == dev for t in (*model.parameters(), *model.buffers())):
         probe = offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks), prefetch_step=0))
+    moved: dict[str, list[int]] = {}  # MoE layers: what each workload's tokens make them move
     try:
         for _ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
             for name, run in runners.items():
                 compute, other = measure_layers(info.layers, run, dev, reps)
                 if name not in measured or sum(compute) + other < sum(measured[name][0]) + measured[name][1]:
                     measured[name] = (compute, other)
+        if offloading:
+            for name, run in runners.items():
+                found = routed_bytes(info.layers, info.nbytes, run)
+                if found is not None:
+                    moved[name] = found
     finally:
         if probe is not None:
             probe.remove()
@@ -443,7 +467,7 @@ def plan(
                 if need > budget or (host_budget is not None and host > host_budget):
                     continue
                 rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
-                predicted, _ = predict(compute, other, info.nbytes, chosen, step, rate, fault)
+                predicted, _ = predict(compute, other, moved.get(goal, info.nbytes), chosen, step, rate, fault)
                 if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
                     best = (predicted, need, chosen, step, src, resident, pool, host, rate)
     if best is None:
@@ -458,10 +482,11 @@ def plan(
         pool_bytes=pool, host_bytes=host, link=link if chosen else "none (nothing offloaded)",
         copy_bytes_per_s=rate if chosen else 0.0, serial_s_per_byte=fault if chosen else 0.0,
         workloads={name: Workload(name, c, o) for name, (c, o) in measured.items()}, goal=goal,
+        moved_bytes=moved if chosen else {},
     )  # fmt: skip
     for w in result.workloads.values():
-        w.predicted_s, w.wait_s = result.predict(w.compute_s, w.other_s)
-        exposed = sum(w.wait_s) + sum(result.serial_s(i) for i in result.offloaded)
+        w.predicted_s, w.wait_s = result.predict(w.compute_s, w.other_s, w.name)
+        exposed = sum(w.wait_s) + sum(result.serial_s(i, w.name) for i in result.offloaded)
         w.bound = "link" if exposed > 0.5 * (w.predicted_s - exposed) else "compute"
     log.info("weightlift plan:\n%s", result)
     return result
