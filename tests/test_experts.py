@@ -458,3 +458,20 @@ def test_the_planner_counts_the_bytes_a_decode_token_moves(tmp_path):
         out = run(model, ids)
         assert handle.report().experts.stacks == LAYERS
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_dense_parts_resident_and_experts_streamed(tmp_path, source):
+    """``params=("experts",)`` keeps attention, norms and routers resident: only experts stream."""
+    model = moe("mixtral")
+    ids = prompt()
+    ref = run(model, ids)
+    how = dict(source="disk", disk_path=tmp_path, mmap=False) if source == "disk" else {}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(params=("experts",), prefetch_step=1, **how)) as h:
+        _poison_slots(h)
+        out = run(model, ids)
+        report = h.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    e = report.experts
+    assert e.dense_bytes < 512 * LAYERS and e.expert_bytes == LAYERS * EXPERTS * _expert_bytes(model)
+    assert report.offloaded_bytes == e.expert_bytes
