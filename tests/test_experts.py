@@ -467,7 +467,8 @@ def test_dense_parts_resident_and_experts_streamed(tmp_path, source):
     ids = prompt()
     ref = run(model, ids)
     how = dict(source="disk", disk_path=tmp_path, mmap=False) if source == "disk" else {}
-    with weightlift.offload(model, device="cpu", config=OffloadConfig(params=("experts",), prefetch_step=1, **how)) as h:
+    config = OffloadConfig(params=("experts",), prefetch_step=1, **how)
+    with weightlift.offload(model, device="cpu", config=config) as h:
         _poison_slots(h)
         out = run(model, ids)
         report = h.report()
@@ -475,3 +476,12 @@ def test_dense_parts_resident_and_experts_streamed(tmp_path, source):
     e = report.experts
     assert e.dense_bytes < 512 * LAYERS and e.expert_bytes == LAYERS * EXPERTS * _expert_bytes(model)
     assert report.offloaded_bytes == e.expert_bytes
+
+
+def test_the_router_lookahead_counts_its_router_copies_as_resident():
+    model = moe("qwen3_moe")
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as plain:
+        base = plain.report().resident_bytes
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1, expert_lookahead="router")) as h:
+        extra = h.report().resident_bytes - base
+    assert extra == LAYERS * EXPERTS * 64 * 4  # one [E, H] float32 router weight per layer, by hand

@@ -470,6 +470,8 @@ def offload(
         experts = None
         if units:
             routers = _routers(handle, units, dev) if config.expert_lookahead == "router" else None
+            copies = [w for ws in (routers or {}).values() for w in ws if w is not None]
+            handle.resident_bytes += sum(w.numel() * w.element_size() for w in copies)  # the lookahead's routers
             modules = {p: layer.module for p, layer in enumerate(handle.layers)}
             handle.experts = experts = ExpertStreams(units, modules, config.expert_lookahead, routers)
         if mapping is not None:

@@ -488,6 +488,8 @@ def _generate(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "device": str(device), "new_tokens": int(new.numel()),
                "tokens_per_s": new.numel() / seconds, "time_to_first_token_s": first, "weights_bytes": held,
                "layers_offloaded": report.layers_offloaded if report else 0}  # fmt: skip
+    if report is not None and report.experts is not None:
+        summary["experts"] = report.to_dict()["experts"]
     if args.json:
         extra = {"peak_rss_bytes": peak_rss_bytes(), "plan": None}
         if plan is not None:
