@@ -23,6 +23,9 @@ device, same prompt, in the same process. Figures, defined once:
   the resident run's own peak above its weights, measured the same way;
 - host RAM: ``host_bytes`` against ``offloaded_bytes``.
 
+Then a random Qwen3-MoE (`moe_record`): whole layers against expert by expert, decode tokens/s and bytes
+moved per token, each against the same model resident.
+
 Writes one JSON line per model to ``benchmarks/results/gpu.jsonl`` (``--out``), each tagged with ``--run``.
 Usually run by ``benchmarks/gpu_check.py``; alone: ``PYTHONPATH=src python3 benchmarks/gpu_bench.py``.
 """
@@ -267,12 +270,61 @@ def measure(model, ids: torch.Tensor, *, device: torch.device, new_tokens: int =
     }  # fmt: skip
 
 
+def moe_record(device: torch.device, new_tokens: int, reps: int, *, layers: int = 6, experts: int = 128,
+               top_k: int = 8) -> dict:  # fmt: skip
+    """A random bf16 Qwen3-MoE (moe_bench's: 1.26 GB at the defaults): resident, then every layer offloaded
+    from host RAM with whole layers (``experts=None``) and expert by expert (the default), same prompt."""
+    import weightlift
+    from moe_bench import build
+
+    clock = Clock(device)
+    model = build(layers, experts, top_k, structured=False).to(device)
+    ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    record = {"bench": "gpu-moe", "model": f"random Qwen3-MoE {layers}x{experts} experts top-{top_k}",
+              "weights": "random weights", "dtype": "bfloat16", "compared_with": COMPARED_WITH}  # fmt: skip
+    resident = timed_decode(model, ids, new_tokens, reps, clock)
+    record["resident_decode_tokens_per_s"] = resident["decode_tokens_per_s"]
+    model.to("cpu")
+    for name, experts_mode in (("whole layers", None), ("expert level", "auto")):
+        config = weightlift.OffloadConfig(prefetch_step=2, experts=experts_mode)
+        with weightlift.offload(model, device=device, config=config) as handle:
+            run = timed_decode(model, ids, new_tokens, reps, clock, report=handle.report)
+            before, after = run["before"], run["after"]
+            if after.experts is not None:
+                moved = (after.experts.dense_moved + after.experts.experts_moved
+                         - before.experts.dense_moved - before.experts.experts_moved)  # fmt: skip
+            else:
+                moved = (after.copies - before.copies) * handle.layers[0].master.layout.nbytes
+        record[name] = {"decode_tokens_per_s": run["decode_tokens_per_s"], "bytes_moved_per_token": moved / new_tokens,
+                        "tokens_equal": bool(torch.equal(run["tokens"].cpu(), resident["tokens"].cpu())),
+                        "exposed_copy_seconds": after.exposed_copy_seconds - before.exposed_copy_seconds}  # fmt: skip
+    whole, level = record["whole layers"], record["expert level"]
+    record["expert_vs_whole"] = level["decode_tokens_per_s"] / whole["decode_tokens_per_s"]
+    return record
+
+
+def moe_lines(record: dict) -> list[str]:
+    head = f"{record['model']} ({record['weights']}, {record['dtype']})"
+    if "error" in record:
+        return [f"{head}: ERROR {record['error']}"]
+    lines = [f"{head}: resident {record['resident_decode_tokens_per_s']:.1f} tok/s"]
+    for name in ("whole layers", "expert level"):
+        r = record[name]
+        lines.append(f"  {name}: {r['decode_tokens_per_s']:.1f} tok/s, {r['bytes_moved_per_token'] / 2**20:.1f} MiB "
+                     f"moved per new token (prefill included), tokens equal to resident: "
+                     f"{'yes' if r['tokens_equal'] else 'NO'}")  # fmt: skip
+    lines.append(f"  expert level / whole layers: {record['expert_vs_whole']:.2f}x decode tokens/s")
+    return lines
+
+
 def _gib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / GiB:.3f} GiB"
 
 
 def summary_lines(record: dict) -> list[str]:
     """A few readable lines for one model's record (or its error or skip)."""
+    if record.get("bench") == "gpu-moe":
+        return moe_lines(record)
     head = f"{record['model']} ({record.get('weights', '?')}, {record.get('dtype', '?')})"
     if "error" in record:
         return [f"{head}: ERROR {record['error']}"]
@@ -353,6 +405,19 @@ def run(out: Path, run_id: str, new_tokens: int, prompt_tokens: int, reps: int) 
         for line in summary_lines(record):
             print(f"[gpu_bench] {line}", flush=True)
         records.append(record)
+    print("[gpu_bench] random Qwen3-MoE: building and measuring", flush=True)
+    try:
+        record = {"run": run_id, "device": card, "torch": torch.__version__,
+                  **moe_record(device, new_tokens, reps)}  # fmt: skip
+    except Exception as err:
+        record = {"bench": "gpu-moe", "run": run_id, "model": "random Qwen3-MoE", "weights": "random weights",
+                  "dtype": "bfloat16", "error": f"{type(err).__name__}: {err}"[:500]}  # fmt: skip
+        traceback.print_exc()
+    with open(out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for line in moe_lines(record):
+        print(f"[gpu_bench] {line}", flush=True)
+    records.append(record)
     return records
 
 
