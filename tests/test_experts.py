@@ -485,3 +485,14 @@ def test_the_router_lookahead_counts_its_router_copies_as_resident():
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1, expert_lookahead="router")) as h:
         extra = h.report().resident_bytes - base
     assert extra == LAYERS * EXPERTS * 64 * 4  # one [E, H] float32 router weight per layer, by hand
+
+
+def test_bfloat16_experts_are_bitwise():
+    model = moe("qwen2_moe").to(torch.bfloat16)
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        _poison_slots(handle)  # 0xFFFF is NaN in bfloat16 too
+        out = run(model, ids)
+        assert handle.report().experts.misses > 0
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
