@@ -496,3 +496,47 @@ def test_bfloat16_experts_are_bitwise():
         out = run(model, ids)
         assert handle.report().experts.misses > 0
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def _every_expert(self, hidden, top_k_index, top_k_weights):
+    """An experts forward that reads every expert (weight zero for the unchosen): what weightlift must not
+    stream expert by expert."""
+    out = torch.zeros_like(hidden)
+    for e in range(self.num_experts):
+        weight = (top_k_weights * (top_k_index == e)).sum(-1, keepdim=True)
+        gate, up = torch.nn.functional.linear(hidden, self.gate_up_proj[e]).chunk(2, dim=-1)
+        out = out + weight * torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])
+    return out
+
+
+def test_an_experts_implementation_changed_after_offload_moves_whole_stacks():
+    import copy
+
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register("weightlift_test_every_expert", _every_expert)
+    model = moe("olmoe")
+    ids = prompt()[:, :1]  # one token: two experts chosen per layer, the rest would not move
+    dense = copy.copy(model.config)
+    dense._experts_implementation_internal = "weightlift_test_every_expert"
+    assert dense._experts_implementation == "weightlift_test_every_expert"
+
+    def use(config):
+        for layer in model.model.layers:
+            layer.mlp.experts.config = config
+
+    original = model.config
+    use(dense)
+    with torch.inference_mode():
+        ref = model(ids).logits
+    use(original)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        use(dense)  # as set_experts_implementation would, after offload, to a forward weightlift does not know
+        _poison_slots(handle)
+        before = handle.report().experts
+        with torch.inference_mode():
+            logits = model(ids).logits
+        after = handle.report().experts
+        use(original)
+    assert torch.equal(logits, ref)  # with only the chosen experts moved, the poisoned rest would give NaN
+    assert after.whole - before.whole == LAYERS and after.routed == before.routed

@@ -473,7 +473,8 @@ def offload(
             copies = [w for ws in (routers or {}).values() for w in ws if w is not None]
             handle.resident_bytes += sum(w.numel() * w.element_size() for w in copies)  # the lookahead's routers
             modules = {p: layer.module for p, layer in enumerate(handle.layers)}
-            handle.experts = experts = ExpertStreams(units, modules, config.expert_lookahead, routers)
+            detected = config.experts in ("auto", True)
+            handle.experts = experts = ExpertStreams(units, modules, config.expert_lookahead, routers, detected)
         if mapping is not None:
             handle.engine = None
             indices, timeline = schedule.offloaded, handle.timeline

@@ -349,8 +349,10 @@ class ExpertStreams:
     """The run-time side: hooks on every offloaded layer's expert modules, the lookahead, the counters."""
 
     def __init__(self, units: dict[int, LayerExperts], modules: dict[int, nn.Module], lookahead: str | None,
-                 routers: dict[int, list[torch.Tensor | None]] | None = None) -> None:  # fmt: skip
+                 routers: dict[int, list[torch.Tensor | None]] | None = None,
+                 detected: bool = True) -> None:  # fmt: skip
         self.units = units  # offloaded position -> its units
+        self.detected = detected  # stacks found by `find_experts` (not named): their forward is checked each call
         self.modules = modules  # offloaded position -> the layer module
         self.lookahead = lookahead
         self.routers = routers or {}  # position -> per stack, a resident copy of the router weight ("router")
@@ -508,6 +510,8 @@ class StackHook:
 
     def fused(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         index, hidden = _routing(args, kwargs), _hidden(args, kwargs)
+        if self.streams.detected and not _reads_only_chosen(module):
+            index = None  # its experts implementation was changed to one not known to skip unchosen experts
         if hidden is not None and index is not None and torch.compiler.is_compiling():
             torch.ops.weightlift.experts(hidden, index, self.key)
         else:
