@@ -9,6 +9,8 @@ needs from the disk. Rows:
 - ``whole layers``: weightlift's disk tier with ``experts=None``;
 - ``expert level``: the same with ``experts="auto"`` (and each lookahead);
 - ``accelerate disk_offload``: accelerate's disk offload of the same model, when accelerate is installed;
+- ``host tier``: the layers copied from host RAM into 3 slots for 6 layers (the path an accelerator
+  takes, here a CPU memcpy), whole layers against expert level, with bytes moved per token from the report;
 - ``bound``: the bytes a token needs (every offloaded dense part plus top-k experts per layer), divided by
   the cold sequential read rate of the same cache file, measured in the same run.
 
@@ -110,11 +112,18 @@ def run(model, ids, tokens: int, ref, base: dict, disk: Path, name: str, config,
     """One offloaded row: decode under ``config`` (page cache emptied before every token when ``cold``)."""
     ref_seq, ref_logits = ref
     with weightlift.offload(model, device="cpu", config=config) as handle:
+        before = handle.report()
         seq, logits, secs, read = decode(model, ids, tokens, (lambda: evict(disk)) if cold else None)
         rep = handle.report()
+        if rep.experts is not None:
+            moved = rep.experts.dense_moved + rep.experts.experts_moved
+            moved -= before.experts.dense_moved + before.experts.experts_moved
+        else:
+            moved = (rep.copies - before.copies) * handle.layers[0].master.layout.nbytes
     row = {**base, "row": name, "page_cache": "emptied before every token" if cold else "warm",
            "tokens_per_s": tokens / secs, "read_per_token": read / tokens,
-           "equal": seq == ref_seq and torch.equal(logits, ref_logits)}  # fmt: skip
+           "equal": seq == ref_seq and torch.equal(logits, ref_logits),
+           "moved_per_token_prefill_included": moved / tokens}  # fmt: skip
     if rep.experts is not None:
         e = rep.experts
         row.update(precision=e.precision, in_place=e.hits / max(e.used, 1), moved_per_token=e.moved_per_token,
@@ -182,6 +191,16 @@ def main() -> None:
                              weightlift.OffloadConfig(**level), False)  # fmt: skip
             for row in (warm_whole, warm_level):
                 row["vs_whole_layers"] = row["tokens_per_s"] / warm_whole["tokens_per_s"]
+                emit(row)
+            # the slot path an accelerator takes: layers copied from host RAM into 3 slots for 6 layers
+            slots = dict(prefetch_step=2)
+            kinds = (("whole layers", {"experts": None}), ("expert level", {}),
+                     ("expert level, lookahead previous", {"expert_lookahead": "previous"}))
+            host = [run(model, ids, args.tokens, ref, base, disk, f"host tier, {name}",
+                        weightlift.OffloadConfig(**slots, **how), False) for name, how in kinds]  # fmt: skip
+            for row in host:
+                row["page_cache"] = "n/a (host RAM)"
+                row["vs_whole_layers"] = row["tokens_per_s"] / host[0]["tokens_per_s"]
                 emit(row)
             accelerate_row(model, ids, args.tokens, ref_seq, ref_logits, folder, base, emit)
         del model
