@@ -540,3 +540,47 @@ def test_an_experts_implementation_changed_after_offload_moves_whole_stacks():
         use(original)
     assert torch.equal(logits, ref)  # with only the chosen experts moved, the poisoned rest would give NaN
     assert after.whole - before.whole == LAYERS and after.routed == before.routed
+
+
+def _safetensors(path, tensors: dict, first: list[str]) -> None:
+    """A safetensors file with ``first``'s tensors at the start of the data, the header padded to 64 bytes:
+    they sit at 64-byte offsets when their sizes are multiples of 64."""
+    import json
+    import struct
+
+    names = first + [k for k in tensors if k not in first]
+    header, at, blobs = {}, 0, []
+    for name in names:
+        t = tensors[name].contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32"}[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [at, at + len(raw)]}
+        at += len(raw)
+        blobs.append(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 64)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_fused_checkpoint_is_computed_on_in_place_only_when_64_byte_aligned(tmp_path, aligned):
+    """A checkpoint holding the fused expert tensors as the model does. At 64-byte offsets they are
+    computed on in place (mapped) and read ahead expert by expert; 8 bytes off, torch's CPU grouped_mm
+    gives other bits, so they are read into slots instead. Both bitwise."""
+    model = moe("qwen3_moe")
+    ids = prompt()
+    ref = run(model, ids)
+    state = model.state_dict()
+    stacks = [k for k, v in state.items() if v.dim() >= 3]
+    (tmp_path / "ckpt").mkdir()
+    if aligned:
+        _safetensors(tmp_path / "ckpt" / "model.safetensors", state, stacks)
+    else:  # a 1-D tensor of 2 floats first: every stack after it is 8 bytes off
+        _safetensors(tmp_path / "ckpt" / "model.safetensors", {"pad": torch.zeros(2), **state}, ["pad", *stacks])
+    config = OffloadConfig(source="checkpoint", disk_path=tmp_path / "ckpt")
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        assert handle.report().source.endswith("(mapped)") == aligned
+        out = run(model, ids)
+        e = handle.report().experts
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert e.stacks == LAYERS and e.routed > 0
