@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import weightlift
+from bench import evict, plain_read  # benchmarks/bench.py: drop a folder from the page cache; one timed read
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,27 +46,6 @@ RESULTS = Path(__file__).parent / "results"
 def read_bytes() -> int:
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
-
-
-def evict(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def cold_rate(path: Path) -> float:
-    """Bytes per second of one cold sequential read of ``path`` in 16 MiB chunks."""
-    evict(path.parent)
-    buffer = bytearray(16 << 20)
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buffer):
-            pass
-    return path.stat().st_size / (time.perf_counter() - start)
 
 
 def build(layers: int, experts: int, top_k: int, structured: bool, seed: int = 0):
@@ -175,7 +155,7 @@ def main() -> None:
                 continue
             results[name] = run(model, ids, args.tokens, ref, base, disk, name, weightlift.OffloadConfig(**cfg), True)
         active = results["expert level"]["active_per_token"]
-        rate = cold_rate(next(disk.glob("weightlift-*.safetensors")))
+        rate = plain_read(next(disk.glob("weightlift-*.safetensors")), cold=True)
         for row in results.values():
             if not structured:
                 row["vs_whole_layers"] = row["tokens_per_s"] / results["whole layers"]["tokens_per_s"]

@@ -409,13 +409,13 @@ class SimDevice:
 
     def _watch_experts(self, handle, position: int, layer, slot: torch.Tensor, base: int) -> None:
         """Before each expert stack computes (after weightlift's hook moved what it chose), check its bytes."""
-        from weightlift.experts import _routing
+        from weightlift.experts import routing_of
 
         for units in handle.experts.units[position].stacks:
             module = layer.module.get_submodule(units.stack.path)
 
             def check(module, args, kwargs, units=units):
-                index = _routing(args, kwargs)
+                index = routing_of(args, kwargs)
                 chosen = sorted({e for e in index.reshape(-1).tolist() if 0 <= e < units.stack.count})
                 checks = []
                 for ranges in (units.experts[e] for e in chosen):

@@ -321,9 +321,9 @@ def test_expert_loads_on_the_accelerator_path_pass_the_ordering_checker(monkeypa
 
 def test_the_checker_reports_experts_read_before_they_are_moved(monkeypatch):
     import simdevice
-    from weightlift import experts
+    from weightlift import expert_streams
 
-    monkeypatch.setattr(experts.ExpertStreams, "_need", lambda self, position, s, chosen, whole: None)
+    monkeypatch.setattr(expert_streams.ExpertStreams, "_need", lambda self, position, s, chosen, whole: None)
     sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005)
     try:
         model = moe("qwen3_moe")

@@ -402,8 +402,11 @@ def test_the_checker_reports_a_staging_slab_reused_before_its_copy_out(monkeypat
 
 
 def test_the_checker_reports_a_replay_racing_eager_copies(monkeypatch):
+    # the eager forward's last copies must still be in flight when the replay starts: at 0.01 s a copy,
+    # a host pause of ~20 ms under CI load let them land first and the race went unseen (seen once in CI);
+    # at 0.05 s the window is 100 ms
     monkeypatch.setattr(Graphs, "ready", lambda self, prefetcher: None)
-    sim = simdevice.install(monkeypatch, copy_delay=0.01, compute_lag=0.0)
+    sim = simdevice.install(monkeypatch, copy_delay=0.05, compute_lag=0.0)
     model = _stack()
     x = torch.randn(4, 32)
     handle, graph = _captured(sim, model, x)

@@ -17,7 +17,8 @@ from .disk import DiskMaster, open_cache
 from .dtypes import storage_span
 from .engine import StagedEngine, StagingRing, StreamEngine, ThreadEngine, Transfer
 from .errors import OffloadError
-from .experts import ExpertStreams, LayerExperts, Mover, find_experts, nbytes_of
+from .expert_streams import ExpertStreams, Mover
+from .experts import LayerExperts, find_experts, nbytes_of
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .models import find_stacks
 from .plan import Plan, check_plan
@@ -260,7 +261,7 @@ def _engine_and_jobs(handle: OffloadHandle, schedule, ring_slabs: int, slot_byte
 
 
 class _SlotMover:
-    """`experts.Mover` for slots: experts copied (or read) into a layer's slot by its copy engine."""
+    """`expert_streams.Mover` for slots: experts copied (or read) into a layer's slot by its copy engine."""
 
     def __init__(self, handle: OffloadHandle, schedule) -> None:
         self.handle, self.slot_of = handle, schedule.slot_of
@@ -279,7 +280,7 @@ class _SlotMover:
 
 
 class _MappedMover:
-    """`experts.Mover` for a mapped file: experts read ahead by the kernel (compute faults on the rest)."""
+    """`expert_streams.Mover` for a mapped file: experts read ahead by the kernel (compute faults on the rest)."""
 
     def __init__(self, mapping, indices: Sequence[int]) -> None:
         self.mapping, self.indices = mapping, indices

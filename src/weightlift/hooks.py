@@ -167,7 +167,7 @@ class OffloadHandle:
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
         self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
         self.plan: Any = None  # the `Plan` applied, if any
-        self.experts: Any = None  # the `experts.ExpertStreams` of MoE layers streamed expert by expert
+        self.experts: Any = None  # the `expert_streams.ExpertStreams` of MoE layers streamed expert by expert
         self.removed = False
         self._final: OffloadReport | None = None  # the report as it stood when removed
 

@@ -35,7 +35,7 @@ class Steps(Protocol):
     def prefetch(self) -> None: ...
 
 
-_HOOKS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # Steps, or experts.StackHook
+_HOOKS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # Steps, or expert_streams.StackHook
 _KEYS = itertools.count()
 
 
@@ -82,7 +82,7 @@ def _(x: torch.Tensor, key: int) -> None:
 @torch.library.custom_op("weightlift::experts", mutates_args=("x",))
 def experts(x: torch.Tensor, index: torch.Tensor | None, key: int) -> None:
     """The experts named by ``key`` are about to compute on ``x`` with the expert indices ``index``: move the
-    chosen ones into place (`weightlift.experts`). ``x`` is declared mutated, left as is."""
+    chosen ones into place (`weightlift.expert_streams`). ``x`` is declared mutated, left as is."""
     _hook(key).route(x, index)
 
 
