@@ -1,4 +1,4 @@
-"""The two steps a layer hook takes, as custom ops that `torch.compile` keeps in the graph, in order.
+"""The steps weightlift's hooks take, as custom ops that `torch.compile` keeps in the graph, in order.
 
 ``weightlift::wait(x, key)`` runs before an offloaded layer (its slot holds the layer's weights for
 compute issued from now on); ``weightlift::prefetch(x, key)`` runs after it (the copy of the layer
@@ -9,6 +9,9 @@ reads its input (and through it the weights) runs after ``wait``, and ``prefetch
 that produced the output, and before anything downstream reads it. Without it the compiler would be
 free to drop or move an op whose result nobody uses. The weights themselves are not arguments: the
 layer's parameters are fixed views into its slot, graph inputs read when the compiled code runs.
+A third op, ``weightlift::experts(x, index, key)``, runs before a MoE layer's experts compute on ``x``
+with the router's choice ``index`` (`weightlift.expert_streams`): it moves the chosen experts into place,
+and declares ``x`` mutated for the same reason.
 
 Dynamo cannot trace the real work (a Python state machine, a copy thread, clocks, ``data_ptr``): it is
 opaque inside the ops, so no graph break is needed. A custom op takes only tensors and scalars, so the
@@ -35,18 +38,22 @@ class Steps(Protocol):
     def prefetch(self) -> None: ...
 
 
-_HOOKS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # Steps, or expert_streams.StackHook
+class Routes(Protocol):
+    def route(self, x: torch.Tensor, index: torch.Tensor | None) -> None: ...
+
+
+_HOOKS: weakref.WeakValueDictionary[int, Steps | Routes] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
-def register(hook: Any) -> int:
+def register(hook: Steps | Routes) -> int:
     """A fresh key naming ``hook`` to the ops, for as long as ``hook`` lives."""
     key = next(_KEYS)
     _HOOKS[key] = hook
     return key
 
 
-def _hook(key: int) -> Any:
+def _hook(key: int) -> Any:  # a Steps or a Routes: each op calls the method its kind has
     hook = _HOOKS.get(key)
     if hook is None:
         raise OffloadError(
