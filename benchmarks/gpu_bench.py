@@ -275,7 +275,7 @@ def moe_record(device: torch.device, new_tokens: int, reps: int, *, layers: int 
     """A random bf16 Qwen3-MoE (moe_bench's: 1.26 GB at the defaults): resident, then every layer offloaded
     from host RAM with whole layers (``experts=None``) and expert by expert (the default), same prompt."""
     import weightlift
-    from moe_bench import build
+    from moe_bench import build, moved_between
 
     clock = Clock(device)
     model = build(layers, experts, top_k, structured=False).to(device)
@@ -290,11 +290,7 @@ def moe_record(device: torch.device, new_tokens: int, reps: int, *, layers: int 
         with weightlift.offload(model, device=device, config=config) as handle:
             run = timed_decode(model, ids, new_tokens, reps, clock, report=handle.report)
             before, after = run["before"], run["after"]
-            if after.experts is not None:
-                moved = (after.experts.dense_moved + after.experts.experts_moved
-                         - before.experts.dense_moved - before.experts.experts_moved)  # fmt: skip
-            else:
-                moved = (after.copies - before.copies) * handle.layers[0].master.layout.nbytes
+            moved = moved_between(handle, before, after)
         record[name] = {"decode_tokens_per_s": run["decode_tokens_per_s"], "bytes_moved_per_token": moved / new_tokens,
                         "tokens_equal": bool(torch.equal(run["tokens"].cpu(), resident["tokens"].cpu())),
                         "exposed_copy_seconds": after.exposed_copy_seconds - before.exposed_copy_seconds}  # fmt: skip

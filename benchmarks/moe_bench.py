@@ -88,6 +88,15 @@ def decode(model, ids: torch.Tensor, tokens: int, before_token=None) -> tuple[li
     return seq, out.logits[:, -1].clone(), seconds, read
 
 
+def moved_between(handle, before, after) -> int:
+    """Bytes the offloaded layers moved between two of ``handle``'s reports: dense parts and experts at expert
+    level, else copies x the layer copy size (every layer of these models is the same size)."""
+    if after.experts is not None:
+        e, b = after.experts, before.experts
+        return e.dense_moved + e.experts_moved - b.dense_moved - b.experts_moved
+    return (after.copies - before.copies) * handle.layers[0].master.layout.nbytes
+
+
 def run(model, ids, tokens: int, ref, base: dict, disk: Path, name: str, config, cold: bool) -> dict:
     """One offloaded row: decode under ``config`` (page cache emptied before every token when ``cold``)."""
     ref_seq, ref_logits = ref
@@ -95,11 +104,7 @@ def run(model, ids, tokens: int, ref, base: dict, disk: Path, name: str, config,
         before = handle.report()
         seq, logits, secs, read = decode(model, ids, tokens, (lambda: evict(disk)) if cold else None)
         rep = handle.report()
-        if rep.experts is not None:
-            moved = rep.experts.dense_moved + rep.experts.experts_moved
-            moved -= before.experts.dense_moved + before.experts.experts_moved
-        else:
-            moved = (rep.copies - before.copies) * handle.layers[0].master.layout.nbytes
+        moved = moved_between(handle, before, rep)
     row = {**base, "row": name, "page_cache": "emptied before every token" if cold else "warm",
            "tokens_per_s": tokens / secs, "read_per_token": read / tokens,
            "equal": seq == ref_seq and torch.equal(logits, ref_logits),

@@ -407,13 +407,11 @@ class _FirstToken:
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: VmHWM from /proc/self/status, else ``getrusage``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from .measure import proc_kib_field
+
+    found = proc_kib_field("/proc/self/status", "VmHWM")
+    if found is not None:
+        return found
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

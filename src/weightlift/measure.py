@@ -186,15 +186,20 @@ def streamed_overhead(
     return _per_byte(mapped, resident, picks, info), {i: resident[i] for i in picks}
 
 
-def available_ram() -> int | None:
+def proc_kib_field(path: str, field: str) -> int | None:
+    """Bytes of a ``field: N kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``), or None."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def available_ram() -> int | None:
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def language_model_workloads(model: nn.Module, device: torch.device, prompt_tokens: int = PROMPT_TOKENS):
