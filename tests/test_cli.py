@@ -99,16 +99,20 @@ def test_plan_json_parses_saves_and_respects_the_budget(folder, tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
     text = _cli("plan", str(folder), "--budget", "600KiB", "--cache-dir", str(tmp_path))
     assert text.returncode == 0 and "predicted decode" in text.stdout and "model.layers.5" in text.stdout
-    _assert_terms_add_up(text.stdout, mapped=True)
+    # the page-fault term is left out when it measured zero, which a fast page cache makes happen (CI once)
+    _assert_terms_add_up(text.stdout, mapped=None)
 
 
-def _assert_terms_add_up(summary: str, mapped: bool) -> None:
-    """Each `predicted W: T ms per forward (...) = a ms X + b ms Y + ...` line names its terms, which sum to T."""
+def _assert_terms_add_up(summary: str, mapped: bool | None) -> None:
+    """Each `predicted W: T ms per forward (...) = a ms X + b ms Y + ...` line names its terms, which sum to T
+    (``mapped``: whether the page-fault term is there; None: either way, in its place if it is)."""
     rows = re.findall(r"^predicted (\w+): ([\d.]+) ms per forward \(\w+-bound\) = (.+)$", summary, re.M)
     assert {name for name, _, _ in rows} == {"prefill", "decode"}
     for _, total, terms in rows:
         parts = [re.fullmatch(r"([\d.]+) ms (.+)", t).groups() for t in terms.split(" + ")]
         names = [name for _, name in parts]
+        if mapped is None:
+            mapped = "mapped reads (page faults)" in names
         assert names == ["compute in layers", "elsewhere", *(["mapped reads (page faults)"] if mapped else []),
                          "exposed copy wait"]  # fmt: skip
         assert abs(sum(float(ms) for ms, _ in parts) - float(total)) <= 0.005 * len(parts) + 1e-9
