@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from skips import pytest_runtest_makereport  # noqa: F401 (a hook: skips fail where the extras are installed)
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -73,15 +78,31 @@ def prompt(seed: int = 1, length: int = 12) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def run(model: nn.Module, ids: torch.Tensor, new_tokens: int = 8, mode=torch.inference_mode):
+class Outputs(tuple):
+    """``(logits, tokens)`` from `run`; ``steps`` holds the logits of every generated token (one decode step
+    each, with the KV cache), stacked."""
+
+    steps: torch.Tensor
+
+
+def run(model: nn.Module, ids: torch.Tensor, new_tokens: int = 8, mode=torch.inference_mode) -> Outputs:
     """Logits of a full forward and a greedy generation with KV cache (under ``mode``)."""
     with mode():
         logits = model(ids).logits
-        tokens = model.generate(
+        gen = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True,
         )  # fmt: skip
-    return logits, tokens
+    out = Outputs((logits, gen.sequences))
+    out.steps = torch.stack(gen.logits)
+    return out
+
+
+def assert_outputs_equal(out: Outputs, ref: Outputs) -> None:
+    """Bitwise: the forward's logits, the generated tokens and every decode step's logits."""
+    assert torch.equal(out[0], ref[0]), "forward logits differ"
+    assert torch.equal(out[1], ref[1]), "generated tokens differ"
+    assert torch.equal(out.steps, ref.steps), "decode-step logits differ"
 
 
 @pytest.fixture(scope="session")
@@ -94,18 +115,29 @@ def smollm2():
     return model, chat_ids(tokenizer, "What is the capital of France?")
 
 
-def _storage_ptr(t: torch.Tensor) -> int | None:
+def leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """Independent of weightlift: the plain tensors holding ``t``'s bytes, itself or for a wrapper subclass
+    (torchao, quanto, bitsandbytes' tensors) the inner tensors it flattens to, recursively."""
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        return [leaf for a in attrs if (inner := getattr(t, a)) is not None for leaf in leaves(inner)]
+    return [t]
+
+
+def _storage_ptr(t: torch.Tensor):
+    """Where ``t``'s bytes live: the storage address of each of its leaves; None for a wrapper without any."""
     try:
-        return t.untyped_storage().data_ptr()
-    except RuntimeError:  # a wrapper subclass without storage
+        return tuple(leaf.untyped_storage().data_ptr() for leaf in leaves(t.detach()))
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass that does not flatten
         return None
 
 
 def snapshot(model: nn.Module) -> dict:
-    """Every parameter and buffer: a copy of its bytes, its device, dtype, type and storage address."""
+    """Every parameter and buffer: a copy of its bytes (of each leaf), its device, dtype, type and storage."""
     out = {}
     for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
-        out[name] = (t.detach().clone(), t.device, t.dtype, type(t), _storage_ptr(t))
+        value = [leaf.detach().clone() for leaf in leaves(t.detach())]
+        out[name] = (value, t.device, t.dtype, type(t), _storage_ptr(t))
     return out
 
 
@@ -124,7 +156,13 @@ def assert_same(model: nn.Module, snap: dict, *, same_storage: bool = False) -> 
     for name, (value, device, dtype, kind, ptr) in snap.items():
         t = now[name]
         assert (t.device, t.dtype, type(t)) == (device, dtype, kind), name
-        assert torch.equal(t.detach(), value), name
+        now_leaves = leaves(t.detach())
+        assert len(now_leaves) == len(value), name
+        for leaf, old in zip(now_leaves, value):
+            if old.is_meta:  # no bytes to compare
+                assert leaf.shape == old.shape, name
+            else:
+                assert torch.equal(leaf, old), name
         if same_storage:
             assert _storage_ptr(t) == ptr, name
 
@@ -166,18 +204,56 @@ def measure_in_subprocess(body: str, *args: object) -> list[int]:
     return [int(x) for x in out.stdout.strip().splitlines()[-1].split()]
 
 
+def _files(folder) -> dict:
+    if folder is None or not os.path.isdir(folder):
+        return {}
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def refused(model: nn.Module, match: str, folder=None):
+    """The block raises an OffloadError matching ``match`` and leaves ``model`` as it was: every tensor's bytes,
+    device, dtype, type and storage, and its hooks; and every file under ``folder`` (bytes and mtime), if given."""
+    import weightlift
+
+    snap, hooks, files = snapshot(model), hook_counts(model), _files(folder)
+    with pytest.raises(weightlift.OffloadError, match=match):
+        yield
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+    assert _files(folder) == files  # nothing written over, nothing left behind
+
+
 def assert_refused(model: nn.Module, folder, config, match: str) -> None:
     """`offload` raises an OffloadError matching ``match``, leaves the model and every file in ``folder`` as
     they were."""
     import weightlift
 
-    snap, hooks = snapshot(model), hook_counts(model)
-    files = {p: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(weightlift.OffloadError, match=match):
+    with refused(model, match, folder):
         weightlift.offload(model, device="cpu", config=config)
-    assert_same(model, snap, same_storage=True)
-    assert hook_counts(model) == hooks
-    assert {p: p.read_bytes() for p in folder.iterdir()} == files  # nothing written over
+
+
+def change_file(path, how: str) -> None:
+    """Change a file the way a user or another process might: ``append`` a byte, or ``rewrite`` its last byte
+    in place (same size; only the mtime tells). Returns once the change is visible in ``stat``."""
+    before = os.stat(path)
+    if how == "append":
+        with open(path, "ab") as f:
+            f.write(b"\0")
+        return
+    assert how == "rewrite", how
+    for _ in range(200):  # until the clock tick moves the mtime (coarse on some filesystems)
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+        now = os.stat(path)
+        if now.st_mtime_ns != before.st_mtime_ns:
+            assert now.st_size == before.st_size
+            return
+        __import__("time").sleep(0.01)
+    raise AssertionError(f"the mtime of {path} did not change")
 
 
 def has_accelerator() -> bool:

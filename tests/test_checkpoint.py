@@ -14,6 +14,7 @@ import weightlift
 from conftest import (
     BIG_LLAMA,
     assert_refused,
+    change_file,
     measure_in_subprocess,
     prompt,
     run,
@@ -102,8 +103,10 @@ def test_moe_checkpoint_missing_an_expert_is_refused_naming_it(tmp_path):
     _rewrite_header(tmp_path / "model.safetensors", lambda h: h.update({"renamed": h.pop(gone)}))
     _refused(model, tmp_path, f"`{gone}` is not in the checkpoint .*stacks 4 of them into "
                               r"`model.layers.0.mlp.experts.gate_up_proj`.*source='disk'")  # fmt: skip
+    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(OffloadError, match=f"`{gone}` is not in the checkpoint"):
         load_streaming(tmp_path, config=OffloadConfig(group_size=5, num_in_group=4))  # layer 0 resident: read too
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files  # (no model to leave: it built none)
 
 
 def test_moe_checkpoint_expert_of_another_shape_is_refused_naming_it(tmp_path):
@@ -250,17 +253,16 @@ def test_quantized_subclass_is_sent_to_the_layer_cache(tmp_path):
 
     model, _ = _saved(tmp_path)
     SUBCLASS_FORMATS["torchao-int8"][1](model)
-    with pytest.raises(OffloadError, match="is a subclass Int8Tensor.*source='disk'"):
-        weightlift.offload(model, device="cpu", config=_ckpt(tmp_path))
+    _refused(model, tmp_path, "is a subclass Int8Tensor.*source='disk'")
 
 
-def test_checkpoint_changed_after_setup(tmp_path):
+@pytest.mark.parametrize("how", ["append", "rewrite"])
+def test_checkpoint_changed_after_setup(tmp_path, how):
     model, path = _saved(tmp_path)
     ids = prompt()
     with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path, prefetch_step=1)):
         run(model, ids, new_tokens=1)
-        with open(path, "ab") as f:
-            f.write(b"\0")
+        change_file(path, how)
         with pytest.raises(OffloadError, match="changed after setup"), torch.inference_mode():
             for _ in range(3):
                 model(ids)

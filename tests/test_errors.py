@@ -8,16 +8,13 @@ from torch import nn
 
 import weightlift
 import weightlift.apply as apply_module
-from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
+from conftest import assert_same, hook_counts, prompt, refused, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError
 
 
 def _assert_refused(model, match, **kwargs):
-    snap, hooks = snapshot(model), hook_counts(model)
-    with pytest.raises(OffloadError, match=match):
+    with refused(model, match):
         weightlift.offload(model, **kwargs)
-    assert_same(model, snap, same_storage=True)
-    assert hook_counts(model) == hooks
 
 
 def test_layers_path_that_does_not_exist():
@@ -83,7 +80,7 @@ def test_already_offloaded():
 def test_parameters_on_the_meta_device():
     with torch.device("meta"):
         model = tiny("llama")
-    with pytest.raises(OffloadError, match="`model.embed_tokens.weight` is on the meta device"):
+    with refused(model, "`model.embed_tokens.weight` is on the meta device"):
         weightlift.offload(model, device="cpu")
     assert all(p.is_meta for p in model.parameters())
     assert hook_counts(model) == [0] * len(hook_counts(model))
@@ -94,7 +91,7 @@ def test_device_torch_does_not_know(device):
     _assert_refused(tiny("llama"), "`device`=.* is not a device torch knows", device=device)
 
 
-@pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the message on a machine without one")
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the message on a machine without an accelerator")
 def test_device_this_machine_does_not_have():
     _assert_refused(tiny("llama"), r"`device`='cuda' is not available on this machine", device="cuda")
 
@@ -203,3 +200,27 @@ def test_failure_during_setup_rolls_back(monkeypatch):
         weightlift.offload(model, device="cpu")
     assert_same(model, snap, same_storage=True)
     assert hook_counts(model) == hooks
+
+
+def test_a_skip_fails_where_every_extra_is_installed_unless_it_is_about_the_accelerator(tmp_path):
+    """`make test` sets WEIGHTLIFT_NO_SKIPS=1 (tests/skips.py): a missing package is then a failure."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_inner.py").write_text(
+        "import pytest\n"
+        "def test_missing():\n    pytest.importorskip('weightlift_no_such_package')\n"
+        "@pytest.mark.skip(reason='needs an accelerator (run on a GPU machine)')\n"
+        "def test_gpu():\n    pass\n"
+    )  # fmt: skip
+
+    def inner(require: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "WEIGHTLIFT_NO_SKIPS": require}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "skips", "-p", "no:cacheprovider", "test_inner.py"]
+        out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert "1 failed, 1 skipped" in inner("1")
+    assert "2 skipped" in inner("0")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import weightlift
-from conftest import assert_same, snapshot
+from conftest import assert_same, hook_counts, snapshot
 from families import FAMILIES, STACKS, build
 from weightlift import OffloadConfig
 
@@ -124,5 +124,11 @@ def test_a_pipeline_takes_a_plan_made_for_its_denoiser_on_a_sample(tmp_path):
 def test_a_pipeline_without_a_denoiser_is_refused():
     pipe, _ = _tiny_pipeline()
     pipe.register_modules(unet=None)
+    parts = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    assert parts
+    snaps, hooks = {n: snapshot(m) for n, m in parts.items()}, {n: hook_counts(m) for n, m in parts.items()}
     with pytest.raises(weightlift.OffloadError, match="pipeline without a `transformer` or `unet`.*`vae`"):
         weightlift.offload(pipe, device="cpu")
+    for name, part in parts.items():
+        assert_same(part, snaps[name], same_storage=True)
+        assert hook_counts(part) == hooks[name]

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+import gates
 import weightlift
-from conftest import FAMILIES, assert_same, hook_counts, mlp_segment, prompt, run, snapshot, tiny
+from conftest import FAMILIES, assert_outputs_equal, assert_same, hook_counts, mlp_segment, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig
 
 # (group_size, num_in_group, prefetch_step) on 5 layers
@@ -24,18 +25,22 @@ CONFIGS = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
-def test_bitwise_equal_to_resident(family, cfg):
+def test_bitwise_equal_to_resident(family, cfg, monkeypatch):
+    """Under gated copies (tests/gates.py): a copy lands only when waited on, so a missing wait reads old
+    bytes and a synchronous load that skips the copy in flight is overwritten by it, every time."""
     model = tiny(family)
     ids = prompt()
-    ref_logits, ref_tokens = run(model, ids)
+    ref = run(model, ids)
     group, num, step = CONFIGS[cfg]
     config = OffloadConfig(group_size=group, num_in_group=num, prefetch_step=step)
+    held = gates.hold(monkeypatch)
     with weightlift.offload(model, device="cpu", config=config) as handle:
-        logits, tokens = run(model, ids)
+        out = run(model, ids)
         report = handle.report()
-    assert torch.equal(logits, ref_logits)
-    assert torch.equal(tokens, ref_tokens)
+    assert_outputs_equal(out, ref)
+    tokens = out[1]
     assert tokens.shape[1] == ids.shape[1] + 8
+    assert held.held == (report.copies - report.prefetch_misses)  # every background copy went through a gate
     assert report.layers_offloaded == sum(1 for i in range(5) if i % group >= group - num)
     if step == 0:  # every layer loads when it runs
         assert report.prefetch_misses == report.layers_offloaded * 9 and report.prefetch_hits == 0
@@ -140,24 +145,30 @@ def test_weights_shared_across_layers_stay_resident_and_correct():
 
 @pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 0, 1, 3, 2, 5, 5, 4]])
 @pytest.mark.parametrize("step", [1, 2, 4])
-def test_out_of_order_execution_stays_correct(order, step):
+@pytest.mark.parametrize("mapped", [False, True], ids=["host", "mapped"])
+def test_out_of_order_execution_stays_correct(order, step, mapped, tmp_path, monkeypatch):
+    """Host slots, and the mapped disk tier (where a layer not read ahead faults its pages in: a miss too).
+    Copies are gated (tests/gates.py): a miss's synchronous load that skips the copy in flight is overwritten."""
     model = _stack()
     x = torch.randn(4, 32)
     model.order = order
     with torch.inference_mode():
         ref = [model(x) for _ in range(3)]
-    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=step)) as handle:
+    gates.hold(monkeypatch)
+    config = OffloadConfig(prefetch_step=step, **({"source": "disk", "disk_path": str(tmp_path)} if mapped else {}))
+    with weightlift.offload(model, device="cpu", config=config) as handle:
         with torch.inference_mode():
             out = [model(x) for _ in range(3)]
         report = handle.report()
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert report.prefetch_hits + report.prefetch_misses == 3 * len(order)
     if order == sorted(set(order)):
         assert report.prefetch_misses == 0
-    elif report.slots < report.layers_offloaded:  # with a slot per layer nothing is ever evicted
+    elif mapped or report.slots < report.layers_offloaded:  # a slot per layer: nothing is ever evicted
         assert report.prefetch_misses >= 1
 
 
-def test_aborted_forward_counts_a_miss_and_stays_correct():
+def test_aborted_forward_counts_a_miss_and_stays_correct(monkeypatch):
     model = _stack()
     x = torch.randn(4, 32)
     with torch.inference_mode():
@@ -166,6 +177,7 @@ def test_aborted_forward_counts_a_miss_and_stays_correct():
     def boom(module, args):
         raise RuntimeError("boom")
 
+    gates.hold(monkeypatch)
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
         h = model.layers[3].register_forward_pre_hook(boom)
         with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
@@ -195,10 +207,16 @@ def test_state_dict_returns_true_weights_of_every_layer():
 
 
 def test_load_state_dict_while_offloaded_is_refused():
+    """Another model's weights, so that a partial write would show."""
     model = tiny("llama")
-    state = model.state_dict()
-    with weightlift.offload(model, device="cpu"), pytest.raises(weightlift.OffloadError, match="remove"):
-        model.load_state_dict(state)
+    snap = snapshot(model)
+    other = tiny("llama", seed=1).state_dict()
+    assert not torch.equal(other["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+    with weightlift.offload(model, device="cpu"):
+        with pytest.raises(weightlift.OffloadError, match="remove"):
+            model.load_state_dict(other)
+        assert all(torch.equal(v, snap[k][0][0]) for k, v in model.state_dict().items())
+    assert_same(model, snap)
 
 
 def _align(n: int) -> int:

@@ -131,6 +131,37 @@ def test_offload_with_a_budget_plans_and_applies(model, reference, tmp_path, mon
     assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
 
 
+def _choice(model, tmp_path, monkeypatch, budget, cost):
+    """`plan` with its prediction replaced by ``cost(offloaded layers, step)``: which plan it picks."""
+    import sys
+
+    def predict(compute, other, nbytes, chosen, step, *rates):
+        return cost(len(chosen), step), [0.0] * len(compute)
+
+    monkeypatch.setattr(sys.modules["weightlift.plan"], "predict", predict)
+    return _plan(model, budget, tmp_path)
+
+
+@pytest.mark.parametrize("layer_gain,step_gain", [(0.001, 0.001), (0.05, 0.001), (0.001, 0.05)])
+def test_the_plan_is_the_fastest_predicted_and_a_gain_under_two_percent_is_a_tie(
+    model, tmp_path, monkeypatch, layer_gain, step_gain
+):
+    """Each layer more, or a step more, is predicted ``gain`` faster (of 1 s). Under 2% each (and under 2% summed)
+    the fewest layers that fit and step 1 win; at 5% a layer, every layer at step 1; at 5% a step, the longest
+    step, which takes every layer too (a step is at most the layers offloaded)."""
+    budget = 700 * 1024
+    plan = _choice(model, tmp_path, monkeypatch, budget, lambda k, step: 1.0 - layer_gain * k - step_gain * step)
+    # by hand: every layer the same size; offloading k leaves total - k * layer resident, plus a window of one
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    fewest = next(k for k in range(9) if total - k * layer + (plan.layer_bytes[0] if k else 0) <= budget)
+    assert 0 < fewest < 8 and plan.layer_bytes == [plan.layer_bytes[0]] * 8 >= [layer] * 8
+    k = 8 if max(layer_gain, step_gain) > 0.02 else fewest
+    assert plan.offloaded == sorted(weightlift.schedule.spread_order(8)[:k])  # spread along the stack
+    assert plan.prefetch_step == (min(k, 8) if step_gain > 0.02 else 1)
+    assert plan.predicted_s == pytest.approx(1.0 - layer_gain * k - step_gain * plan.prefetch_step)
+
+
 def test_plan_round_trips_through_json(model, tmp_path):
     plan = _plan(model, "700KiB", tmp_path)
     text = plan.to_json()
@@ -178,14 +209,13 @@ def test_one_way_to_say_how(model, tmp_path):
     ],
 )
 def test_bad_plan_arguments(model, tmp_path, kw, message):
-    with pytest.raises(OffloadError, match=message):
-        weightlift.plan(model, device="cpu", disk_path=tmp_path, **kw)
+    assert_refused(model, lambda: weightlift.plan(model, device="cpu", disk_path=tmp_path, **kw), message)
 
 
 def test_a_model_without_a_language_head_needs_a_sample(tmp_path):
     blocks = torch.nn.Sequential(torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)]))
-    with pytest.raises(OffloadError, match="`sample` is needed for Sequential: pass an input"):
-        weightlift.plan(blocks, device="cpu", budget="1GiB", disk_path=tmp_path)
+    assert_refused(blocks, lambda: weightlift.plan(blocks, device="cpu", budget="1GiB", disk_path=tmp_path),
+                   "`sample` is needed for Sequential: pass an input")  # fmt: skip
     plan = weightlift.plan(blocks, device="cpu", budget=2 * 16 * 17 * 4 + 1024, disk_path=tmp_path,
                            sample=torch.ones(2, 16), reps=2)  # fmt: skip
     assert plan.goal == "sample" and len(plan.offloaded) >= 2

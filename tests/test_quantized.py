@@ -8,16 +8,9 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import weightlift
-from conftest import prompt, run, tiny
+from conftest import assert_same, prompt, run, snapshot, tiny
+from conftest import leaves as _leaves
 from weightlift import OffloadConfig
-
-
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """Independent of weightlift: the plain tensors inside ``t``."""
-    if is_traceable_wrapper_subclass(t):
-        attrs, _ = t.__tensor_flatten__()
-        return [leaf for a in attrs for leaf in _leaves(getattr(t, a))]
-    return [t]
 
 
 def _quantized_layers(model: nn.Module) -> nn.ModuleList:
@@ -65,21 +58,6 @@ SUBCLASS_FORMATS = {
 }
 
 
-def _snapshot_leaves(model):
-    return {
-        name: (type(t), t.dtype, t.device, [leaf.clone() for leaf in _leaves(t.detach())])
-        for name, t in model.named_parameters()
-    }
-
-
-def _check_restored(model, snap):
-    for name, t in model.named_parameters():
-        kind, dtype, device, leaves = snap[name]
-        assert (type(t), t.dtype, t.device) == (kind, dtype, device), name
-        now = _leaves(t.detach())
-        assert len(now) == len(leaves) and all(torch.equal(a, b) for a, b in zip(now, leaves)), name
-
-
 def _align(n: int) -> int:
     return (n + 511) // 512 * 512
 
@@ -103,7 +81,7 @@ def test_tensor_subclass_formats_stream_quantized_and_exact(fmt):
     assert is_traceable_wrapper_subclass(weight)
     ids = prompt()
     ref_logits, ref_tokens = run(model, ids, mode=mode)
-    snap = _snapshot_leaves(model)
+    snap = snapshot(model)
     ref_state = {k: [leaf.clone() for leaf in _leaves(v)] for k, v in model.state_dict().items()}
     slot = _slot_bytes_by_hand(model.model.layers[0])
     quantized_bytes = sum(
@@ -123,7 +101,7 @@ def test_tensor_subclass_formats_stream_quantized_and_exact(fmt):
     assert report.offloaded_bytes == quantized_bytes  # quantized storage, not the dequantized size
     dense = sum(4 * p.numel() for p in tiny("llama").model.layers.parameters())
     assert report.offloaded_bytes < dense
-    _check_restored(model, snap)
+    assert_same(model, snap)
     assert state.keys() == ref_state.keys()  # state_dict while offloaded held the true weights
     for key, leaves in ref_state.items():
         assert all(torch.equal(a, b) for a, b in zip(_leaves(state[key]), leaves, strict=True)), key
@@ -167,14 +145,14 @@ def test_a_subclass_defined_only_in_this_test_streams():
             lin.weight = nn.Parameter(Scaled(q, scale), requires_grad=False)
     ids = prompt()
     ref_logits, ref_tokens = run(model, ids)
-    snap = _snapshot_leaves(model)
+    snap = snapshot(model)
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=3)) as handle:
         logits, tokens = run(model, ids)
         entry = next(e for e in handle.layers[0].master.layout.entries if e.qualname == "mlp.up_proj.weight")
         assert entry.parts.kind == "subclass Scaled"
         assert [leaf.dtype for leaf in entry.specs] == [torch.int8, torch.float32]
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
-    _check_restored(model, snap)
+    assert_same(model, snap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

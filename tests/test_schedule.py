@@ -116,3 +116,15 @@ def test_spread_order_prefixes_are_spread():
         order = spread_order(n)
         assert sorted(order) == list(range(n))
     assert spread_order(8)[:2] == [4, 2] and sorted(spread_order(8)[:4]) == [1, 2, 4, 6]
+
+
+@pytest.mark.parametrize("n,step,warned", [(4, 4, True), (4, 9, True), (4, 3, False), (1, 2, False), (4, 0, False)])
+def test_a_step_that_covers_every_offloaded_layer_is_warned_about(caplog, n, step, warned):
+    """The pool then holds every offloaded layer: nothing saved, which the warning says with the fix."""
+    with caplog.at_level("WARNING", logger="weightlift.schedule"):
+        schedule = make_schedule(range(n), step)
+    found = [r.getMessage() for r in caplog.records if r.name == "weightlift.schedule"]
+    assert bool(found) == warned
+    if warned:
+        assert f"prefetch_step={step} >= {n} offloaded layers" in found[0] and "lower `prefetch_step`" in found[0]
+        assert len(set(schedule.slot_of)) == n  # what it warns of: a slot for every layer

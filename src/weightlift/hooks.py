@@ -170,6 +170,7 @@ class OffloadHandle:
         self.experts: Any = None  # the `expert_streams.ExpertStreams` of MoE layers streamed expert by expert
         self.removed = False
         self._final: OffloadReport | None = None  # the report as it stood when removed
+        self._guarded: dict[int, RemovableHandle] = {}  # modules above offloaded layers: load_state_dict refused
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else f"{len(self.layers)} layers offloaded to {self.device}"
@@ -191,6 +192,12 @@ class OffloadHandle:
             module.register_state_dict_post_hook(self._state_dict_hook(layer)),
             module.register_load_state_dict_pre_hook(self._refuse_load),
         ]
+        # a load through any module above the layer is refused on entry, before it writes anything of its own
+        parts = layer.name.split(".")
+        for depth in range(len(parts)):
+            above = self.model.get_submodule(".".join(parts[:depth]))
+            if id(above) not in self._guarded:
+                self._guarded[id(above)] = above.register_load_state_dict_pre_hook(self._refuse_load)
 
     def _state_dict_hook(self, layer: OffloadedLayer):
         """Replace what the layer's state_dict read from its slot by the true tensors from the host master.
@@ -342,6 +349,9 @@ class OffloadHandle:
         self.mapped_window = 0
         if self.experts is not None:
             self.experts.remove()
+        for guard in self._guarded.values():
+            guard.remove()
+        self._guarded = {}
         for layer in self.layers:
             for h in layer.hooks:
                 h.remove()

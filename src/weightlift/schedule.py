@@ -198,11 +198,13 @@ class MappedPrefetcher:
     loaded: Callable[[int], None] | None = None  # told each time a position is read ahead (experts)
     again: Callable[[int], None] | None = None  # before a layer runs: asks for its read-ahead once more
     hits: int = 0
-    misses: int = 0
+    misses: int = 0  # a layer ran whose read-ahead was not asked for (out of order, step 0, after an abort)
     copies: int = 0
+    pending: set[int] = field(default_factory=set)  # read ahead, not run yet
 
     def _ahead(self, position: int) -> None:
         self.willneed(position)
+        self.pending.add(position)
         self.copies += 1
         if self.loaded is not None:
             self.loaded(position)
@@ -213,7 +215,12 @@ class MappedPrefetcher:
 
     def before(self, position: int) -> None:
         self.check()
-        self.hits += 1
+        if position in self.pending:
+            self.pending.discard(position)
+            self.hits += 1
+        else:  # its pages fault in from wherever they are while it computes
+            self.misses += 1
+            log.debug("read-ahead miss at offloaded position %d: its pages fault in as it runs", position)
         if not self.schedule.step and self.loaded is not None:  # nothing read ahead: its pages fault in now
             self.loaded(position)
         if self.again is not None:
