@@ -124,6 +124,16 @@ def leaves(t: torch.Tensor) -> list[torch.Tensor]:
     return [t]
 
 
+def slot_bytes_by_hand(layer: nn.Module, segment: str | None = None) -> int:
+    """A slot for ``layer`` derived by hand: each parameter's and buffer's plain tensors (`leaves`), each in a
+    storage of its own at a 512-byte boundary (only names with the dotted ``segment``, as ``params=`` picks)."""
+    total = 0
+    for name, t in (*layer.named_parameters(), *layer.named_buffers()):
+        if segment is None or f".{segment}." in f".{name}.":
+            total += sum((leaf.untyped_storage().nbytes() + 511) // 512 * 512 for leaf in leaves(t.detach()))
+    return total
+
+
 def _storage_ptr(t: torch.Tensor):
     """Where ``t``'s bytes live: the storage address of each of its leaves; None for a wrapper without any."""
     try:

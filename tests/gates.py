@@ -46,6 +46,12 @@ class Gates:
         self._seq = 0
         self.held = 0  # copies that waited behind a gate
 
+    @property
+    def in_flight(self) -> int:
+        """Copies started and still held (nobody waited for them yet)."""
+        with self._lock:
+            return len(self._open)
+
     def issue(self) -> _Ticket:
         with self._lock:
             self._seq += 1

@@ -299,7 +299,8 @@ def test_load_streaming_peak_rss_stays_near_resident_plus_budget(tmp_path):
     )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
     assert offloaded >= 4 * budget and pool <= budget
-    assert grown < resident + budget + 48 * 2**20, (grown, offloaded, pool, resident)
+    # its one-layer mapped window with half again as margin, plus 16 MiB as in test_disk (seen: 20.4 MiB, 13 MiB pool)
+    assert grown < resident + 1.5 * pool + 16 * 2**20, (grown, offloaded, pool, resident)
     print(
         f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} MiB"
     )

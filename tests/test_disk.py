@@ -19,12 +19,14 @@ from conftest import (
     BIG_LLAMA,
     assert_outputs_equal,
     assert_refused,
+    assert_same,
     change_file,
     hook_counts,
     measure_in_subprocess,
     prompt,
     refused,
     run,
+    snapshot,
     tiny,
 )
 from weightlift import OffloadConfig, OffloadError
@@ -263,7 +265,6 @@ def test_cache_of_another_model_shape_or_dtype(tmp_path):
     model, path = _written(tmp_path)
     other = tiny("llama")
     other.model.layers[1].mlp.up_proj.weight.data = other.model.layers[1].mlp.up_proj.weight.data.double()
-    manifest = disk.manifest_of({1: weightlift.storage.Layout.of([])})  # noqa: F841 (builds)
     # put the other model's cache under this model's file name: same name, other shapes
     with weightlift.offload(other, device="cpu", config=_disk(tmp_path / "other")):
         pass
@@ -415,8 +416,10 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path, mapped):
     )  # fmt: skip
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
     assert offloaded >= 4 * budget and pool <= budget
-    overhead = 48 * 2**20  # activations, allocator and library state touched on the first forward
-    assert grown < resident_bytes + budget + overhead, (grown, offloaded, budget)
+    # what it holds (resident weights, its one-layer window or two-slot pool) with half again as margin, plus
+    # 16 MiB for activations, allocator and library state touched on the first forward (seen on a 2-core x86
+    # box: 18.9 MiB growth mapped with a 13 MiB window, 31.9 MiB reading into a 26 MiB pool)
+    assert grown < resident_bytes + 1.5 * pool + 16 * 2**20, (grown, offloaded, pool)
     assert grown < offloaded  # far below what holding the model would take
     print(f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} "
           f"MiB, resident {resident_bytes / 2**20:.1f} MiB")  # fmt: skip
@@ -425,7 +428,9 @@ def test_peak_rss_stays_near_resident_plus_budget(tmp_path, mapped):
 @pytest.mark.parametrize("source", ["disk", "checkpoint"])
 @pytest.mark.parametrize("budget_slabs", [None, 1])
 def test_staging_ring_path_on_cpu(tmp_path, monkeypatch, source, budget_slabs):
-    """The accelerator path (disk -> staging ring -> slot), on the CPU through the simulated device."""
+    """The accelerator path (disk -> staging ring -> slot), on the CPU through the simulated device, with
+    copies and reads slower than compute (a slab refilled before its copy out has run is a hazard), then
+    `remove()` while copies are in flight."""
     import simdevice
 
     model = tiny("llama")
@@ -437,17 +442,21 @@ def test_staging_ring_path_on_cpu(tmp_path, monkeypatch, source, budget_slabs):
         slot = handle.report().slot_bytes
     budget = None if budget_slabs is None else budget_slabs * slot + 100
     config = OffloadConfig(source=source, disk_path=str(tmp_path), prefetch_step=2, host_budget=budget)
-    sim = simdevice.install(monkeypatch)
+    sim = simdevice.install(monkeypatch, copy_delay=0.004, compute_lag=0.001, read_delay=0.002)
+    snap = snapshot(model)
     with weightlift.offload(model, device="cpu", config=config) as handle:
         sim.watch(handle)
         out = run(model, ids)
         report = handle.report()
         assert len(handle.ring.slabs) == (budget_slabs or 2)
+        with torch.inference_mode():
+            model(ids)  # and leave: the copies for the next forward are on their way when remove() runs
     sim.assert_clean()
     sim.close()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert report.prefetch_misses == 0
     assert report.host_bytes == (budget_slabs or 2) * report.slot_bytes  # the ring, nothing else
+    assert_same(model, snap)
     assert torch.equal(run(model, ids)[0], ref[0])
 
 

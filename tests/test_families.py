@@ -60,6 +60,28 @@ def test_t5_generation_with_both_stacks_offloaded_matches_resident():
     assert report.prefetch_misses > 0
 
 
+@pytest.mark.parametrize("family", ["falcon", "llava"])
+def test_generation_with_kv_cache_matches_resident(family):
+    """Greedy generation of 8 tokens with the KV cache: the tokens and every decode step's logits, bitwise
+    (Llava: the image's patches go through the offloaded vision tower on the prefill only)."""
+    model, kwargs = build(family)
+    model.eval()
+    args = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                output_logits=True)  # fmt: skip
+    kwargs = {**kwargs, "attention_mask": torch.ones_like(kwargs["input_ids"])}
+    snap = snapshot(model)
+    with torch.inference_mode():
+        expected = model.generate(**kwargs, **args)
+        with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+            got = model.generate(**kwargs, **args)
+            report = handle.report()
+    assert got.sequences.shape[1] == kwargs["input_ids"].shape[1] + 8
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.equal(torch.stack(got.logits), torch.stack(expected.logits))
+    assert report.layers_offloaded == sum(n for _, n in STACKS[family])
+    assert_same(model, snap)
+
+
 def test_unet_slots_fit_the_largest_block_of_two_stacks():
     model, _ = build("unet")
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:

@@ -206,6 +206,28 @@ def test_state_dict_returns_true_weights_of_every_layer():
         assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], got["model.layers.3.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("step", [1, 2])
+def test_remove_with_copies_in_flight_gives_the_model_back(monkeypatch, step):
+    """Gated copies (tests/gates.py) are still held when `remove()` runs: they land, then every tensor is put
+    back from its master; the copy thread is gone and the model computes as before."""
+    import threading
+
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids)
+    snap = snapshot(model)
+    held = gates.hold(monkeypatch)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=step))
+    with torch.inference_mode():
+        model(ids)
+    assert held.in_flight == step  # the next forward's first copies, started and not waited for
+    handle.remove()
+    assert held.in_flight == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("weightlift-copy")]
+    assert_same(model, snap)
+    assert_outputs_equal(run(model, ids), ref)
+
+
 def test_load_state_dict_while_offloaded_is_refused():
     """Another model's weights, so that a partial write would show."""
     model = tiny("llama")
@@ -372,12 +394,18 @@ def test_half_precision_models(tmp_path, dtype, source):
     model = tiny("llama").to(dtype)
     ids = prompt()
     ref = run(model, ids)
+    snap = snapshot(model)
     disk = {"source": "disk", "disk_path": str(tmp_path)} if source == "disk" else {}
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2, **disk)) as handle:
         out = run(model, ids)
         report = handle.report()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert report.offloaded_bytes == sum(2 * p.numel() for p in model.model.layers.parameters())
+    # by hand: the tensors of test_pool_bytes_derived_by_hand at 2 bytes each, the norms' 128 bytes padded
+    slot = sum(_align(2 * n) for n in [64 * 64, 32 * 64, 32 * 64, 64 * 64, 128 * 64, 128 * 64, 64 * 128, 64, 64])
+    slots = 1 if source == "disk" else 3  # the mapped disk tier holds one layer's window
+    assert (report.slots, report.slot_bytes, report.pool_bytes) == (slots, slot, slots * slot)
+    assert_same(model, snap)
 
 
 def test_offload_and_remove_inside_inference_mode():

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import weightlift
-from conftest import assert_same, prompt, run, snapshot, tiny
+from conftest import assert_outputs_equal, assert_same, prompt, run, slot_bytes_by_hand, snapshot, tiny
 from conftest import leaves as _leaves
 from weightlift import OffloadConfig
 
@@ -62,15 +62,6 @@ def _align(n: int) -> int:
     return (n + 511) // 512 * 512
 
 
-def _slot_bytes_by_hand(layer: nn.Module) -> int:
-    """Each parameter and persistent buffer's inner tensors, each its own storage, 512-aligned."""
-    total = 0
-    for _, t in (*layer.named_parameters(), *layer.named_buffers()):
-        for leaf in _leaves(t.detach()):
-            total += _align(leaf.untyped_storage().nbytes())
-    return total
-
-
 @pytest.mark.parametrize("fmt", list(SUBCLASS_FORMATS))
 def test_tensor_subclass_formats_stream_quantized_and_exact(fmt):
     package, quantize, mode = SUBCLASS_FORMATS[fmt]
@@ -83,7 +74,7 @@ def test_tensor_subclass_formats_stream_quantized_and_exact(fmt):
     ref_logits, ref_tokens = run(model, ids, mode=mode)
     snap = snapshot(model)
     ref_state = {k: [leaf.clone() for leaf in _leaves(v)] for k, v in model.state_dict().items()}
-    slot = _slot_bytes_by_hand(model.model.layers[0])
+    slot = slot_bytes_by_hand(model.model.layers[0])
     quantized_bytes = sum(
         leaf.untyped_storage().nbytes()
         for _, t in (*model.model.layers.named_parameters(), *model.model.layers.named_buffers())
@@ -172,10 +163,14 @@ def test_plain_fp8_weights(dtype):
         layer.mlp.up_proj = Fp8Linear(layer.mlp.up_proj)
     ids = prompt()
     ref = run(model, ids)
-    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+    snap, slot = snapshot(model), slot_bytes_by_hand(model.model.layers[0])
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
         out = run(model, ids)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        report = handle.report()
+    assert_outputs_equal(out, ref)
+    assert (report.slots, report.slot_bytes, report.pool_bytes) == (3, slot, 3 * slot)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == dtype
+    assert_same(model, snap)  # every tensor restored, fp8 bytes and scales
 
 
 def test_mxfp4_style_packed_weights():
@@ -202,11 +197,15 @@ def test_mxfp4_style_packed_weights():
         layer.mlp.gate_proj = Mxfp4Linear(128, 64)
     ids = prompt()
     ref = run(model, ids)
+    snap, slot = snapshot(model), slot_bytes_by_hand(model.model.layers[0], "mlp")
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2, params=("mlp",))) as handle:
         out = run(model, ids)
+        report = handle.report()
         dtypes = {s.dtype for e in handle.layers[0].master.layout.entries for s in e.specs}
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert {torch.uint8, torch.float8_e8m0fnu} <= dtypes
+    assert (report.slots, report.slot_bytes, report.pool_bytes) == (3, slot, 3 * slot)
+    assert_same(model, snap)
 
 
 def _replace_linears(model: nn.Module, make) -> None:
@@ -315,7 +314,10 @@ def test_formats_with_state_on_attributes_stream_quantized_and_exact(fmt, warm):
     assert {n: type(p) for n, p in model.named_parameters()} == types
     dense = sum(4 * p.numel() for p in tiny("llama").model.layers.parameters())
     assert report.offloaded_bytes < dense / 2  # quantized bytes travel, not dequantized ones
-    assert kinds  # what the entries were: plain tensors, storage subclasses (Params4bit, Int8Params)
+    # how each weight was taken apart: bitsandbytes' weights are Parameter subclasses over a plain storage
+    # (their quantization state on attributes), HQQ's packed weight is a plain tensor; norms are plain
+    wrapper = {"bnb-int8": "Int8Params", "hqq-4bit": None, "hqq-8bit": None}.get(fmt, "Params4bit")
+    assert kinds == {"plain", *([f"storage subclass {wrapper}"] if wrapper else [])}
     # pool by hand: layer 0's distinct storages (weights and quantization state), each 512-aligned, 3 slots
     storages = {}
     for t in _attribute_leaves_live(model.model.layers[0]):
@@ -440,11 +442,15 @@ def test_gguf_weights_stay_quantized(qtype):
     _replace_linears(model, lambda lin: GGUFLinear(lin, quant_type))
     ids = prompt()
     ref = run(model, ids)
+    snap, slot = snapshot(model), slot_bytes_by_hand(model.model.layers[0])
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
         w = model.model.layers[1].mlp.up_proj.weight
         assert type(w) is GGUFParameter and w.quant_type == quant_type and w.dtype == torch.uint8
         out = run(model, ids)
         report = handle.report()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
+    assert (report.slots, report.slot_bytes, report.pool_bytes) == (3, slot, 3 * slot)
+    assert_same(model, snap)
+    assert type(model.model.layers[1].mlp.up_proj.weight) is GGUFParameter
     gguf_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())  # uint8 blocks + norms
     assert report.offloaded_bytes == gguf_bytes

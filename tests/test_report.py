@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -21,7 +22,10 @@ def test_trace_has_one_compute_event_per_layer_per_forward(tmp_path, source):
     config = OffloadConfig(group_size=5, num_in_group=4, prefetch_step=2, **disk)
     with weightlift.offload(model, device="cpu", config=config) as handle:
         handle.timeline.events.clear()  # keep only the forwards below
+        handle.timeline.totals.clear()
+        began = time.perf_counter()
         out = run(model, ids, new_tokens=4)
+        wall = time.perf_counter() - began
         handle.trace(tmp_path / "trace.json")
         report = handle.report()
         timings = handle.timings()
@@ -44,7 +48,9 @@ def test_trace_has_one_compute_event_per_layer_per_forward(tmp_path, source):
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in events if e["ph"] == "X")
     assert [t["layer"] for t in timings] == offloaded
     assert report.compute_seconds > 0 and report.copy_seconds > 0
-    assert report.compute_seconds == pytest.approx(sum(t["compute"] for t in timings))
+    # against the wall clock, read outside: what the timeline says ran inside the forwards fits in them
+    assert report.compute_seconds + report.exposed_copy_seconds <= wall
+    assert 0 < sum(t["compute"] for t in timings) <= wall
 
 
 def test_report_prints_and_round_trips_to_a_dict():
@@ -55,5 +61,7 @@ def test_report_prints_and_round_trips_to_a_dict():
     text = str(report)
     assert "device pool" in text and "3 slots" in text and "time in offloaded layers" in text
     data = report.to_dict()
-    assert data["saved_bytes"] == report.offloaded_bytes - report.pool_bytes
+    # by hand (see test_offload.test_pool_bytes_derived_by_hand): 5 layers offloaded, 3 slots of 148480 bytes
+    weights = sum(4 * p.numel() for p in tiny("llama").model.layers[0].parameters())
+    assert data["saved_bytes"] == 5 * weights - 3 * 148_480 == report.saved_bytes
     assert json.loads(json.dumps(data)) == data
