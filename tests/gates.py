@@ -104,3 +104,18 @@ def hold(monkeypatch) -> Gates:
     monkeypatch.setattr(engine.ThreadEngine, "load_now", gated_load_now)
     monkeypatch.setattr(engine.ThreadEngine, "close", gated_close)
     return gates
+
+
+def slow(monkeypatch, seconds: float) -> None:
+    """Make every `ThreadEngine` copy on its background thread take ``seconds`` longer (synchronous loads
+    on the caller's thread keep their speed)."""
+    import time
+
+    run = engine.ThreadEngine._run
+
+    def slowed(self, job):
+        if threading.current_thread().name.startswith("weightlift-copy"):
+            time.sleep(seconds)
+        return run(self, job)
+
+    monkeypatch.setattr(engine.ThreadEngine, "_run", slowed)

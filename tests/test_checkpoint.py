@@ -13,6 +13,7 @@ from torch import nn
 import weightlift
 from conftest import (
     BIG_LLAMA,
+    assert_outputs_equal,
     assert_refused,
     change_file,
     measure_in_subprocess,
@@ -41,7 +42,7 @@ def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard, map
         out = run(model, ids)
         assert handle.report().source == str(tmp_path) + (" (mapped)" if mapped else "")
         assert handle.report().slots == (1 if mapped else 3)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert torch.equal(run(model, ids)[0], ref[0])
 
 
@@ -64,12 +65,12 @@ def test_moe_checkpoint_streams_through_transformers_conversions(tmp_path, famil
     with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
         out = run(model, ids, new_tokens=3)
         assert handle.report().source == str(tmp_path)  # tensors of several pieces: read into slots, not mapped
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
     streamed, handle = load_streaming(tmp_path, config=OffloadConfig(group_size=3, num_in_group=2))
     with handle:
         out = run(streamed, ids, new_tokens=3)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     stack = streamed.model.layers
     assert all(p.is_meta for i in range(1, 3) for p in stack[i].parameters())  # never materialised
     want = model.state_dict()
@@ -152,7 +153,7 @@ def test_load_streaming_never_materialises_offloaded_layers(tmp_path, family):
     with handle:
         out = run(streamed, ids)
         assert handle.report().layers_offloaded == 4
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     stack = streamed.model.decoder.layers if family == "opt" else streamed.model.layers
     assert all(p.is_meta for i in range(1, 5) for p in stack[i].parameters())  # given back as it was
     assert not any(p.is_meta for p in stack[0].parameters())
@@ -181,7 +182,7 @@ def test_quantized_checkpoints_stream_in_place(tmp_path, fmt):
     with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
         out = run(model, ids)
         report = handle.report()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert report.offloaded_bytes < sum(4 * p.numel() for p in tiny("llama").model.layers.parameters()) / 2
 
 

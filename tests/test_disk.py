@@ -55,7 +55,7 @@ def test_disk_equals_resident(tmp_path, family, group, num, step, mapped):
         report = handle.report()
         state = model.state_dict()
         slots = len(set(handle.prefetcher.schedule.slot_of))
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert report.source == str(_cache_file(tmp_path)) + (" (mapped)" if mapped else "") and report.host_bytes == 0
     # mapped: no pool is allocated, a layer's pages are held only while it runs (one slot's worth)
     assert report.slots == (1 if mapped else slots)
@@ -117,7 +117,7 @@ def test_every_plan_of_a_model_reads_its_one_cache_file(tmp_path, caplog):
     for config in configs:
         with caplog.at_level("INFO", logger="weightlift.disk"), weightlift.offload(model, device="cpu", config=config):
             out = run(model, ids, new_tokens=2)
-        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        assert_outputs_equal(out, ref)
         (path,) = tmp_path.glob("weightlift-*.safetensors")
         stamps.append(path.stat().st_mtime_ns)
     assert stamps == [stamps[0]] * 3  # written once, then reused
@@ -138,7 +138,7 @@ def test_every_plan_of_a_model_reads_its_one_cache_file(tmp_path, caplog):
     assert path.stat().st_mtime_ns == stamps[0]
     with weightlift.offload(model, device="cpu", config=_disk(tmp_path, indices=(0, 1))):  # now it is stale
         out = run(model, ids, new_tokens=2)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert path.stat().st_mtime_ns != stamps[0] and len(list(tmp_path.glob("weightlift-*.safetensors"))) == 1
     cache = disk.LayerCache.open(path)  # the rewrite hashed every layer of the model as it is now
     layouts = _layer_layouts(model)
@@ -191,7 +191,7 @@ def test_quantized_formats_stream_from_disk(tmp_path, fmt):
     with weightlift.offload(model, device="cpu", config=_disk(tmp_path)) as handle:
         out = run(model, ids)
         report = handle.report()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert report.offloaded_bytes < sum(4 * p.numel() for p in tiny("llama").model.layers.parameters()) / 2
 
 
@@ -212,7 +212,7 @@ def test_meta_model_streams_from_a_written_cache(tmp_path):
     assert all(p.is_meta for p in fresh.model.layers.parameters())
     with weightlift.offload(fresh, device="cpu", config=_disk(tmp_path)):
         out = run(fresh, ids)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert all(p.is_meta for p in fresh.model.layers.parameters())  # given back as it was
 
 

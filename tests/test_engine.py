@@ -90,3 +90,47 @@ def test_copy_errors_surface_on_wait():
     with pytest.raises(RuntimeError):
         engine.wait(ticket)
     engine.close()
+
+
+class _Sleeper(torch.nn.Module):
+    """A layer whose compute takes ``seconds`` of wall time (so a copy can be seen running beside it)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_copies_run_beside_another_layers_compute_in_wall_time(monkeypatch, step):
+    """The timeline's host times on the CPU: with copies and compute of 20 ms each, step 2 has the copies of
+    the second forward running while another layer computes (but for the one or two that straddle its ends);
+    step 1 (one slot) none."""
+    import gates
+
+    gates.slow(monkeypatch, 0.02)
+    model = torch.nn.Sequential(torch.nn.Sequential(*[_Sleeper(0.02) for _ in range(6)])).eval()
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        ref = model(x)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=step)) as handle:
+        with torch.inference_mode():
+            model(x)
+            handle.timeline.events.clear()
+            out = model(x)
+        events = list(handle.timeline.events)
+    assert torch.equal(out, ref)
+    computes = [(name, a, b) for lane, name, a, b in events if lane == "compute" and not name.startswith("wait")]
+    copies = [(name.removeprefix("copy "), a, b) for lane, name, a, b in events if lane == "copy"]
+    assert len(computes) == 6 and 5 <= len(copies) <= 7  # a copy at either end may land before or after
+    beside = [c for c in copies if any(k[0] != c[0] and c[1] < k[2] and k[1] < c[2] for k in computes)]
+    if step == 2:
+        assert len(beside) >= 4, (beside, computes)
+    else:
+        assert not beside, (beside, computes)

@@ -8,7 +8,7 @@ from torch import nn
 
 import weightlift
 import weightlift.apply as apply_module
-from conftest import assert_same, hook_counts, prompt, refused, run, snapshot, tiny
+from conftest import assert_outputs_equal, assert_same, hook_counts, prompt, refused, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError
 
 
@@ -155,7 +155,7 @@ def test_opaque_tensor_outside_the_offloaded_layers_is_left_resident():
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
         out = run(model, ids)
         assert handle.report().layers_offloaded == 5
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
 
 def test_storage_subclass_streams_like_a_plain_tensor():
@@ -170,7 +170,7 @@ def test_storage_subclass_streams_like_a_plain_tensor():
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
         assert type(model.model.layers[0].mlp.up_proj.weight) is Tagged
         out = run(model, ids)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert type(model.model.layers[0].mlp.up_proj.weight) is Tagged
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import weightlift
-from conftest import VOCAB, assert_same, hook_counts, prompt, run, snapshot, tiny
+from conftest import VOCAB, assert_outputs_equal, assert_same, hook_counts, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError
 from weightlift.experts import find_experts
 
@@ -151,7 +151,7 @@ def test_whole_layers_with_experts_none_move_every_byte():
         out = run(model, ids)
         report = handle.report()
     assert report.experts is None
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
 
 def test_the_previous_lookahead_finds_a_repeated_token_in_place():
@@ -253,7 +253,7 @@ def test_experts_can_be_named():
     with weightlift.offload(model, device="cpu", config=config) as handle:
         out = run(model, ids)
         assert handle.report().experts.stacks == LAYERS
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
 
 @pytest.mark.parametrize(
@@ -457,7 +457,7 @@ def test_the_planner_counts_the_bytes_a_decode_token_moves(tmp_path):
     with weightlift.offload(model, device="cpu", plan=plan) as handle:
         out = run(model, ids)
         assert handle.report().experts.stacks == LAYERS
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
 
 @pytest.mark.parametrize("source", ["host", "disk"])
@@ -472,7 +472,7 @@ def test_dense_parts_resident_and_experts_streamed(tmp_path, source):
         _poison_slots(h)
         out = run(model, ids)
         report = h.report()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     e = report.experts
     assert e.dense_bytes < 512 * LAYERS and e.expert_bytes == LAYERS * EXPERTS * _expert_bytes(model)
     assert report.offloaded_bytes == e.expert_bytes
@@ -495,7 +495,7 @@ def test_bfloat16_experts_are_bitwise():
         _poison_slots(handle)  # 0xFFFF is NaN in bfloat16 too
         out = run(model, ids)
         assert handle.report().experts.misses > 0
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
 
 def _every_expert(self, hidden, top_k_index, top_k_weights):
@@ -582,5 +582,5 @@ def test_a_fused_checkpoint_is_computed_on_in_place_only_when_64_byte_aligned(tm
         assert handle.report().source.endswith("(mapped)") == aligned
         out = run(model, ids)
         e = handle.report().experts
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert e.stacks == LAYERS and e.routed > 0

@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import weightlift
-from conftest import assert_same, prompt, run, snapshot, tiny
+from conftest import assert_outputs_equal, assert_same, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig
 
 
@@ -121,7 +121,7 @@ def test_disk_tier_frees_the_original_weights_while_the_handle_lives(tmp_path, f
             assert inner == [], f"inner tensors offloaded beside their subclass: {inner[:4]}"
             assert sum(r() is not None for r in tensors) == 0
             out = run(model, ids, new_tokens=4)
-        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        assert_outputs_equal(out, ref)
         _assert_bitwise(model, snap)  # restored from the cache, bitwise
         if whole is not None:
             assert_same(model, whole)

@@ -136,13 +136,15 @@ def test_a_subclass_defined_only_in_this_test_streams():
             lin.weight = nn.Parameter(Scaled(q, scale), requires_grad=False)
     ids = prompt()
     ref_logits, ref_tokens = run(model, ids)
-    snap = snapshot(model)
+    snap, slot = snapshot(model), slot_bytes_by_hand(model.model.layers[0])
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=3)) as handle:
         logits, tokens = run(model, ids)
+        report = handle.report()
         entry = next(e for e in handle.layers[0].master.layout.entries if e.qualname == "mlp.up_proj.weight")
         assert entry.parts.kind == "subclass Scaled"
         assert [leaf.dtype for leaf in entry.specs] == [torch.int8, torch.float32]
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert (report.slots, report.slot_bytes, report.pool_bytes) == (5, slot, 5 * slot)  # step 3 of 5: 5 slots
     assert_same(model, snap)
 
 
@@ -403,7 +405,7 @@ def test_packed_int4_layouts(layout):
         out = run(model, ids)
         report = handle.report()
         dtypes = {s.dtype for e in handle.layers[0].master.layout.entries for s in e.specs}
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
     assert torch.int32 in dtypes
     assert (report.slot_bytes, report.pool_bytes) == (slot, 3 * slot)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

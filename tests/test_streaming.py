@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import save_tokenizer
+from conftest import assert_outputs_equal, save_tokenizer
 
 BUDGET = 100 * 2**20
 SLACK = 48 * 2**20
@@ -103,7 +103,7 @@ def test_a_folder_streamed_in_another_dtype_is_converted_once_and_equals_loading
     with handle:
         assert handle.report().layers_offloaded == 4
         out = run(model, ids)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
 
 
 def test_planning_empty_layers_streams_them_and_leaves_them_empty(tmp_path):
@@ -129,4 +129,4 @@ def test_planning_empty_layers_streams_them_and_leaves_them_empty(tmp_path):
     with handle:
         assert handle.report().device_bytes <= budget
         out = run(streamed, prompt())
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert_outputs_equal(out, ref)
