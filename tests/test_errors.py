@@ -202,6 +202,41 @@ def test_failure_during_setup_rolls_back(monkeypatch):
     assert hook_counts(model) == hooks
 
 
+def test_an_adapter_passed_to_offload_streams_a_type_weightlift_cannot_take_apart():
+    """The fix the refusal above names: an `adapters.Adapter` for `Opaque` (its bytes in ``_hidden``)."""
+    from weightlift.tensors import Parts
+
+    class HiddenAdapter:
+        name = "hidden"
+
+        def matches(self, tensor):
+            return isinstance(getattr(tensor, "_hidden", None), torch.Tensor)  # duck-typed, no class name
+
+        def take_apart(self, tensor):
+            def install(held, leaves):
+                held._hidden = leaves[0]
+
+            return Parts([tensor._hidden], lambda leaves: Opaque(leaves[0]), install, "adapter hidden")
+
+    model = tiny("llama")
+    for layer in model.model.layers:
+        w = layer.mlp.up_proj.weight
+        layer.mlp.up_proj.weight = nn.Parameter(Opaque(w.detach().clone()), requires_grad=False)
+    ids = prompt()
+    ref = run(model, ids)
+    hidden = [layer.mlp.up_proj.weight._hidden.clone() for layer in model.model.layers]
+    config = OffloadConfig(prefetch_step=2)
+    with weightlift.offload(model, device="cpu", config=config, adapters=[HiddenAdapter()]) as handle:
+        out = run(model, ids)
+        kinds = {e.qualname: e.parts.kind for e in handle.layers[0].master.layout.entries}
+        slot = handle.report().slot_bytes
+    assert_outputs_equal(out, ref)
+    assert kinds["mlp.up_proj.weight"] == "adapter hidden" and kinds["mlp.down_proj.weight"] == "plain"
+    assert slot == sum((4 * p.numel() + 511) // 512 * 512 for p in tiny("llama").model.layers[0].parameters())
+    for layer, before in zip(model.model.layers, hidden):
+        assert type(layer.mlp.up_proj.weight) is Opaque and torch.equal(layer.mlp.up_proj.weight._hidden, before)
+
+
 def test_a_skip_fails_where_every_extra_is_installed_unless_it_is_about_the_accelerator(tmp_path):
     """`make test` sets WEIGHTLIFT_NO_SKIPS=1 (tests/skips.py): a missing package is then a failure."""
     import os

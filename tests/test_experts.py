@@ -72,7 +72,7 @@ def _expert_bytes(model: nn.Module) -> int:
 
 
 TIERS = {
-    "host": dict(prefetch_step=1),  # 2 slots for 4 layers: each slot holds another layer every time
+    "host": dict(prefetch_step=1),  # one slot for 4 layers: it holds another layer every time
     "disk mapped": dict(source="disk"),
     "disk read": dict(source="disk", mmap=False, prefetch_step=1),
     "checkpoint": dict(source="checkpoint", prefetch_step=1),  # save_pretrained's per-expert files: read, not mapped
@@ -245,11 +245,14 @@ def test_quantized_experts_stream_as_stored():
     assert 0 < e.misses <= 4 * 3 * 2 and e.experts < 4 * 6 + 1
 
 
-def test_experts_can_be_named():
+@pytest.mark.parametrize("name", ["mlp.experts", "*.experts", ("mlp.experts", "*.experts")])
+def test_experts_can_be_named(name):
+    """A path inside the layer, an fnmatch pattern, or a tuple of them (lookahead off unless asked)."""
+    assert OffloadConfig().experts == "auto" and OffloadConfig().expert_lookahead is None
     model = moe("olmoe")
     ids = prompt()
     ref = run(model, ids)
-    config = OffloadConfig(experts="mlp.experts", prefetch_step=1)
+    config = OffloadConfig(experts=name, prefetch_step=1)
     with weightlift.offload(model, device="cpu", config=config) as handle:
         out = run(model, ids)
         assert handle.report().experts.stacks == LAYERS
@@ -584,3 +587,20 @@ def test_a_fused_checkpoint_is_computed_on_in_place_only_when_64_byte_aligned(tm
         e = handle.report().experts
     assert_outputs_equal(out, ref)
     assert e.stacks == LAYERS and e.routed > 0
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_each_experts_implementation_reads_only_the_moved_experts(implementation):
+    """transformers' three CPU experts forwards, each with every slot poisoned (NaN) before the run and
+    one slot for 4 layers: whatever an implementation read that was not moved would show in the logits."""
+    model = moe("qwen3_moe")
+    model.set_experts_implementation(implementation)
+    assert model.model.layers[0].mlp.experts.config._experts_implementation == implementation
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        _poison_slots(handle)
+        out = run(model, ids)
+        e = handle.report().experts
+    assert_outputs_equal(out, ref)
+    assert e.routed > 0 and e.experts_moved < 9 * e.expert_bytes  # decode moved expert by expert, not whole stacks

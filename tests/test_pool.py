@@ -50,7 +50,7 @@ class Wide(torch.nn.Module):
 @pytest.mark.parametrize("dim", [40, 181, 256])  # layers of 13 KiB, 257 KiB (just past a power of two), 514 KiB
 def test_host_bytes_stay_within_5_percent_of_the_offloaded_bytes(monkeypatch, dim):
     """On the accelerator path every offloaded layer has a host master; a pinned block per layer would be
-    rounded up to a power of two (a 257 KiB layer takes 512 KiB); the arena takes the bytes plus < 3%."""
+    rounded up to a power of two (a 257 KiB layer takes 512 KiB); the arena takes the layout plus < 1/32."""
     sim = simdevice.install(monkeypatch)
     torch.manual_seed(0)
     model = Wide(dim).eval()
@@ -67,7 +67,8 @@ def test_host_bytes_stay_within_5_percent_of_the_offloaded_bytes(monkeypatch, di
     sim.assert_clean()
     sim.close()
     assert torch.equal(out, ref)
-    assert laid_out <= report.host_bytes <= 1.05 * laid_out
+    # less than one granule over the layout, and a granule is at most 1/32 of it (pool.arena_sizes)
+    assert laid_out <= report.host_bytes < laid_out * (1 + 1 / 32)
     if dim >= 181:  # tensors of tens of KiB: the alignment padding is small too
         assert report.host_bytes <= 1.05 * report.offloaded_bytes
     if dim == 181:

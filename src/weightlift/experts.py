@@ -128,7 +128,8 @@ def find_experts(layer: nn.Module, names: str | Sequence[str] | None = None, whe
             found.append(stack)
         return found
     patterns = (names,) if isinstance(names, str) else tuple(names)
-    found = []
+    found: list[ExpertStack] = []
+    seen: set[str] = set()  # a module two patterns name is one stack
     for pattern in patterns:
         paths = [p for p, _ in layer.named_modules() if p and fnmatch.fnmatchcase(p, pattern)]
         if not paths:
@@ -145,7 +146,9 @@ def find_experts(layer: nn.Module, names: str | Sequence[str] | None = None, whe
                     "of experts: it must hold parameters that all lead with the expert count [E, ...], or be a "
                     "ModuleList of E modules of one shape. Name the experts module itself (e.g. 'mlp.experts')"
                 )
-            found.append(stack)
+            if path not in seen:
+                seen.add(path)
+                found.append(stack)
     return found
 
 
