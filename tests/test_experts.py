@@ -604,3 +604,25 @@ def test_each_experts_implementation_reads_only_the_moved_experts(implementation
         e = handle.report().experts
     assert_outputs_equal(out, ref)
     assert e.routed > 0 and e.experts_moved < 9 * e.expert_bytes  # decode moved expert by expert, not whole stacks
+
+
+def test_capturing_a_graph_of_expert_level_layers_is_refused_naming_the_fix(monkeypatch):
+    """A replay would not repeat the router's choice: `cuda_graph` refuses, and names experts=None."""
+    import simdevice
+
+    sim = simdevice.install(monkeypatch)
+    try:
+        model = moe("qwen3_moe")
+        ids = prompt()
+        with torch.inference_mode():
+            ref = model(ids).logits
+        with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+            assert handle.streams is not None and handle.streams.can_capture
+            with pytest.raises(OffloadError, match=r"experts are moved as the router.*experts=None"):
+                with torch.inference_mode(), handle.cuda_graph(simdevice.SimGraph()):
+                    model(ids)
+            assert handle.experts is not None
+            with torch.inference_mode():  # the handle still works eagerly
+                assert torch.equal(model(ids).logits, ref)
+    finally:
+        sim.close()

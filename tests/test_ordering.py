@@ -416,3 +416,33 @@ def test_the_checker_reports_a_replay_racing_eager_copies(monkeypatch):
     assert sim.hazards
     handle.remove()
     sim.close()
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_nothing_in_a_forward_makes_the_host_wait_for_the_device(monkeypatch, tmp_path, source):
+    """Every host synchronisation goes through the `Streams` seam (`sync_event`, `sync_stream`): none is
+    issued by the thread that runs the forwards (the disk tier's reader thread waits for its slab's copy
+    out, off the forward's path); `report()` reads the timing events afterwards."""
+    sim = simdevice.install(monkeypatch, copy_delay=0.002, compute_lag=0.001)
+    waits: list[str] = []
+    for name in ("sync_event", "sync_stream"):
+        real = getattr(sim, name)
+
+        def spy(*args, real=real, name=name):
+            if threading.current_thread() is threading.main_thread():
+                waits.append(name)
+            return real(*args)
+
+        monkeypatch.setattr(sim, name, spy)
+    model = _stack()
+    x = torch.randn(4, 32)
+    ref = _forwards(model, x, 3)
+    disk = {"source": "disk", "disk_path": str(tmp_path), "host_budget": 10**7} if source == "disk" else {}
+    with _offload(sim, model, prefetch_step=2, **disk) as handle:
+        waits.clear()
+        out = _forwards(model, x, 3)
+        assert waits == []
+        handle.report()
+    sim.assert_clean()
+    sim.close()
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
