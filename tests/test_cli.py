@@ -281,6 +281,8 @@ CASES = {  # name: (arguments after the model folder, what the one line must say
                                     r"`--out`='[^']*missing/p\.json': the folder `[^`]*missing` does not exist"),
     "--plot into a missing folder": (["bench"], ["--plot", "{tmp}/missing/t.png"],
                                      r"`--plot`='[^']*missing/t\.png': the folder `[^`]*missing` does not exist"),
+    "--trace into a missing folder": (["bench"], ["--trace", "{tmp}/missing/t.json"],
+                                      r"`--trace`='[^']*missing/t\.json': the folder `[^`]*missing` does not exist"),
     "--budget with a bench knob": (["bench"], ["--budget", "1MiB", "--prefetch-step", "1"],
                                    r"`--prefetch-step` is not used by `weightlift bench --budget`"),
 }  # fmt: skip
