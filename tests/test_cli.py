@@ -97,6 +97,12 @@ def test_plan_json_parses_saves_and_respects_the_budget(folder, tmp_path):
     plan = json.loads(out.stdout)
     assert plan["resident_bytes"] + plan["pool_bytes"] <= 600 * 1024 and plan["offloaded"]
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
+    # the saved plan is what `generate --plan` applies: its layers offloaded, no measuring
+    gen = _cli("generate", str(folder), "--plan", str(tmp_path / "plan.json"), "--prompt", "w3 w4", "--tokens", "2",
+               "--cache-dir", str(tmp_path), "--json")  # fmt: skip
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    generated = json.loads(gen.stdout)
+    assert generated["new_tokens"] == 2 and generated["layers_offloaded"] == len(plan["offloaded"])
     text = _cli("plan", str(folder), "--budget", "600KiB", "--cache-dir", str(tmp_path))
     assert text.returncode == 0 and "predicted decode" in text.stdout and "model.layers.5" in text.stdout
     # the page-fault term is left out when it measured zero, which a fast page cache makes happen (CI once)
