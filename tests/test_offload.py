@@ -382,6 +382,7 @@ def test_weights_replaced_during_a_forward_are_detected_and_kept(caplog):
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert report.replaced == 6
     assert "was replaced during a forward" in caplog.text and "Run one forward before offload()" in caplog.text
+    assert "fc.weight" in caplog.text  # the warning names the tensor
     # after remove() the repacked weights stay (the format's state and its data agree)
     assert all(layer.fc.weight.stride() == (1, 32) for layer in model.layers)
     with torch.inference_mode():

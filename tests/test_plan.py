@@ -114,12 +114,20 @@ def test_the_minimum_offloads_every_layer_into_one_window(model, tmp_path):
     assert "offloaded" in str(plan) and "model.layers.7" in str(plan)
 
 
-def test_below_the_minimum_states_it_and_leaves_the_model_alone(model, tmp_path):
-    assert_refused(
-        model,
-        lambda: weightlift.offload(model, device="cpu", budget="214335"),
-        "too small for LlamaForCausalLM: the smallest plan needs 209.31 KiB (214336 bytes)",
-    )
+def test_below_the_minimum_states_it_and_leaves_the_model_alone(model, tmp_path, monkeypatch):
+    """Refused before anything is measured: the model never runs, and no layer cache is written."""
+    monkeypatch.setenv("WEIGHTLIFT_CACHE", str(tmp_path))
+    runs = []
+    hook = model.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        assert_refused(
+            model,
+            lambda: weightlift.offload(model, device="cpu", budget="214335"),
+            "too small for LlamaForCausalLM: the smallest plan needs 209.31 KiB (214336 bytes)",
+        )
+    finally:
+        hook.remove()
+    assert runs == [] and list(tmp_path.iterdir()) == []
 
 
 def test_offload_with_a_budget_plans_and_applies(model, reference, tmp_path, monkeypatch):
