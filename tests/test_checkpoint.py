@@ -29,21 +29,64 @@ def _ckpt(tmp_path, **kw) -> OffloadConfig:
     return OffloadConfig(source="checkpoint", disk_path=str(tmp_path), **{"prefetch_step": 2, **kw})
 
 
+def _aligned_by_hand(folder) -> bool:
+    """Whether every tensor of the layers sits where computing on it in place gives resident bits: a matrix
+    at a 64-byte file offset, a vector at its element size (``checkpoint.alignment``), from the headers."""
+    for path in folder.glob("*.safetensors"):
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        for key, v in json.loads(raw[8 : 8 + n]).items():
+            if key != "__metadata__" and (".layers." in key or ".h." in key):
+                need = 64 if len(v["shape"]) >= 2 else {"F32": 4, "BF16": 2, "F16": 2}[v["dtype"]]
+                if (8 + n + v["data_offsets"][0]) % need:
+                    return False
+    return True
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
 @pytest.mark.parametrize("shard", ["200KB", "50MB"], ids=["sharded", "single-file"])
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-into-slots"])
 def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard, mapped):
+    """save_pretrained's files: mapped in place when every layer tensor is aligned for it, else (and with
+    mmap=False) read into slots; bitwise either way, every decode step too."""
     model = tiny(family)
     ids = prompt()
     ref = run(model, ids)
     model.save_pretrained(tmp_path, max_shard_size=shard)
     assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "200KB")
+    in_place = mapped and _aligned_by_hand(tmp_path)
     with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path, mmap=mapped)) as handle:
         out = run(model, ids)
-        assert handle.report().source == str(tmp_path) + (" (mapped)" if mapped else "")
-        assert handle.report().slots == (1 if mapped else 3)
+        assert handle.report().source == str(tmp_path) + (" (mapped)" if in_place else "")
+        assert handle.report().slots == (1 if in_place else 3)
     assert_outputs_equal(out, ref)
     assert torch.equal(run(model, ids)[0], ref[0])
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_checkpoint_written_aligned_is_computed_on_in_place(tmp_path, aligned):
+    """`checkpoint.save_aligned` (what weightlift's conversions write) puts every tensor where it can be
+    mapped; the same tensors at 4-byte offsets (`save_file` behind one 4-byte tensor) are read into slots.
+    Bitwise both ways, each decode step included (at 4-byte offsets a mapped decode step was off by 6e-8)."""
+    from safetensors.torch import load_file
+
+    from weightlift.checkpoint import save_aligned
+
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids)
+    state = model.state_dict()
+    if aligned:
+        save_aligned(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    else:  # a 4-byte tensor first, sorting before every other key: everything after it 4 bytes off
+        save_file({"a.pad": torch.zeros(1), **state}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert _aligned_by_hand(tmp_path) == aligned
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())  # a valid safetensors file
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
+        out = run(model, ids)
+        assert handle.report().source == str(tmp_path) + (" (mapped)" if aligned else "")
+    assert_outputs_equal(out, ref)
 
 
 MOE = ["mixtral", "qwen3_moe"]
@@ -85,7 +128,7 @@ def test_moe_checkpoint_of_the_fused_tensors_is_read_by_name(tmp_path):
     ids = prompt()
     with torch.inference_mode():
         ref = model(ids).logits
-    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    weightlift.checkpoint.save_aligned(model.state_dict(), tmp_path / "model.safetensors")
     with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle, torch.inference_mode():
         assert torch.equal(model(ids).logits, ref)
         assert handle.report().source == str(tmp_path) + " (mapped)"  # one piece each: computed on in place
@@ -300,7 +343,8 @@ def test_load_streaming_peak_rss_stays_near_resident_plus_budget(tmp_path):
     )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
     assert offloaded >= 4 * budget and pool <= budget
-    # its one-layer mapped window with half again as margin, plus 16 MiB as in test_disk (seen: 20.4 MiB, 13 MiB pool)
+    # its pool with half again as margin, plus 16 MiB as in test_disk (seen: 20.4 MiB with a 13 MiB mapped window;
+    # 33.9 MiB reading into a 26 MiB pool, save_pretrained's tensors not being 64-byte aligned)
     assert grown < resident + 1.5 * pool + 16 * 2**20, (grown, offloaded, pool, resident)
     print(
         f"peak RSS growth {grown / 2**20:.1f} MiB; offloaded {offloaded / 2**20:.1f} MiB, pool {pool / 2**20:.1f} MiB"

@@ -343,16 +343,39 @@ class CheckpointMapping:
             f.close()
 
 
-STACK_ALIGN = 64  # what the CPU allocator gives every tensor
+MATRIX_ALIGN = 64  # what the CPU allocator gives every tensor
 
 
 def alignment(dtype: torch.dtype, dims: int) -> int:
     """The file offset a tensor must sit at a multiple of to be computed on in place and give the bits it
-    gives in memory. Its element size, and for a stack of matrices (3-D or more: fused MoE experts, which
-    go to batched and grouped kernels) 64 bytes: torch 2.13's CPU ``grouped_mm`` gives other bits for a
-    weight 8 bytes off a 16-byte boundary (``tests/test_experts.py``), while 1-D and 2-D weights have
-    computed bitwise at their element size in every test."""
-    return STACK_ALIGN if dims >= 3 else dtype.itemsize
+    gives in memory. For a matrix or a stack of them (2-D or more), 64 bytes, what the CPU allocator gives a
+    resident tensor: the matrix kernels pick their vector paths by the weight's address, so a weight 4 or
+    8 bytes off gives other bits. Seen with torch 2.13 on x86: a decode step (one token, a matrix-vector
+    product) of a Llama mapped from a sharded checkpoint at 4-byte offsets, off by 6e-8
+    (``tests/test_checkpoint.py``), and ``grouped_mm`` on fused experts 8 bytes off (``tests/test_experts.py``).
+    1-D tensors (norms, biases) only meet elementwise ops: their element size."""
+    return MATRIX_ALIGN if dims >= 2 else dtype.itemsize
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, laid out so that weightlift can compute on every tensor in place
+    (`alignment`): the header padded so the data starts on a 64-byte boundary, and the tensors whose size is
+    a multiple of 64 bytes first, so each of them starts on one too. A valid safetensors file (no holes)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (tensors[k].numel() * tensors[k].element_size()) % MATRIX_ALIGN != 0)
+    header: dict = {"__metadata__": dict(metadata or {})}
+    position = 0
+    for key in order:
+        t = tensors[key]
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [position, position + n]}
+        position += n
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % MATRIX_ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(body).to_bytes(8, "little") + body)
+        for key in order:
+            f.write(tensors[key].detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
 
 
 def mappable(located: Located) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAFETENSORS_DTYPES, checkpoint_files
+from .checkpoint import SAFETENSORS_DTYPES, checkpoint_files, save_aligned
 from .config import format_size
 from .disk import mark_used, read_header
 from .errors import OffloadError
@@ -231,7 +231,6 @@ def _write(path: Path, dtype: torch.dtype, out: Path, cache_dir: Path) -> int:
     freed before any tensor is dequantized.
     """
     import numpy as np
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.gguf import is_gguf_arch_supported
@@ -287,7 +286,7 @@ def _write(path: Path, dtype: torch.dtype, out: Path, cache_dir: Path) -> int:
                 bar.update()
             shard = {name: t.to(dtype).contiguous() for name, t in shard.items()}  # processor-written ones too
             if shard:
-                save_file(shard, str(out / file), metadata={"format": "pt"})
+                save_aligned(shard, out / file, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, file))
                 written += sum(t.numel() * t.element_size() for t in shard.values())
             del shard, parsed
@@ -345,7 +344,6 @@ def _write_folder(folder: Path, dtype: torch.dtype, out: Path, cache_dir: Path, 
     """Write ``folder``'s checkpoint in ``dtype`` into ``out``, in shards of at most ``cap`` bytes (or one
     tensor); the bytes of tensors written."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     files = checkpoint_files(folder)
@@ -357,7 +355,7 @@ def _write_folder(folder: Path, dtype: torch.dtype, out: Path, cache_dir: Path, 
         nonlocal written, held
         if shard:
             name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
+            save_aligned(shard, out / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
             written += held
             shard.clear()
