@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "weightlift.json"
 FORMAT = "weightlift-converted"
-VERSION = 1
+VERSION = 2  # 2: shards written aligned (checkpoint.save_aligned), so that they are mapped in place
 _BLOCK = re.compile(r"(?:^|\.)blk\.(\d+)\.")  # GGUF's standard name of a layer's tensors: blk.N.*
 
 
