@@ -107,15 +107,24 @@ def hold(monkeypatch) -> Gates:
 
 
 def slow(monkeypatch, seconds: float) -> None:
-    """Make every `ThreadEngine` copy on its background thread take ``seconds`` longer (synchronous loads
-    on the caller's thread keep their speed)."""
+    """Make every `ThreadEngine` copy on its background thread take ``seconds`` longer, inside the span the
+    timeline records for it (synchronous loads on the caller's thread keep their speed)."""
+    import dataclasses
     import time
 
     run = engine.ThreadEngine._run
 
     def slowed(self, job):
-        if threading.current_thread().name.startswith("weightlift-copy"):
+        if not threading.current_thread().name.startswith("weightlift-copy"):
+            return run(self, job)
+
+        def read(dst, job=job):
             time.sleep(seconds)
-        return run(self, job)
+            if job.read is not None:
+                job.read(dst)
+            for a, b in job.pairs:
+                a.copy_(b)
+
+        return run(self, dataclasses.replace(job, pairs=(), read=read))
 
     monkeypatch.setattr(engine.ThreadEngine, "_run", slowed)
