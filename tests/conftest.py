@@ -214,7 +214,8 @@ def measure_in_subprocess(body: str, *args: object) -> list[int]:
     return [int(x) for x in out.stdout.strip().splitlines()[-1].split()]
 
 
-def _files(folder) -> dict:
+def folder_files(folder) -> dict:
+    """Every file under ``folder``: its bytes and mtime (empty for a folder that is not there)."""
     if folder is None or not os.path.isdir(folder):
         return {}
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
@@ -226,12 +227,12 @@ def refused(model: nn.Module, match: str, folder=None):
     device, dtype, type and storage, and its hooks; and every file under ``folder`` (bytes and mtime), if given."""
     import weightlift
 
-    snap, hooks, files = snapshot(model), hook_counts(model), _files(folder)
+    snap, hooks, files = snapshot(model), hook_counts(model), folder_files(folder)
     with pytest.raises(weightlift.OffloadError, match=match):
         yield
     assert_same(model, snap, same_storage=True)
     assert hook_counts(model) == hooks
-    assert _files(folder) == files  # nothing written over, nothing left behind
+    assert folder_files(folder) == files  # nothing written over, nothing left behind
 
 
 def assert_refused(model: nn.Module, folder, config, match: str) -> None:

@@ -16,6 +16,7 @@ from conftest import (
     assert_outputs_equal,
     assert_refused,
     change_file,
+    folder_files,
     measure_in_subprocess,
     prompt,
     run,
@@ -33,12 +34,11 @@ def _aligned_by_hand(folder) -> bool:
     """Whether every tensor of the layers sits where computing on it in place gives resident bits: a matrix
     at a 64-byte file offset, a vector at its element size (``checkpoint.alignment``), from the headers."""
     for path in folder.glob("*.safetensors"):
-        raw = path.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        for key, v in json.loads(raw[8 : 8 + n]).items():
-            if key != "__metadata__" and (".layers." in key or ".h." in key):
+        entries, start = _parsed(path)
+        for key, v in entries.items():
+            if ".layers." in key or ".h." in key:
                 need = 64 if len(v["shape"]) >= 2 else {"F32": 4, "BF16": 2, "F16": 2}[v["dtype"]]
-                if (8 + n + v["data_offsets"][0]) % need:
+                if (start + v["data_offsets"][0]) % need:
                     return False
     return True
 
@@ -135,9 +135,16 @@ def test_moe_checkpoint_of_the_fused_tensors_is_read_by_name(tmp_path):
 
 
 def _header(path) -> dict:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return {k: v for k, v in json.loads(raw[8 : 8 + n]).items() if k != "__metadata__"}
+    """A safetensors file's tensor entries, parsed here (not by weightlift)."""
+    return _parsed(path)[0]
+
+
+def _parsed(path) -> tuple[dict, int]:
+    """Its tensor entries and the file offset its data starts at."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entries = json.loads(f.read(n))
+    return {k: v for k, v in entries.items() if k != "__metadata__"}, 8 + n
 
 
 def test_moe_checkpoint_missing_an_expert_is_refused_naming_it(tmp_path):
@@ -147,10 +154,10 @@ def test_moe_checkpoint_missing_an_expert_is_refused_naming_it(tmp_path):
     _rewrite_header(tmp_path / "model.safetensors", lambda h: h.update({"renamed": h.pop(gone)}))
     _refused(model, tmp_path, f"`{gone}` is not in the checkpoint .*stacks 4 of them into "
                               r"`model.layers.0.mlp.experts.gate_up_proj`.*source='disk'")  # fmt: skip
-    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    files = folder_files(tmp_path)
     with pytest.raises(OffloadError, match=f"`{gone}` is not in the checkpoint"):
         load_streaming(tmp_path, config=OffloadConfig(group_size=5, num_in_group=4))  # layer 0 resident: read too
-    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files  # (no model to leave: it built none)
+    assert folder_files(tmp_path) == files  # (no model to leave: it built none)
 
 
 def test_moe_checkpoint_expert_of_another_shape_is_refused_naming_it(tmp_path):
