@@ -39,7 +39,7 @@ def test_format_size():
         (dict(params=("",)), "params"),
         (dict(params=(3,)), "params"),
         (dict(params=5), "params"),
-        (dict(layers=""), "layers"),
+        (dict(layers=" "), "layers"),
         (dict(layers=3), "layers"),
         (dict(layers=()), "layers"),
         (dict(layers=("model.layers", "")), "layers"),

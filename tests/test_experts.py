@@ -234,15 +234,23 @@ def test_quantized_experts_stream_as_stored():
               isinstance(m, nn.Linear))  # fmt: skip
     assert type(model.layers[0].experts[0][0].weight).__module__.startswith("torchao")
     x = torch.randn(1, 3, 32)
+    chosen: list[int] = []  # distinct experts each layer's tokens choose, seen on the resident model
+    hooks = [layer.gate.register_forward_hook(lambda m, a, out: chosen.append(out.topk(2, -1)[1].unique().numel()))
+             for layer in model.layers]  # fmt: skip
     with torch.inference_mode():
         ref = model(x)
+    for h in hooks:
+        h.remove()
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
         _poison_slots(handle)
         with torch.inference_mode():
             out = model(x)
         e = handle.report().experts
     assert torch.equal(out, ref) and torchao is not None
-    assert 0 < e.misses <= 4 * 3 * 2 and e.experts < 4 * 6 + 1
+    # an int8 Linear(i, o) holds qdata o*i int8, a scale o x 1 float32, a zero point o x 1 int8, a bias o float32
+    one = 48 * (32 + 4 + 1 + 4) + 32 * (48 + 4 + 1 + 4)
+    assert len(chosen) == 4 and e.used == e.misses == sum(chosen)  # each chosen expert moved once, when called
+    assert e.experts_moved == sum(chosen) * one
 
 
 @pytest.mark.parametrize("name", ["mlp.experts", "*.experts", ("mlp.experts", "*.experts")])
@@ -440,6 +448,55 @@ def test_custom_fused_experts_move_whole_unless_named():
             report = h.report().experts
         assert torch.equal(out, ref)
         assert (report.stacks if report else None) == stacks
+
+
+def test_a_leaf_of_the_whole_tensor_moves_with_the_dense_part(caplog):
+    """Fused int8 experts whose weight is a tensor subclass: its ``qdata`` leads with the expert count and is
+    cut per expert; its scale (one number for the whole tensor) is not, and moves with the dense part. The
+    slots are poisoned: a scale left behind would be NaN whichever experts a token chose."""
+    from test_quantized import Scaled
+
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = torch.randn(6, 32, 32)
+            scale = w.abs().amax() / 127  # 0-dim: the whole tensor's
+            self.w = nn.Parameter(Scaled(torch.round(w / scale).to(torch.int8), scale), requires_grad=False)
+
+        def forward(self, x, index):  # reads only the chosen experts' int8 blocks, and the scale
+            w = self.w
+            return torch.stack([x[t] @ (w.qdata[index[t]].float() * w.scale).sum(0) for t in range(x.shape[0])])
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(32, 6, bias=False)
+            self.experts = Fused()
+
+        def forward(self, x):
+            flat = x.reshape(-1, 32)
+            return x + self.experts(flat, self.gate(flat).topk(2, dim=-1).indices).reshape(x.shape)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Block() for _ in range(4))).eval()
+    x = torch.randn(1, 1, 32)
+    chosen = []
+    hooks = [b.experts.register_forward_pre_hook(lambda m, args: chosen.append(args[1].unique().numel())) for b in model]
+    with torch.inference_mode():
+        ref = model(x)
+    for h in hooks:
+        h.remove()
+    config = OffloadConfig(prefetch_step=1, experts="experts")
+    with caplog.at_level("INFO", "weightlift"), weightlift.offload(model, device="cpu", config=config) as handle:
+        _poison_slots(handle)
+        with torch.inference_mode():
+            out = model(x)
+        e = handle.report().experts
+    assert torch.equal(out, ref)
+    assert "`layers.0.experts.w` is not split by expert" in caplog.text or "experts.w` is not split by expert" in caplog.text
+    assert chosen == [2] * 4 and e.used == e.misses == 8
+    assert e.experts_moved == 8 * 32 * 32  # int8 blocks only: the scale is not any expert's
+    assert e.expert_bytes == 4 * 6 * 32 * 32
 
 
 def test_the_planner_counts_the_bytes_a_decode_token_moves(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES as DECODERS
-from conftest import tiny
+from conftest import assert_same, refused, snapshot, tiny
 from families import FAMILIES, STACKS, build
 from weightlift import OffloadError
 from weightlift.models import candidate_stacks, find_stacks, no_split_classes
@@ -142,6 +142,59 @@ def test_a_small_rival_list_is_not_ambiguous():
     assert _found(model) == [("encoder", 6)]
 
 
+def _blocks(kind: type) -> nn.Module:
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(6)]
+    return nn.ModuleList(blocks) if kind is nn.ModuleList else nn.Sequential(*blocks)
+
+
+@pytest.mark.parametrize("kind", [nn.ModuleList, nn.Sequential])
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_the_model_itself_may_be_the_list_of_blocks(kind, source, tmp_path):
+    """`offload(nn.ModuleList([...]))`, as the quick start says; the blocks are named by their positions."""
+    import weightlift
+
+    model = _blocks(kind)
+    assert _found(model) == _found(model, "") == [("", 6)]
+    x = torch.randn(3, 64)
+
+    def forward(m):  # what the code that owns a ModuleList does
+        with torch.inference_mode():
+            y = x
+            for block in m:
+                y = block(y)
+            return y
+
+    ref, snap = forward(model), snapshot(model)
+    disk = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
+    with weightlift.offload(model, device="cpu", config=weightlift.OffloadConfig(prefetch_step=1, **disk)) as h:
+        outs = [forward(model) for _ in range(2)]
+        report = h.report()
+        names = [layer.name for layer in h.layers]
+    assert all(torch.equal(out, ref) for out in outs)
+    assert names == [str(i) for i in range(6)] and (report.prefetch_hits, report.prefetch_misses) == (12, 0)
+    assert_same(model, snap)
+
+
+def test_a_sequential_of_blocks_is_planned_and_a_module_list_is_refused_naming_the_fix(tmp_path):
+    import weightlift
+
+    model, x = _blocks(nn.Sequential), torch.randn(3, 64)
+    with torch.inference_mode():
+        ref = model(x)
+    layer = 64 * 65 * 4
+    plan = weightlift.plan(model, device="cpu", budget=3 * layer, sample=x, disk_path=tmp_path, reps=2)
+    assert plan.stacks == ("",) or list(plan.stacks) == [""]
+    assert len(plan.offloaded) >= 4  # at most 2 of the 6 layers stay beside a pool of at least one layer
+    with weightlift.offload(model, plan=plan), torch.inference_mode():
+        assert torch.equal(model(x), ref)
+    listed = _blocks(nn.ModuleList)
+    with refused(listed, "has no forward for plan"):
+        weightlift.plan(listed, device="cpu", budget=3 * layer, sample=x, disk_path=tmp_path)
+    with refused(listed, "has no forward for plan"):
+        weightlift.offload(listed, device="cpu", budget=3 * layer)
+
+
 def test_explicit_single_path():
     model = tiny("llama")
     [(name, stack)] = find_stacks(model, "model.layers")
@@ -181,10 +234,12 @@ def test_missing_path_is_refused_naming_it_and_the_stacks_found():
         find_stacks(nn.ModuleDict({"encoder": nn.ModuleList()}), ["encoder"])
 
 
-@pytest.mark.parametrize("layers", [[], "", ["model.layers", 3], {"model.layers"}])
+@pytest.mark.parametrize("layers", [[], ["", "model.layers"], ["model.layers", 3], {"model.layers"}])
 def test_layers_of_the_wrong_type_are_refused(layers):
     with pytest.raises(OffloadError, match="`layers`=.*dotted module path"):
         find_stacks(tiny("llama"), layers)
+    with pytest.raises(OffloadError, match="`layers`='' is a LlamaForCausalLM, not a non-empty nn.ModuleList"):
+        find_stacks(tiny("llama"), "")  # '' is the model itself
 
 
 def test_an_undeclared_rival_of_a_declared_stack_is_logged(caplog):

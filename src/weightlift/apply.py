@@ -102,7 +102,7 @@ def _unique_bytes(tensors: list[torch.Tensor]) -> int:
 
 def layer_list(stacks: Sequence[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:
     """The layers of one or several stacks as one list, in order: their dotted names and modules."""
-    names = [f"{name}.{i}" for name, stack in stacks for i in range(len(stack))]
+    names = [f"{name}.{i}" if name else str(i) for name, stack in stacks for i in range(len(stack))]
     return names, [layer for _, stack in stacks for layer in stack]
 
 

@@ -62,7 +62,8 @@ class OffloadConfig:
     it runs and counted as a miss; for measurements). ``params`` restricts offloading to parameters
     whose dotted name (inside the layer) has one of the given segments, e.g. ``("mlp",)``.
     ``layers`` names the stack (``"model.layers"``), or several (``("encoder.block", "decoder.block")``, in
-    execution order), instead of detecting them; several stacks are numbered as one list, in order.
+    execution order), instead of detecting them; several stacks are numbered as one list, in order; ``""``
+    names the model itself (an ``nn.ModuleList`` or ``nn.Sequential`` of blocks, found without naming too).
     ``indices`` offloads exactly these positions of that list instead of the group rule (plans use it).
 
     ``source="disk"`` keeps the offloaded layers' true weights in a layer cache file under the folder
@@ -158,10 +159,10 @@ class OffloadConfig:
                 paths = tuple(paths)
             except TypeError:
                 paths = (None,)
-            if not paths or any(not isinstance(p, str) or not p.strip() for p in paths):
+            if paths != ("",) and (not paths or any(not isinstance(p, str) or not p.strip() for p in paths)):
                 raise OffloadError(
-                    "`layers` must be a dotted module path like 'model.layers' or a tuple of them, "
-                    f"got {self.layers!r}"
+                    "`layers` must be a dotted module path like 'model.layers' or a tuple of them ('' alone: the "
+                    f"model itself, an nn.ModuleList or nn.Sequential of blocks), got {self.layers!r}"
                 )
             object.__setattr__(self, "layers", self.layers if isinstance(self.layers, str) else paths)
         if self.indices is not None:

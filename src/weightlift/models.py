@@ -51,8 +51,9 @@ def _is_stack(module: nn.Module) -> bool:
 
 
 def candidate_stacks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    """Every list of >= 2 blocks of one class, with its parameter bytes, largest first."""
-    found = [(name, m, _param_bytes(m)) for name, m in model.named_modules() if name and _is_stack(m)]
+    """Every list of >= 2 blocks of one class, with its parameter bytes, largest first (``""``: the model
+    itself is one, an ``nn.ModuleList`` or ``nn.Sequential`` of blocks)."""
+    found = [(name, m, _param_bytes(m)) for name, m in model.named_modules() if _is_stack(m)]
     return sorted(found, key=lambda c: -c[2])
 
 
@@ -161,7 +162,7 @@ def _which(layers: str | Sequence[str], path: str) -> str:
 
 def _named(model: nn.Module, layers: str | Sequence[str]) -> list[tuple[str, nn.Module]]:
     paths = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, (list, tuple)) else None
-    if not paths or not all(isinstance(p, str) and p for p in paths):
+    if not paths or not all(isinstance(p, str) and (p or len(paths) == 1) for p in paths):
         raise OffloadError(
             f"`layers`={layers!r} must be a dotted module path like 'model.layers' or a non-empty list of them"
         )

@@ -349,6 +349,11 @@ def plan(
 
     if not isinstance(model, nn.Module):
         raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model).forward is nn.Module.forward:  # an nn.ModuleList: the code that calls its blocks is elsewhere
+        raise OffloadError(
+            f"`model` ({type(model).__name__}) has no forward for plan() to time: plan the module that runs it, "
+            "wrap its blocks in an nn.Sequential, or offload it with an explicit OffloadConfig"
+        )
     dev = resolve_device(device)
     budget = parse_size(budget, name="budget")
     host_budget = None if host_budget is None else parse_size(host_budget, name="host_budget")
