@@ -442,3 +442,37 @@ def test_explicit_indices_offload_exactly_those_layers():
         got = run(model, ids)
         assert [layer.index for layer in handle.layers] == [0, 3]
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_attribute_tensors_outside_offloaded_layers_are_left_where_they_are():
+    """Tensors in plain attributes (an HQQ-style ``meta`` dict, a bitsandbytes-style ``state`` object) stream
+    with an offloaded layer; in a resident layer or outside the stack they stay the same tensor, in place."""
+    from types import SimpleNamespace
+
+    model = tiny("llama")
+    holders = {"model.norm": model.model.norm, "lm_head": model.lm_head}
+    holders |= {f"model.layers.{i}.mlp.up_proj": layer.mlp.up_proj for i, layer in enumerate(model.model.layers)}
+    for name, m in holders.items():
+        m.meta = {"scale": torch.randn(8)}
+        m.state = SimpleNamespace(absmax=torch.randn(4, 4))
+    live = {name: (m.meta["scale"], m.state.absmax) for name, m in holders.items()}
+    before = {name: [(t.data_ptr(), t.clone()) for t in ts] for name, ts in live.items()}
+    ids = prompt()
+    ref = run(model, ids)
+    config = OffloadConfig(group_size=2, num_in_group=1, prefetch_step=1)  # one layer of each two offloaded
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        out = run(model, ids)
+        offloaded = {layer.name + ".mlp.up_proj" for layer in handle.layers}
+        during = {name: [t.data_ptr() for t in ts] for name, ts in live.items()}
+        streamed = {name for name, m in holders.items() if m.meta["scale"] is not live[name][0]
+                    or m.meta["scale"].data_ptr() != before[name][0][0]}  # fmt: skip
+    assert_outputs_equal(out, ref)
+    assert len(offloaded) == 2 and offloaded < holders.keys()
+    assert streamed == offloaded  # the offloaded layers' attributes point into their slots now
+    for name, ts in live.items():
+        if name in offloaded:
+            continue
+        assert holders[name].meta["scale"] is ts[0] and holders[name].state.absmax is ts[1], name
+        assert during[name] == [p for p, _ in before[name]], name
+    for name, m in holders.items():  # every attribute back, bitwise, after remove()
+        assert torch.equal(m.meta["scale"], before[name][0][1]) and torch.equal(m.state.absmax, before[name][1][1])

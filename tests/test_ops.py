@@ -102,9 +102,13 @@ def test_compiled_stack_with_one_shared_slot_and_misses_matches_compiled_residen
             out = [compiled(x) for _ in range(3)]
         report = handle.report()
         # grad mode on: refused under compile too (dynamo traces the check; with fullgraph=True it reports the
-        # OffloadError inside its own Unsupported error, since the raise cannot be part of a graph)
-        with pytest.raises((OffloadError, torch._dynamo.exc.Unsupported), match="inference-only"):
+        # OffloadError inside its own Unsupported error, since the raise cannot be part of a graph; without
+        # fullgraph the frame falls back to eager and the OffloadError itself is raised)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="inference-only") as info:
             compiled(x)
+        assert not isinstance(info.value, OffloadError)
+        with pytest.raises(OffloadError, match="inference-only"):
+            torch.compile(model)(x)
     assert torch.equal(eager, eager_ref)
     assert all(torch.equal(o, compiled_ref) for o in out)
     torch.testing.assert_close(out[0], eager_ref, rtol=0, atol=1e-5)
@@ -152,3 +156,75 @@ def test_cuda_graph_capture_is_refused_where_it_cannot_work(tmp_path):
         pass
     with pytest.raises(OffloadError, match="removed handle"), handle.cuda_graph(None):
         pass
+
+
+def test_a_removed_handles_keys_are_refused_and_never_given_again():
+    """The ops find a layer's hook by key: after `remove()` its keys name nothing, and the next handle's
+    layers get new ones, so a graph compiled for the first handle can never drive the second's slots."""
+    import gc
+
+    model = tiny("llama", layers=3)
+    x = torch.zeros(1)
+    seen = []
+    for _ in range(2):
+        handle = weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1))
+        keys = [hook.__self__.key for layer in handle.layers for hook in layer.module._forward_pre_hooks.values()
+                if isinstance(getattr(getattr(hook, "__self__", None), "key", None), int)]  # fmt: skip
+        assert len(keys) == 3
+        torch.ops.weightlift.wait(x, keys[0])  # a live key runs its layer's wait
+        handle.remove()
+        del handle
+        gc.collect()
+        for key in keys:
+            with pytest.raises(OffloadError, match=f"hook `{key}`, whose offloading was removed"):
+                torch.ops.weightlift.wait(x, key)
+        seen.append(keys)
+    assert not set(seen[0]) & set(seen[1])
+
+
+class State:
+    """What a layer without a tensor argument passes around: its activation on an attribute."""
+
+    x: torch.Tensor
+
+
+class StateBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, state: State) -> None:  # no tensor among its arguments, none in its output
+        state.x = torch.tanh(self.fc(state.x))
+
+
+class StateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(StateBlock() for _ in range(4))
+
+    def forward(self, x):
+        state = State()
+        state.x = x
+        for layer in self.layers:
+            layer(state)
+        return state.x
+
+
+def test_a_layer_without_tensor_arguments_falls_back_to_the_eager_hook():
+    """With no activation to order the ops on, the hooks run eagerly: a graph break, and the same bits."""
+    torch.manual_seed(0)
+    model, x = StateNet().eval(), torch.randn(2, 16)
+    with torch.inference_mode():
+        compiled_ref = torch.compile(model)(x)
+        resident_breaks = torch._dynamo.explain(model)(x).graph_break_count
+    torch._dynamo.reset()
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        with torch.inference_mode():
+            offloaded_breaks = torch._dynamo.explain(model)(x).graph_break_count
+            torch._dynamo.reset()
+            out = [torch.compile(model)(x) for _ in range(2)]
+        report = handle.report()
+    torch._dynamo.reset()
+    assert resident_breaks == 0 and offloaded_breaks >= 1
+    assert all(torch.equal(o, compiled_ref) for o in out)
+    assert report.prefetch_hits + report.prefetch_misses >= 2 * 4  # the eager hooks ran for every layer
