@@ -22,7 +22,7 @@ from torch import nn
 import weightlift
 from conftest import BIG_LLAMA, assert_same, prompt, run, snapshot, tiny
 from test_offload import Block, Stack
-from weightlift import OffloadConfig
+from weightlift import OffloadConfig, OffloadError
 
 gpu = pytest.mark.gpu
 MiB = 2**20
@@ -396,6 +396,32 @@ def test_gpu_quantized_model_under_torch_compile_equals_compiled_resident(fmt):
         torch._dynamo.reset()
     assert all(torch.equal(o, ref) for o in outs)
     assert report.layers_offloaded == 4 and report.prefetch_misses == 0
+
+
+@gpu
+def test_gpu_compile_reduce_overhead_is_refused_naming_handle_cuda_graph():
+    """`torch.compile(mode="reduce-overhead")` records CUDA graphs of its own around the offloaded layers:
+    refused with the OffloadError that points at `handle.cuda_graph`, and eager forwards stay right."""
+    dev = _cuda()
+    model = _stack(6, 32).to(dev)
+    x = torch.randn(4, 32, device=dev)
+    ref = _forward(model, x)
+    torch._dynamo.reset()
+    try:
+        with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)):
+            compiled = torch.compile(model, mode="reduce-overhead")
+            with pytest.raises(Exception, match="reduce-overhead") as info, torch.inference_mode():
+                for _ in range(4):  # graph trees warm up first, then record
+                    compiled(x)
+            chain, err = [], info.value
+            while err is not None:  # dynamo may wrap the OffloadError in its own error
+                chain.append(err)
+                err = err.__cause__ or err.__context__
+            assert any(isinstance(e, OffloadError) for e in chain), chain
+            torch._dynamo.reset()
+            assert torch.equal(_forward(model, x), ref)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_gpu_bench_measures_a_tiny_model_on_the_cpu(tmp_path, monkeypatch):

@@ -266,6 +266,48 @@ def test_remove_resets_the_graphs_it_captured(sim):
     sim.assert_clean()
 
 
+def test_a_capture_the_handle_does_not_manage_is_refused_at_the_first_layer(sim):
+    """A graph captured around the offloaded model directly (as `torch.compile(mode="reduce-overhead")`'s
+    graph trees do) is refused before the first layer computes; eager forwards afterwards are right."""
+    model = _stack()
+    x = torch.randn(4, 32)
+    (ref,) = _forwards(model, x)
+    ran = []
+    with _offload(sim, model, prefetch_step=2):
+        hooks = [layer.register_forward_hook(lambda m, a, out, i=i: ran.append(i)) for i, layer in enumerate(model.layers)]
+        with pytest.raises(weightlift.OffloadError, match=r"outside `handle.cuda_graph\(graph\)`.*reduce-overhead"):
+            with sim.capture(simdevice.SimGraph()):
+                _forwards(model, x)
+        assert ran == []
+        (out,) = _forwards(model, x)
+        for h in hooks:
+            h.remove()
+    sim.assert_clean()
+    assert torch.equal(out, ref) and ran == list(range(len(model.layers)))
+
+
+def test_the_report_counts_a_captured_step_once_and_no_replay(sim):
+    model = _stack()
+    x = torch.randn(4, 32)
+    handle = _offload(sim, model, prefetch_step=2)
+    _forwards(model, x)
+    before = handle.report()
+    graph = simdevice.SimGraph()
+    with torch.inference_mode(), handle.cuda_graph(graph):
+        model(x)
+    captured = handle.report()
+    for _ in range(3):
+        sim.replay(graph)
+    sim.synchronize()
+    replayed = handle.report()
+    n = len(model.layers)
+    assert captured.prefetch_hits + captured.prefetch_misses - before.prefetch_hits - before.prefetch_misses == n
+    counts = lambda r: (r.prefetch_hits, r.prefetch_misses, r.copies, r.copy_seconds)  # noqa: E731
+    assert counts(replayed) == counts(captured) and sim.counts["replays"] == 3
+    handle.remove()
+    sim.assert_clean()
+
+
 # ------------------------------------------------------------------ overlap and device timing
 
 
