@@ -232,3 +232,25 @@ def test_a_model_without_a_language_head_needs_a_sample(tmp_path):
         expected = blocks(x)
         with weightlift.offload(blocks, plan=plan):
             assert torch.equal(blocks(x), expected)
+
+
+def test_a_language_model_is_timed_on_a_32_token_prefill_and_a_decode_step_with_its_cache(model, tmp_path):
+    """Without a `sample`, what plan() runs is a 32-token prompt and then one token with that prompt's KV
+    cache; with a `sample`, exactly that sample."""
+    seen = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        seen.append((tuple(ids.shape), 0 if cache is None else cache.get_seq_length()))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _plan(model, "400KiB", tmp_path)
+        assert seen and set(seen) == {((1, 32), 0), ((1, 1), 32)}
+        seen.clear()
+        ids = prompt()
+        _plan(model, "400KiB", tmp_path, sample={"input_ids": ids})
+        assert seen and set(seen) == {(tuple(ids.shape), 0)}
+    finally:
+        hook.remove()

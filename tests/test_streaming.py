@@ -130,3 +130,41 @@ def test_planning_empty_layers_streams_them_and_leaves_them_empty(tmp_path):
         assert handle.report().device_bytes <= budget
         out = run(streamed, prompt())
     assert_outputs_equal(out, ref)
+
+
+@pytest.mark.parametrize("fit", [1, 3, 5])
+def test_planning_empty_layers_reads_as_many_layers_as_fit_the_budget(tmp_path, monkeypatch, fit):
+    """The mapping is priced on layers read into memory for a moment: as many as the budget leaves room for
+    beside the weights outside the layers (at least one), never more."""
+    import weightlift
+    from conftest import tiny
+    from weightlift import measure
+    from weightlift.hf import load_outside_layers
+
+    from safetensors.torch import load_file
+
+    from weightlift import checkpoint
+    from weightlift.checkpoint import save_aligned
+
+    resident = tiny("llama", layers=6)
+    resident.save_pretrained(tmp_path)  # then laid out to be mapped in place: only then is the mapping priced
+    state = {k: v.clone() for k, v in load_file(str(tmp_path / "model.safetensors")).items()}  # off the mapping
+    save_aligned(state, tmp_path / "model.safetensors", {"format": "pt"})
+    info = measure.analyse(resident)
+    layer = max(info.nbytes)
+    assert set(info.nbytes) == {layer}  # six layers of one size
+    model, _, _ = load_outside_layers(tmp_path)
+    held: list[int] = []  # layers read into memory, each time some are
+    load = checkpoint.load_meta
+
+    def counting(model_, index, keep):
+        names = [n for n, p in model_.named_parameters() if p.is_meta and keep(n)]
+        held.append(len({n.split(".")[2] for n in names if n.startswith("model.layers.")}))
+        assert len(names) == sum(1 for n, _ in model_.named_parameters() if keep(n))  # only empty ones read
+        return load(model_, index, keep=keep)
+
+    monkeypatch.setattr(checkpoint, "load_meta", counting)
+    budget = info.other_bytes + fit * layer + layer // 2  # room for `fit` layers and half of another
+    weightlift.plan(model, device="cpu", budget=budget, checkpoint=tmp_path, reps=2)
+    assert held == [fit]  # read in once, for the one timing of them resident (the other timings map them)
+    assert all(p.is_meta for p in model.model.layers.parameters())

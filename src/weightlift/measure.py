@@ -217,7 +217,10 @@ def language_model_workloads(model: nn.Module, device: torch.device, prompt_toke
     def decode() -> None:
         if "cache" not in state:
             prefill()
-        model(ids[:, -1:], past_key_values=state["cache"], use_cache=True)
+        cache = state["cache"]
+        if hasattr(cache, "crop"):  # every step decodes after the same prompt (a step appends to the cache)
+            cache.crop(prompt_tokens)
+        model(ids[:, -1:], past_key_values=cache, use_cache=True)
 
     return {"prefill": prefill, "decode": decode}
 
