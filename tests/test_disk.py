@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -576,3 +577,44 @@ def test_cache_of_weights_in_device_memory_is_written_piece_by_piece(tmp_path, o
     assert (tmp_path / "device.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
     assert len(on_device.host_copies) == 2 * pieces  # each piece once for its digest, once for the file
     assert on_device.most_alive == 1  # never a second piece on the host at the same time
+
+
+def _mappings_of(path) -> list[tuple[int, int, str]]:
+    """``(start, end, perms)`` of each range of this process's memory mapping ``path``, read from /proc/self/maps."""
+    want, out = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == want:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.append((start, end, fields[1]))
+    return out
+
+
+def test_mapped_cache_is_private_and_a_write_into_a_layer_never_reaches_the_file(tmp_path, caplog):
+    """On a CPU target the cache is mapped private (copy-on-write): an offloaded layer's weight points into
+    that mapping, and writing into it changes this process's copy only; the file keeps its bytes and mtime,
+    the weight given back by `remove()` is the file's, and the next offload reuses the file as it is."""
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids, new_tokens=2)
+    original = model.model.layers[2].mlp.up_proj.weight.detach().clone()
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)) as handle:
+        path = _cache_file(tmp_path)
+        before, stamp = path.read_bytes(), path.stat().st_mtime_ns
+        maps = _mappings_of(path)
+        assert maps and all(perms[3] == "p" for _, _, perms in maps), maps  # private, never shared ("s")
+        weight = model.model.layers[2].mlp.up_proj.weight
+        assert any(start <= weight.data_ptr() < end for start, end, _ in maps)  # computed on in place
+        assert handle.report().source == f"{path} (mapped)"
+        with torch.no_grad():
+            weight.add_(1.0)  # into the mapped pages themselves
+        assert torch.equal(weight, original + 1.0)  # the write landed, in this process's copy of the page
+        assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+    assert torch.equal(model.model.layers[2].mlp.up_proj.weight, original)  # restored from the file's bytes
+    config = _disk(tmp_path)
+    with caplog.at_level("INFO", logger="weightlift.disk"), weightlift.offload(model, device="cpu", config=config):
+        out = run(model, ids, new_tokens=2)
+    assert any("reusing layer cache" in r.message for r in caplog.records)
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+    assert_outputs_equal(out, ref)
