@@ -579,15 +579,16 @@ def test_cache_of_weights_in_device_memory_is_written_piece_by_piece(tmp_path, o
     assert on_device.most_alive == 1  # never a second piece on the host at the same time
 
 
-def _mappings_of(path) -> list[tuple[int, int, str]]:
-    """``(start, end, perms)`` of each range of this process's memory mapping ``path``, read from /proc/self/maps."""
+def _mappings_of(path) -> list[tuple[int, int, str, int]]:
+    """``(start, end, perms, file offset)`` of each range of this process's memory mapping ``path``, read from
+    /proc/self/maps."""
     want, out = os.path.realpath(path), []
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split(maxsplit=5)
             if len(fields) == 6 and fields[5].rstrip("\n") == want:
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                out.append((start, end, fields[1]))
+                out.append((start, end, fields[1], int(fields[2], 16)))
     return out
 
 
@@ -603,9 +604,9 @@ def test_mapped_cache_is_private_and_a_write_into_a_layer_never_reaches_the_file
         path = _cache_file(tmp_path)
         before, stamp = path.read_bytes(), path.stat().st_mtime_ns
         maps = _mappings_of(path)
-        assert maps and all(perms[3] == "p" for _, _, perms in maps), maps  # private, never shared ("s")
+        assert maps and all(perms[3] == "p" for _, _, perms, _ in maps), maps  # private, never shared ("s")
         weight = model.model.layers[2].mlp.up_proj.weight
-        assert any(start <= weight.data_ptr() < end for start, end, _ in maps)  # computed on in place
+        assert any(start <= weight.data_ptr() < end for start, end, _, _ in maps)  # computed on in place
         assert handle.report().source == f"{path} (mapped)"
         with torch.no_grad():
             weight.add_(1.0)  # into the mapped pages themselves
