@@ -170,3 +170,24 @@ def test_a_model_in_another_dtype_gets_a_layer_cache_of_its_own(tmp_path):
             meta = weightlift.disk.read_header(files[dtype])[0]["__metadata__"]
             assert meta["dtypes"] == str(dtype).removeprefix("torch.")
     assert len(set(files.values())) == 3
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-into-slots"])
+def test_a_use_touches_the_sidecar_never_the_layer_cache(tmp_path, mapped):
+    """Reusing a layer cache (and computing from it) moves its `<file>.used` sidecar's mtime to now, which is
+    the last use `cache.entries` reports; the cache file keeps its bytes and its mtime."""
+    from conftest import prompt
+
+    model = tiny("llama")
+    path = _write(model, tmp_path)
+    _age(path, 10)
+    sidecar = path.with_name(path.name + ".used")
+    aged = sidecar.stat().st_mtime
+    written, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    config = OffloadConfig(source="disk", disk_path=str(tmp_path), prefetch_step=2, mmap=mapped)
+    with weightlift.offload(model, device="cpu", config=config), torch.inference_mode():
+        model(prompt())
+    assert sidecar.stat().st_mtime > aged + 9 * DAY and abs(sidecar.stat().st_mtime - time.time()) < 60
+    (entry,) = cache.entries(tmp_path)
+    assert entry.path == path and abs(entry.last_used.timestamp() - time.time()) < 60
+    assert path.read_bytes() == written and path.stat().st_mtime_ns == stamp
