@@ -141,3 +141,53 @@ def test_python_m_weightlift_cache_list_reads_weightlift_cache(tmp_path):
     listed = json.loads(out.stdout)
     assert listed["cache_dir"] == str(tmp_path) and [e["path"] for e in listed["entries"]] == [str(path)]
     assert listed["entries"][0]["model"] == "LlamaForCausalLM" and listed["total_bytes"] == path.stat().st_size
+
+
+def test_a_model_in_another_dtype_gets_a_layer_cache_of_its_own(tmp_path):
+    """The same weights in float32, bfloat16 and float16 (the last two of one size and layout: only the dtype
+    tells them apart), offloaded from one folder: a file each, written once and left alone by the others;
+    each run bitwise equal to its own model resident, and the float32 model's file reused as it is."""
+    from conftest import assert_outputs_equal, prompt, run
+
+    ids = prompt()
+    config = OffloadConfig(source="disk", disk_path=str(tmp_path), prefetch_step=2)
+    files: dict[torch.dtype, Path] = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float32):
+        model = tiny("llama").to(dtype)
+        ref = run(model, ids, new_tokens=2)
+        before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.glob("weightlift-*.safetensors")}
+        with weightlift.offload(model, device="cpu", config=config) as handle:
+            out = run(model, ids, new_tokens=2)
+            source = handle.report().source
+        assert_outputs_equal(out, ref)
+        after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.glob("weightlift-*.safetensors")}
+        assert {p: after[p] for p in before} == before  # every file already there: not written over
+        if dtype in files:  # its own file again, as it was: nothing new
+            assert after.keys() == before.keys() and source == f"{files[dtype]} (mapped)"
+        else:
+            (files[dtype],) = after.keys() - before.keys()
+            assert source == f"{files[dtype]} (mapped)"
+            meta = weightlift.disk.read_header(files[dtype])[0]["__metadata__"]
+            assert meta["dtypes"] == str(dtype).removeprefix("torch.")
+    assert len(set(files.values())) == 3
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-into-slots"])
+def test_a_use_touches_the_sidecar_never_the_layer_cache(tmp_path, mapped):
+    """Reusing a layer cache (and computing from it) moves its `<file>.used` sidecar's mtime to now, which is
+    the last use `cache.entries` reports; the cache file keeps its bytes and its mtime."""
+    from conftest import prompt
+
+    model = tiny("llama")
+    path = _write(model, tmp_path)
+    _age(path, 10)
+    sidecar = path.with_name(path.name + ".used")
+    aged = sidecar.stat().st_mtime
+    written, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    config = OffloadConfig(source="disk", disk_path=str(tmp_path), prefetch_step=2, mmap=mapped)
+    with weightlift.offload(model, device="cpu", config=config), torch.inference_mode():
+        model(prompt())
+    assert sidecar.stat().st_mtime > aged + 9 * DAY and abs(sidecar.stat().st_mtime - time.time()) < 60
+    (entry,) = cache.entries(tmp_path)
+    assert entry.path == path and abs(entry.last_used.timestamp() - time.time()) < 60
+    assert path.read_bytes() == written and path.stat().st_mtime_ns == stamp

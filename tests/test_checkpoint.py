@@ -385,3 +385,67 @@ def test_weights_in_device_memory_are_compared_with_the_checkpoint_on_the_cpu(tm
     finally:
         checkpoint.close()
         OnDevice.host_copies, OnDevice.most_alive = [], 0
+
+
+def _save_with_one_tensor_shifted(state: dict, path, shifted: str, shift: int) -> int:
+    """A safetensors file written here byte by byte: data from a 64-byte file offset, every tensor at the next
+    64-byte offset except ``shifted``, ``shift`` bytes past one (``pad.<k>`` uint8 tensors fill the gaps: the
+    format allows no holes). Returns ``shifted``'s file offset."""
+    entries, chunks, position = {}, [], 0
+    for key, t in state.items():
+        want = -(-position // 64) * 64 + (shift if key == shifted else 0)
+        if want > position:
+            pad = {"dtype": "U8", "shape": [want - position], "data_offsets": [position, want]}
+            entries[f"pad.{len(entries)}"] = pad
+            chunks.append(bytes(want - position))
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16"}[t.dtype]
+        entries[key] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [want, want + len(data)]}
+        chunks.append(data)
+        position = want + len(data)
+    body = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % 64)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(body)) + body + b"".join(chunks))
+    return 8 + len(body) + entries[shifted]["data_offsets"][0]
+
+
+@pytest.mark.parametrize(
+    "dtype,shift,in_place",
+    [(torch.float32, 2, False), (torch.float32, 4, True), (torch.bfloat16, 1, False), (torch.bfloat16, 2, True)],
+    ids=["float32-at-2-read", "float32-at-4-mapped", "bfloat16-at-1-read", "bfloat16-at-2-mapped"],
+)  # fmt: skip
+def test_a_vector_maps_at_its_element_size_and_is_read_into_a_slot_off_it(tmp_path, dtype, shift, in_place):
+    """One norm weight of an offloaded layer at a file offset that is ``shift`` past a 64-byte one, every other
+    tensor at a 64-byte offset: at a multiple of its element size the file is mapped and the vector is computed
+    on in its mapping, at that very offset; off it, the layers are read into slots and it lives in its slot.
+    Bitwise equal to resident either way."""
+    from safetensors.torch import load_file
+
+    from test_disk import _mappings_of
+
+    model = tiny("llama").to(dtype)
+    ids = prompt()
+    ref = run(model, ids)
+    name = "model.layers.2.input_layernorm.weight"
+    path = tmp_path / "model.safetensors"
+    offset = _save_with_one_tensor_shifted(model.state_dict(), path, name, shift)
+    assert offset % 64 == shift and offset % dtype.itemsize == (0 if in_place else shift)
+    assert _aligned_by_hand(tmp_path) == in_place
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # a valid safetensors file
+    del loaded
+    assert _mappings_of(path) == []
+    with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path)) as handle:
+        out = run(model, ids)
+        report = handle.report()
+        ptr = model.model.layers[2].input_layernorm.weight.data_ptr()
+        maps = _mappings_of(path)
+        slots = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in handle.pool.slots]
+    assert_outputs_equal(out, ref)
+    assert report.source == str(tmp_path) + (" (mapped)" if in_place else "")
+    if in_place:  # in the file's mapping, at the tensor's own offset; no pool
+        assert any(start <= ptr < end and ptr - start + at == offset for start, end, _, at in maps), (ptr, maps)
+        assert slots == []
+    else:  # in a slot of the pool; the file is not mapped at all
+        assert any(lo <= ptr < hi for lo, hi in slots) and maps == []

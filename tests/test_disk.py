@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -576,3 +577,102 @@ def test_cache_of_weights_in_device_memory_is_written_piece_by_piece(tmp_path, o
     assert (tmp_path / "device.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
     assert len(on_device.host_copies) == 2 * pieces  # each piece once for its digest, once for the file
     assert on_device.most_alive == 1  # never a second piece on the host at the same time
+
+
+def _mappings_of(path) -> list[tuple[int, int, str, int]]:
+    """``(start, end, perms, file offset)`` of each range of this process's memory mapping ``path``, read from
+    /proc/self/maps."""
+    want, out = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == want:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.append((start, end, fields[1], int(fields[2], 16)))
+    return out
+
+
+def test_mapped_cache_is_private_and_a_write_into_a_layer_never_reaches_the_file(tmp_path, caplog):
+    """On a CPU target the cache is mapped private (copy-on-write): an offloaded layer's weight points into
+    that mapping, and writing into it changes this process's copy only; the file keeps its bytes and mtime,
+    the weight given back by `remove()` is the file's, and the next offload reuses the file as it is."""
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids, new_tokens=2)
+    original = model.model.layers[2].mlp.up_proj.weight.detach().clone()
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)) as handle:
+        path = _cache_file(tmp_path)
+        before, stamp = path.read_bytes(), path.stat().st_mtime_ns
+        maps = _mappings_of(path)
+        assert maps and all(perms[3] == "p" for _, _, perms, _ in maps), maps  # private, never shared ("s")
+        weight = model.model.layers[2].mlp.up_proj.weight
+        assert any(start <= weight.data_ptr() < end for start, end, _, _ in maps)  # computed on in place
+        assert handle.report().source == f"{path} (mapped)"
+        with torch.no_grad():
+            weight.add_(1.0)  # into the mapped pages themselves
+        assert torch.equal(weight, original + 1.0)  # the write landed, in this process's copy of the page
+        assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+    assert torch.equal(model.model.layers[2].mlp.up_proj.weight, original)  # restored from the file's bytes
+    config = _disk(tmp_path)
+    with caplog.at_level("INFO", logger="weightlift.disk"), weightlift.offload(model, device="cpu", config=config):
+        out = run(model, ids, new_tokens=2)
+    assert any("reusing layer cache" in r.message for r in caplog.records)
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
+    assert_outputs_equal(out, ref)
+
+
+def test_read_into_slots_is_a_pread_per_layer_on_a_reader_thread_of_a_sequentially_advised_file(tmp_path, monkeypatch):
+    """With mmap=False each offloaded layer's byte range of the cache (from the file's own safetensors header,
+    parsed here) is read by ``preadv`` straight into its pool slot, on a thread other than the caller's, from a
+    file descriptor advised ``POSIX_FADV_SEQUENTIAL``."""
+    import ctypes
+    import struct
+    import threading
+
+    calls, advised, recording = [], [], [True]
+    real_preadv, real_fadvise = os.preadv, os.posix_fadvise
+
+    def preadv(fd, buffers, offset, *args):
+        if recording[0]:
+            (buffer,) = buffers
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), fd, offset, len(buffer), address,
+                          threading.get_ident()))  # fmt: skip
+        return real_preadv(fd, buffers, offset, *args)
+
+    def posix_fadvise(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), fd, offset, length, advice))
+        return real_fadvise(fd, offset, length, advice)
+
+    model = tiny("llama")
+    ids = prompt()
+    ref = run(model, ids, new_tokens=2)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        pass  # the cache is written; what follows reads it
+    path = _cache_file(tmp_path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    spans = {i: header[f"layer.{i}"]["data_offsets"] for i in range(5)}
+    where = {i: (8 + n + begin, end - begin) for i, (begin, end) in spans.items()}  # (file offset, bytes)
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "posix_fadvise", posix_fadvise)
+    offloaded = (1, 3, 4)
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path, indices=offloaded, mmap=False)) as handle:
+        out = run(model, ids, new_tokens=2)
+        handle.prefetcher.settle()
+        recording[0] = False
+        slot_of = handle.prefetcher.schedule.slot_of
+        slots = {i: handle.pool.slots[slot_of[p]].data_ptr() for p, i in enumerate(offloaded)}
+    assert_outputs_equal(out, ref)
+    target = os.path.realpath(path)
+    reads = [c for c in calls if c[0] == target]
+    assert reads and len(reads) == len(calls)  # nothing else was read through preadv meanwhile
+    # each read is one whole offloaded layer, at its range in the file, into the start of that layer's slot
+    layer_of = {where[i]: i for i in offloaded}
+    assert all((offset, nbytes) in layer_of for _, _, offset, nbytes, _, _ in reads), (reads, where)
+    assert {layer_of[(offset, nbytes)] for _, _, offset, nbytes, _, _ in reads} == set(offloaded)
+    assert all(address == slots[layer_of[(offset, nbytes)]] for _, _, offset, nbytes, address, _ in reads)
+    assert threading.main_thread().ident not in {thread for *_, thread in reads}  # a reader thread's
+    fds = {fd for _, fd, *_ in reads}
+    assert all((target, fd, 0, 0, os.POSIX_FADV_SEQUENTIAL) in advised for fd in fds), advised
