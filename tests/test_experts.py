@@ -538,6 +538,46 @@ def test_dense_parts_resident_and_experts_streamed(tmp_path, source):
     assert report.offloaded_bytes == e.expert_bytes
 
 
+@pytest.mark.parametrize("per_byte", [1e-6, 1e-12], ids=["bytes-cost-time", "bytes-nearly-free"])
+def test_the_planner_keeps_dense_parts_resident_when_that_moves_fewer_bytes_in_time(tmp_path, monkeypatch, per_byte):
+    """Two ways to offload a MoE layer: whole, or its experts only with the dense part resident. With the
+    prediction replaced by a cost of the bytes a decode token moves, experts only wins where those bytes
+    cost time (it moves no dense part); where they are nearly free the 2% tie keeps whole layers."""
+    import sys
+
+    from weightlift.measure import analyse
+
+    model = moe("qwen3_moe")
+
+    def predict(compute, other, moved, chosen, step, *rates):
+        return 1.0 + per_byte * sum(moved[i] for i in chosen), [0.0] * len(compute)
+
+    monkeypatch.setattr(sys.modules["weightlift.plan"], "predict", predict)
+    info = analyse(model)
+    budget = info.total_bytes - 1  # something must go: two layers of either kind (a slot is at least its layer)
+    plan = weightlift.plan(model, device="cpu", budget=budget, disk_path=tmp_path, reps=2)
+    one = (2 * 32 * 64 + 64 * 32) * 4  # one expert by hand
+    assert len(plan.offloaded) == 2 and plan.device_bytes <= budget
+    if per_byte > 1e-9:
+        assert plan.params == ["experts"] and "only their experts" in plan.summary()
+        # a decode token moves its TOP_K experts per offloaded layer, nothing of the dense parts
+        assert [plan.moved("decode")[i] for i in plan.offloaded] == [TOP_K * one] * 2
+        assert all(plan.layer_bytes[i] >= EXPERTS * one for i in plan.offloaded)
+    else:
+        assert plan.params == [] and plan.layer_bytes == info.nbytes
+    again = weightlift.Plan.from_json(plan.to_json())
+    assert again.params == plan.params and again.config() == plan.config()
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", plan=again) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert_outputs_equal(out, ref)
+    assert report.resident_bytes + report.pool_bytes == plan.device_bytes
+    expert_only = report.experts.expert_bytes == report.offloaded_bytes == 2 * EXPERTS * one
+    assert expert_only == (per_byte > 1e-9)
+
+
 def test_the_router_lookahead_counts_its_router_copies_as_resident():
     model = moe("qwen3_moe")
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as plain:

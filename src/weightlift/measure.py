@@ -56,8 +56,9 @@ class ModelInfo:
         return self.other_bytes + max(self.nbytes, default=0)
 
 
-def analyse(model: nn.Module, layers: Any = None, adapters: Sequence = ()) -> ModelInfo:
-    """The stacks, each layer's slot and weight bytes, and the bytes outside the layers."""
+def analyse(model: nn.Module, layers: Any = None, adapters: Sequence = (), params: tuple[str, ...] = ()) -> ModelInfo:
+    """The stacks, each layer's slot and weight bytes, and the bytes outside the layers (with ``params``,
+    of the layers' tensors `OffloadConfig.params` names: the rest of each layer counts as outside)."""
     from .adapters import BUILTIN_ADAPTERS
     from .apply import _collect, _leaves, _unique_bytes, layer_list
     from .models import find_stacks
@@ -66,7 +67,7 @@ def analyse(model: nn.Module, layers: Any = None, adapters: Sequence = ()) -> Mo
     stacks = find_stacks(model, layers)
     names, modules = layer_list(stacks)
     adapters = (*adapters, *BUILTIN_ADAPTERS)
-    entries, resident = _collect(model, names, modules, OffloadConfig(), adapters)
+    entries, resident = _collect(model, names, modules, OffloadConfig(params=params), adapters)
     layouts = {i: Layout.of(es) for i, es in entries.items()}
     counted = [leaf for t in resident for leaf in (_leaves("resident tensor", t, adapters) or [])]
     return ModelInfo(

@@ -9,7 +9,9 @@ keeps those whose resident weights + pool (+ host staging) fit the budgets, and 
 predicted decode (the forward that hides copies worst); among plans within 2% of each other, the one
 that offloads fewer layers and then uses the smaller step wins (nothing is offloaded when all fits).
 Mixture-of-experts layers move expert by expert (`weightlift.experts`): their copy in each workload is
-their dense part plus the experts that workload's tokens chose, counted on one run of it.
+their dense part plus the experts that workload's tokens chose, counted on one run of it. They may also
+be offloaded experts only (`Plan.params`), the dense parts resident: more memory, fewer bytes per token;
+whole layers are tried first, so that must be predicted 2% faster to win.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size
 from .errors import OffloadError
-from .experts import routed_bytes
+from .experts import find_experts, routed_bytes
 from .measure import (
     analyse,
     available_ram,
@@ -172,6 +174,9 @@ class Plan:
     # per workload, bytes each layer moves per forward when MoE layers move expert by expert (dense part +
     # the experts its tokens chose, measured on the sample input); absent: whole layers (``layer_bytes``)
     moved_bytes: dict[str, list[int]] = field(default_factory=dict)
+    # what of each offloaded layer is offloaded (`OffloadConfig.params`): empty, all of it; ["experts"]: a
+    # MoE layer's experts only, its dense part (attention, norms, router, shared experts) resident
+    params: list[str] = field(default_factory=list)
 
     # -- derived
 
@@ -197,6 +202,7 @@ class Plan:
             disk_path=self.disk_path,
             host_budget=self.host_budget if self.source != "host" else None,
             mmap=self.mmap,
+            params=tuple(self.params),
         )
 
     def moved(self, workload: str | None = None) -> list[int]:
@@ -246,7 +252,8 @@ class Plan:
         n = len(self.offloaded)
         head = [
             f"plan for {self.model} on {self.device}: {n} of {len(self.layer_names)} layers offloaded"
-            + (f", prefetch step {self.prefetch_step}, from {self.source}" if n else " (everything fits)"),
+            + (f", prefetch step {self.prefetch_step}, from {self.source}" if n else " (everything fits)")
+            + (f"; only their {', '.join(self.params)} (the rest of each stays resident)" if n and self.params else ""),
             f"device memory {format_size(self.device_bytes)} of {format_size(self.budget)} budget "
             f"(resident {format_size(self.resident_bytes)} + pool {format_size(self.pool_bytes)}); "
             f"host RAM allocated {format_size(self.host_bytes)}"
@@ -437,16 +444,16 @@ def plan(
         else:
             fault = mapped_overhead(model, info, runners[goal], measured[goal][0], folder, reps)
 
-    def memory(chosen: list[int], step: int, src: str) -> tuple[int, int, int]:
-        slot = max((info.nbytes[i] for i in chosen), default=0)
-        resident = total - sum(info.data_bytes[i] for i in chosen)
+    def memory(part: _Part, chosen: list[int], step: int, src: str) -> tuple[int, int, int]:
+        slot = max((part.nbytes[i] for i in chosen), default=0)
+        resident = total - sum(part.data_bytes[i] for i in chosen)
         if not chosen:
             return resident, 0, 0
         pool = (max(cyclic_slots(len(chosen), step)) + 1 if step else 1) * slot
         if cpu:
             return resident, slot if in_place else pool, 0  # in place: the mapped window of the layer computed
         if src == "host":
-            return resident, pool, sum(arena_sizes(sum(info.nbytes[i] for i in chosen)))  # see pool.HostArena
+            return resident, pool, sum(arena_sizes(sum(part.nbytes[i] for i in chosen)))  # see pool.HostArena
         return resident, pool, 2 * pinned_size(slot, dev.type != "cpu")  # the staging ring
 
     # on an accelerator with a host budget, layers that do not fit host RAM come from a layer cache
@@ -458,36 +465,42 @@ def plan(
     elif empty:
         tiers = ["checkpoint"]  # no weights in memory to make host masters of
     spread = {p: r for r, p in enumerate(spread_order(n))} if n else {}
-    order = sorted(range(n), key=lambda i: (-info.nbytes[i], spread[i]))
     compute, other = measured[goal]
+    parts = [_Part((), info.nbytes, info.data_bytes, moved)]
+    if offloading and moved:  # MoE layers: their experts alone may be offloaded too, the dense parts resident
+        parts += _experts_only(model, info, layers, adapters, moved)
     best: tuple | None = None
     minimum = None
-    for k in range(n + 1 if offloading else 1):
-        chosen = sorted(order[:k])
-        for step in range(1, max(1, min(k, 8)) + 1) if k else [1]:
-            for src in tiers if k else ["host"]:
-                resident, pool, host = memory(chosen, step, src)
-                need = resident + pool
-                minimum = need if minimum is None else min(minimum, need)
-                if need > budget or (host_budget is not None and host > host_budget):
-                    continue
-                rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
-                predicted, _ = predict(compute, other, moved.get(goal, info.nbytes), chosen, step, rate, fault)
-                if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
-                    best = (predicted, need, chosen, step, src, resident, pool, host, rate)
+    for part in parts:  # whole layers first: experts only must be predicted 2% faster to win
+        order = sorted((i for i in range(n) if part.nbytes[i]), key=lambda i: (-part.nbytes[i], spread[i]))
+        for k in range(len(order) + 1 if offloading else 1) if not part.params else range(1, len(order) + 1):
+            chosen = sorted(order[:k])
+            for step in range(1, max(1, min(k, 8)) + 1) if k else [1]:
+                for src in tiers if k else ["host"]:
+                    resident, pool, host = memory(part, chosen, step, src)
+                    need = resident + pool
+                    minimum = need if minimum is None else min(minimum, need)
+                    if need > budget or (host_budget is not None and host > host_budget):
+                        continue
+                    rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
+                    predicted, _ = predict(compute, other, part.moved.get(goal, part.nbytes), chosen, step, rate,
+                                           fault)  # fmt: skip
+                    if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
+                        best = (predicted, need, chosen, step, src, resident, pool, host, rate, part)
     if best is None:
         _too_small(model, budget, host_budget, minimum or 0)
-    predicted, need, chosen, step, src, resident, pool, host, rate = best
+    predicted, need, chosen, step, src, resident, pool, host, rate, part = best
+    moved = part.moved
     result = Plan(
         model=type(model).__name__, fingerprint=fingerprint(model), device=str(dev), budget=budget,
-        host_budget=host_budget, stacks=info.stacks, layer_names=info.names, layer_bytes=info.nbytes,
+        host_budget=host_budget, stacks=info.stacks, layer_names=info.names, layer_bytes=part.nbytes,
         offloaded=chosen, prefetch_step=step if chosen else 1, source=src if chosen else "host",
         disk_path={"disk": str(folder), "checkpoint": str(ckpt)}.get(src) if chosen else None, mmap=True,
         resident_bytes=resident,
         pool_bytes=pool, host_bytes=host, link=link if chosen else "none (nothing offloaded)",
         copy_bytes_per_s=rate if chosen else 0.0, serial_s_per_byte=fault if chosen else 0.0,
         workloads={name: Workload(name, c, o) for name, (c, o) in measured.items()}, goal=goal,
-        moved_bytes=moved if chosen else {},
+        moved_bytes=moved if chosen else {}, params=list(part.params) if chosen else [],
     )  # fmt: skip
     for w in result.workloads.values():
         w.predicted_s, w.wait_s = result.predict(w.compute_s, w.other_s, w.name)
@@ -495,6 +508,34 @@ def plan(
         w.bound = "link" if exposed > 0.5 * (w.predicted_s - exposed) else "compute"
     log.info("weightlift plan:\n%s", result)
     return result
+
+
+@dataclass
+class _Part:
+    """One way to offload the layers: what of each moves (`OffloadConfig.params`; empty: all of it), a slot's
+    bytes and the weights' bytes per layer (0: nothing of the layer can go), and per workload what moves."""
+
+    params: tuple[str, ...]
+    nbytes: list[int]
+    data_bytes: list[int]
+    moved: dict[str, list[int]]
+
+
+def _experts_only(model: nn.Module, info: Any, layers: Any, adapters: Sequence, moved: dict[str, list[int]]
+                  ) -> list[_Part]:  # fmt: skip
+    """The MoE layers' experts offloaded alone (their modules' names as `params`), the dense parts resident;
+    what each workload moves of them is what it moved of the whole layer less the dense part."""
+    names = sorted({s.path.rsplit(".", 1)[-1] for layer in info.layers for s in find_experts(layer)})
+    if not names:
+        return []
+    part = analyse(model, layers, adapters, params=tuple(names))
+    if not any(part.nbytes):
+        return []
+    experts = [
+        [max(0, m - (whole - e)) if e else 0 for m, whole, e in zip(per, info.nbytes, part.nbytes)]
+        for per in moved.values()
+    ]
+    return [_Part(tuple(names), part.nbytes, part.data_bytes, dict(zip(moved, experts)))]
 
 
 def check_plan(plan_: Plan, model: nn.Module, device: torch.device) -> None:
