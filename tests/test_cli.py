@@ -365,3 +365,91 @@ def test_library_errors_are_put_in_flag_words():
         "`weightlift plan MODEL --budget SIZE --out FILE`"
     )
     assert cli_words("`layers` and `/tmp/budget` stay") == "`layers` and `/tmp/budget` stay"
+
+
+# --------------------------------------------------------------------------------- the README's claims, in process
+
+
+@pytest.fixture
+def in_process():
+    """`weightlift.cli.main` run in this process; the `weightlift` log level it sets (``-v``) put back after."""
+    import logging
+
+    from weightlift.cli import main
+
+    level = logging.getLogger("weightlift").level
+    yield main
+    logging.getLogger("weightlift").setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def templated(folder, tmp_path_factory):
+    """``folder``'s model with a tokenizer whose chat template wraps the user turn in w9 ... w10 and, for the
+    assistant's turn, adds w11 (the tokenizer's 'wN' has id N)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("templated") / "model"
+    shutil.copytree(folder, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = ("{% for m in messages %}w9 {{ m['content'] }} w10{% endfor %}"
+                               "{% if add_generation_prompt %} w11{% endif %}")  # fmt: skip
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tokenizer,expected", [("templated", [9, 5, 6, 7, 10, 11]), ("plain", [5, 6, 7])])
+def test_generate_chat_formats_the_prompt_with_the_template_or_passes_it_plain(
+    tokenizer, expected, folder, templated, in_process, capsys
+):
+    """The ids the model's embedding receives first (the prompt's prefill): the user turn inside the template's
+    words, or, for a tokenizer without a template, the prompt's own words."""
+    import torch
+    from torch import nn
+
+    seen = []
+
+    def first_lookup(module, args):
+        if isinstance(module, nn.Embedding) and not seen:
+            seen.append(args[0].tolist())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(first_lookup)
+    try:
+        model = templated if tokenizer == "templated" else folder
+        assert in_process(["generate", str(model), "--prompt", "w5 w6 w7", "--tokens", "1", "--device", "cpu",
+                           "--json"]) == 0  # fmt: skip
+    finally:
+        hook.remove()
+    assert seen == [[expected]]
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 1
+
+
+def _weights_bytes_by_hand(offloaded: list[int] = ()) -> int:
+    """The bytes of ``folder``'s model (parameters and buffers, as a freshly built one holds them) outside the
+    layers ``offloaded``."""
+    model = tiny("llama", layers=6)
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return total - sum(t.numel() * t.element_size() for i in offloaded for t in model.model.layers[i].parameters())
+
+
+@pytest.mark.parametrize("budget", [None, "600KiB"])
+def test_generate_summary_line_states_the_memory_held_by_weights(budget, folder, tmp_path, in_process, capsys):
+    """The stderr summary's `weights in RAM: SIZE` is the model's bytes counted by hand: everything, resident;
+    with a budget, what the plan keeps resident (the layers it does not offload) plus its pool of slots."""
+    from weightlift.config import format_size, parse_size
+
+    extra = ["--budget", budget, "--cache-dir", str(tmp_path)] if budget else []
+    assert in_process(["generate", str(folder), "--prompt", "w5 w6 w7", "--tokens", "2", "--device", "cpu",
+                       *extra]) == 0  # fmt: skip
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "tokens/s" in line]
+    found = re.fullmatch(r"\[2 tokens, first token after \d+\.\d\d s, \d+\.\d tokens/s, weights in RAM: "
+                         r"([\d.]+ (?:B|KiB|MiB|GiB)), (\d+) layers offloaded\]", line)  # fmt: skip
+    assert found, line
+    if budget is None:
+        expected, offloaded = _weights_bytes_by_hand(), 0
+    else:
+        [saved] = (tmp_path / "plans").glob("*.json")  # the plan this run measured
+        plan = json.loads(saved.read_text())
+        assert plan["offloaded"] and plan["pool_bytes"] > 0
+        expected, offloaded = _weights_bytes_by_hand(plan["offloaded"]) + plan["pool_bytes"], len(plan["offloaded"])
+        assert expected <= parse_size(budget)
+    assert found.groups() == (format_size(expected), str(offloaded))
