@@ -453,3 +453,31 @@ def test_generate_summary_line_states_the_memory_held_by_weights(budget, folder,
         expected, offloaded = _weights_bytes_by_hand(plan["offloaded"]) + plan["pool_bytes"], len(plan["offloaded"])
         assert expected <= parse_size(budget)
     assert found.groups() == (format_size(expected), str(offloaded))
+
+
+def test_bench_prints_slowdown_and_overlap_efficiency_consistent_with_its_other_figures(folder, in_process, capsys):
+    """`bench` without a budget: the slowdown is the resident decode rate over the offloaded one, and the overlap
+    efficiency lies between the resident step over the offloaded step (no copying counted) and the same with
+    all the copy time the report prints spread over the forwards; each within the rounding of the printed
+    figures. The report follows."""
+    tokens = 3
+    assert in_process(["bench", str(folder), "--tokens", str(tokens), "--source", "host", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rates = dict(re.findall(r"^(resident|offloaded) +\d+\.\d{3} +(\d+\.\d)$", out, re.M))
+    assert set(rates) == {"resident", "offloaded"}, out
+    [(slowdown, efficiency)] = re.findall(r"^slowdown (\d+\.\d\d)x, overlap efficiency (\d+\.\d\d) \(", out, re.M)
+    [copying] = re.findall(r"^ *time in offloaded layers +compute [\d.]+ s, .*copying (\d+\.\d{3}) s$", out, re.M)
+    assert re.search(r"^ *layer stack +model\.layers \(6 of 6 layers offloaded\)$", out, re.M), out  # the report
+    assert "identical tokens: yes" in out
+
+    def span(printed: str, decimals: int) -> tuple[float, float]:  # the values that print as ``printed``
+        half = 0.5 * 10**-decimals
+        return max(float(printed) - half, 1e-12), float(printed) + half
+
+    (res_lo, res_hi), (off_lo, off_hi) = span(rates["resident"], 1), span(rates["offloaded"], 1)
+    s_lo, s_hi = span(slowdown, 2)
+    assert res_lo / off_hi <= s_hi and res_hi / off_lo >= s_lo  # slowdown = offloaded step / resident step
+    e_lo, e_hi = span(efficiency, 2)
+    copy_hi = span(copying, 3)[1] / tokens  # copy seconds per forward, at most (the report's total counts priming)
+    assert off_lo / res_hi <= e_hi  # at least the resident step over the offloaded step
+    assert e_lo <= max(1 / res_lo, copy_hi) * off_hi  # at most with every copied second counted
