@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -481,3 +482,40 @@ def test_bench_prints_slowdown_and_overlap_efficiency_consistent_with_its_other_
     copy_hi = span(copying, 3)[1] / tokens  # copy seconds per forward, at most (the report's total counts priming)
     assert off_lo / res_hi <= e_hi  # at least the resident step over the offloaded step
     assert e_lo <= max(1 / res_lo, copy_hi) * off_hi  # at most with every copied second counted
+
+
+def test_verbose_logs_one_line_per_phase_with_its_seconds(folder, tmp_path, in_process, caplog, capsys):
+    """``-v``: each phase of a run is one log line `PHASE: S.SS s` (the conversion's own line gives its seconds):
+    converting (a folder streamed in another dtype; a GGUF file goes through the same conversion step),
+    planning (a budget), loading (a saved plan, or the whole model), writing a layer cache (a disk source)
+    and generating."""
+    cache = tmp_path / "cache"
+    model = str(folder)
+    phases = {
+        "converting": rf"weightlift: converted {re.escape(folder.name)} to bfloat16 in \d+\.\d s: [\d.]+ [KM]iB written to .*",
+        "planning": rf"planning for --budget 300KiB \(measuring this machine and model, streamed\); the offloaded "
+                    rf"layers stream from {re.escape(str(cache))}/converted/\S+: \d+\.\d\d s",
+        "loading": rf"loading; the offloaded layers stream from {re.escape(str(cache))}/converted/\S+: \d+\.\d\d s",
+        "loading the whole model": rf"loading {re.escape(model)}: \d+\.\d\d s",
+        "writing a cache": r"setting up the offload \(writing the layer cache on the first run\): \d+\.\d\d s",
+        "generating": r"generating up to 2 tokens: \d+\.\d\d s",
+    }  # fmt: skip
+    budget = ["generate", model, "--prompt", "w5 w6", "--tokens", "2", "--budget", "300KiB", "--dtype", "bfloat16",
+              "--device", "cpu", "--cache-dir", str(cache)]  # fmt: skip
+    runs = [  # each run, and the phases it goes through
+        (budget, ["converting", "planning", "generating"]),
+        (budget, ["loading", "generating"]),  # converted and measured already: the plan saved by the first
+        (["bench", model, "--tokens", "2", "--source", "disk", "--device", "cpu", "--cache-dir", str(tmp_path / "disk")],
+         ["loading the whole model", "writing a cache"]),
+    ]  # fmt: skip
+    for i, (args, expected) in enumerate(runs):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="weightlift"):
+            assert in_process(["-v", *args]) == 0
+        messages = caplog.messages
+        for phase in phases:
+            lines = [m for m in messages if re.fullmatch(phases[phase], m)]
+            assert len(lines) == (phase in expected), (i, phase, messages)  # once if it is a phase of this run
+        if "writing a cache" in expected:  # and it did write one, in that phase
+            assert any(m.startswith("weightlift: wrote the layer cache of LlamaForCausalLM") for m in messages)
+        capsys.readouterr()
