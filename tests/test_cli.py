@@ -519,3 +519,31 @@ def test_verbose_logs_one_line_per_phase_with_its_seconds(folder, tmp_path, in_p
         if "writing a cache" in expected:  # and it did write one, in that phase
             assert any(m.startswith("weightlift: wrote the layer cache of LlamaForCausalLM") for m in messages)
         capsys.readouterr()
+
+
+@pytest.mark.parametrize("budget", [None, "1MiB"])
+def test_a_prompt_beyond_the_vocabulary_is_refused_before_the_model_is_loaded(budget, tmp_path, in_process, monkeypatch,
+                                                                             capsys):
+    """Every way the CLI builds the model (`from_pretrained` for the whole model, `from_config` for the empty
+    skeleton that streams) stops the test: the refusal comes first, resident or under a budget."""
+    import transformers as tf
+
+    model = tmp_path / "model"
+    config = tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(model)
+    _save_tokenizer(model, 64)
+    capsys.readouterr()  # save_pretrained's bar
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for build in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(tf.AutoModelForCausalLM, build, loaded)
+    extra = ["--budget", budget, "--cache-dir", str(tmp_path / "c")] if budget else []
+    assert in_process(["generate", str(model), "--prompt", "w40 w3", "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightlift: error: ") and err.count("\n") == 1
+    assert "tokenizer has 64 tokens and gives id 40, but the model's vocabulary has 32" in err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # the guard: a prompt within it is loaded
+        in_process(["generate", str(model), "--prompt", "w30 w3", "--device", "cpu", *extra])
