@@ -547,3 +547,41 @@ def test_a_prompt_beyond_the_vocabulary_is_refused_before_the_model_is_loaded(bu
     assert "tokenizer has 64 tokens and gives id 40, but the model's vocabulary has 32" in err
     with pytest.raises(AssertionError, match="the model was loaded"):  # the guard: a prompt within it is loaded
         in_process(["generate", str(model), "--prompt", "w30 w3", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["same answers", "offloaded answer differs"])
+def test_demo_exits_non_zero_when_the_answers_differ(broken, folder, tmp_path, in_process, monkeypatch, capsys):
+    """`demo` on ``folder``'s small model (with a tokenizer for its whole vocabulary, so that different tokens
+    read differently) in place of SmolLM2: exit 0 with the same answers; when the offloaded run's model is
+    broken (the final norm's sign flipped once the layers are offloaded: the streamed answer differs) it says
+    so and exits 1."""
+    import torch
+
+    import weightlift
+    import weightlift.cli as cli
+
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    _save_tokenizer(model, 128)
+    real_load, real_offload = cli._load, weightlift.offload
+
+    def load(args):
+        args.model = str(model)
+        return real_load(args)
+
+    def offload(model, **kwargs):
+        handle = real_offload(model, **kwargs)
+        if broken:
+            with torch.no_grad():
+                model.model.norm.weight.neg_()
+        return handle
+
+    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(weightlift, "offload", offload)
+    status = in_process(["demo", "--tokens", "4", "--prompt", "w5 w6 w7", "--device", "cpu", "--cache-dir",
+                         str(tmp_path / "cache")])  # fmt: skip
+    out = capsys.readouterr().out
+    answers = re.findall(r"^\[(resident|offloaded)\] [\d.]+ tokens/s\n(.*)$", out, re.M)
+    assert [key for key, _ in answers] == ["resident", "offloaded"], out
+    assert (answers[0][1] != answers[1][1]) == broken
+    assert (status, f"identical answers: {'NO' if broken else 'yes'}" in out) == ((1, True) if broken else (0, True))
