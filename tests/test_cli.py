@@ -585,3 +585,60 @@ def test_demo_exits_non_zero_when_the_answers_differ(broken, folder, tmp_path, i
     assert [key for key, _ in answers] == ["resident", "offloaded"], out
     assert (answers[0][1] != answers[1][1]) == broken
     assert (status, f"identical answers: {'NO' if broken else 'yes'}" in out) == ((1, True) if broken else (0, True))
+
+
+def _change_mtime(model: Path, args: list, monkeypatch, main) -> list:
+    stat = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes
+    return args
+
+
+def _change_size(model: Path, args: list, monkeypatch, main) -> list:
+    stat = (model / "config.json").stat()
+    with open(model / "config.json", "a") as f:
+        f.write("\n")  # the same config, one byte longer
+    os.utime(model / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime: only the size
+    return args
+
+
+def _change_version(model: Path, args: list, monkeypatch, main) -> list:
+    import weightlift
+
+    monkeypatch.setattr(weightlift, "__version__", weightlift.__version__ + ".post1")
+    return args
+
+
+def _clear_the_model(model: Path, args: list, monkeypatch, main) -> list:
+    cache = args[args.index("--cache-dir") + 1]
+    assert main(["cache", "clear", "LlamaForCausalLM", "--cache-dir", cache]) == 0
+    assert not list((Path(cache) / "plans").glob("*.json"))
+    return args
+
+
+def _bench_instead(model: Path, args: list, monkeypatch, main) -> list:
+    return ["bench", str(model), "--budget", "600KiB", "--device", "cpu", "--cache-dir", args[-1]]
+
+
+@pytest.mark.parametrize("change", [_change_mtime, _change_size, _change_version, _clear_the_model, _bench_instead],
+                         ids=["a file's mtime", "a file's size", "weightlift's version", "cache clear MODEL",
+                              "bench --budget"])  # fmt: skip
+def test_the_measured_plan_is_measured_again(change, folder, tmp_path, in_process, monkeypatch, capsys):
+    """A second `generate --budget` reuses the plan the first measured; after ``change`` the next run measures
+    again: a file of the folder with another mtime or size, another weightlift version, the model's entries
+    cleared with `weightlift cache clear MODEL`, or `bench --budget`, which always measures afresh."""
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    args = ["generate", str(model), "--prompt", "w5 w6 w7", "--tokens", "2", "--budget", "600KiB", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert in_process(args) == 0  # measures, saves the plan
+    assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 1
+
+    def measured(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sys.modules["weightlift.plan"], "plan", measured)  # the module, not weightlift.plan()
+    assert in_process(args) == 0  # unchanged: the saved plan, nothing measured
+    args = change(model, args, monkeypatch, in_process)
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="measured again"):
+        in_process(args)
