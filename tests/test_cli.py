@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -492,7 +493,8 @@ def test_verbose_logs_one_line_per_phase_with_its_seconds(folder, tmp_path, in_p
     cache = tmp_path / "cache"
     model = str(folder)
     phases = {
-        "converting": rf"weightlift: converted {re.escape(folder.name)} to bfloat16 in \d+\.\d s: [\d.]+ [KM]iB written to .*",
+        "converting": rf"weightlift: converted {re.escape(folder.name)} to bfloat16 in \d+\.\d s: [\d.]+ [KM]iB "
+                      r"written to .*",
         "planning": rf"planning for --budget 300KiB \(measuring this machine and model, streamed\); the offloaded "
                     rf"layers stream from {re.escape(str(cache))}/converted/\S+: \d+\.\d\d s",
         "loading": rf"loading; the offloaded layers stream from {re.escape(str(cache))}/converted/\S+: \d+\.\d\d s",
@@ -505,8 +507,8 @@ def test_verbose_logs_one_line_per_phase_with_its_seconds(folder, tmp_path, in_p
     runs = [  # each run, and the phases it goes through
         (budget, ["converting", "planning", "generating"]),
         (budget, ["loading", "generating"]),  # converted and measured already: the plan saved by the first
-        (["bench", model, "--tokens", "2", "--source", "disk", "--device", "cpu", "--cache-dir", str(tmp_path / "disk")],
-         ["loading the whole model", "writing a cache"]),
+        (["bench", model, "--tokens", "2", "--source", "disk", "--device", "cpu", "--cache-dir",
+          str(tmp_path / "disk")], ["loading the whole model", "writing a cache"]),
     ]  # fmt: skip
     for i, (args, expected) in enumerate(runs):
         caplog.clear()
@@ -522,8 +524,9 @@ def test_verbose_logs_one_line_per_phase_with_its_seconds(folder, tmp_path, in_p
 
 
 @pytest.mark.parametrize("budget", [None, "1MiB"])
-def test_a_prompt_beyond_the_vocabulary_is_refused_before_the_model_is_loaded(budget, tmp_path, in_process, monkeypatch,
-                                                                             capsys):
+def test_a_prompt_beyond_the_vocabulary_is_refused_before_the_model_is_loaded(
+    budget, tmp_path, in_process, monkeypatch, capsys
+):
     """Every way the CLI builds the model (`from_pretrained` for the whole model, `from_config` for the empty
     skeleton that streams) stops the test: the refusal comes first, resident or under a budget."""
     import transformers as tf
@@ -642,3 +645,130 @@ def test_the_measured_plan_is_measured_again(change, folder, tmp_path, in_proces
     capsys.readouterr()
     with pytest.raises(AssertionError, match="measured again"):
         in_process(args)
+
+
+class _Reads:
+    """What a run does with some files: ``opens`` through Python's `open`, each a proxy noting the furthest byte
+    read (``furthest``, by file) and whether its file descriptor was asked for (``fds``: `mmap.mmap`, `os.read`
+    or numpy reading it would); and ``foreign`` opens made any other way (`os.open`, C or Rust code such as
+    safetensors' `safe_open`, which maps the file), which the kernel reports (inotify's IN_OPEN) outside the
+    Python opens."""
+
+    IN_OPEN, IN_NONBLOCK = 0x20, 0o4000
+
+    def __init__(self, files: list[Path]) -> None:
+        import ctypes
+
+        self.files = {str(p.resolve()) for p in files}
+        self.opens, self.furthest, self.fds, self.foreign = 0, {}, 0, 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(self.IN_NONBLOCK)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        for f in self.files:
+            assert libc.inotify_add_watch(self.fd, f.encode(), self.IN_OPEN) >= 0, os.strerror(ctypes.get_errno())
+
+    def drain(self) -> int:
+        """IN_OPEN events queued since the last call (successive ones may come merged: at least 1 if any)."""
+        import struct
+
+        events = 0
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return events
+            at = 0
+            while at < len(data):
+                _, mask, _, length = struct.unpack_from("iIII", data, at)
+                events += bool(mask & self.IN_OPEN)
+                at += 16 + length
+
+    def proxy(self, f, path: str):
+        reads = self
+
+        class Proxy:
+            def __getattr__(self, name):
+                attr = getattr(f, name)
+                if name == "fileno":
+                    reads.fds += 1
+                if name not in ("read", "read1", "readinto", "readinto1", "readline", "readlines", "peek"):
+                    return attr
+
+                def call(*a, **k):
+                    out = attr(*a, **k)
+                    ahead = len(out) if name == "peek" else 0
+                    reads.furthest[path] = max(reads.furthest.get(path, 0), f.tell() + ahead)
+                    return out
+
+                return call
+
+            def __iter__(self):
+                return iter(self.readline, b"")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+        return Proxy()
+
+
+@contextlib.contextmanager
+def _watching(files: list[Path]):
+    """A `_Reads` of ``files`` for the block (`builtins.open` and `io.open` wrapped meanwhile)."""
+    import builtins
+    import io
+
+    reads, real = _Reads(files), builtins.open
+
+    def watched_open(file, *a, **k):
+        path = str(Path(os.fsdecode(file)).resolve()) if isinstance(file, (str, bytes, os.PathLike)) else None
+        if path not in reads.files:
+            return real(file, *a, **k)
+        reads.foreign += reads.drain()  # opened some other way since the last look
+        f = real(file, *a, **k)
+        assert reads.drain() >= 1  # this open, as the kernel saw it
+        reads.opens += 1
+        return reads.proxy(f, path)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for module in (builtins, io):
+                patch.setattr(module, "open", watched_open)
+            yield reads
+        reads.foreign += reads.drain()
+    finally:
+        os.close(reads.fd)
+
+
+def _header_end(path: Path) -> int:
+    """Where a safetensors file's data starts: 8 bytes of header length (little-endian), then the header."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_inspect_reads_no_weights(folder, tmp_path, in_process, capsys):
+    """`inspect` opens the safetensors files only through Python's `open`, reads nothing past their headers and
+    maps nothing (no file descriptor taken); the same watch sees weights read with safetensors (Rust, mapped)
+    and past the header with Python, so it would see `inspect` reading them. (A copy of ``folder``: no other
+    test's streaming opens these files.)"""
+    from safetensors.torch import load_file
+
+    folder = Path(shutil.copytree(folder, tmp_path / "model"))
+    weights = sorted(folder.glob("*.safetensors"))
+    ends = {str(p.resolve()): _header_end(p) for p in weights}
+    assert weights and all(end < p.stat().st_size for end, p in zip(ends.values(), weights))
+
+    with _watching(weights) as reads:
+        assert in_process(["inspect", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] > 0
+    assert reads.foreign == 0 and reads.fds == 0
+    assert all(reads.furthest.get(path, 0) <= end for path, end in ends.items()), (reads.furthest, ends)
+
+    with _watching(weights) as control:  # the watch sees weights read
+        load_file(weights[0])
+    assert control.foreign >= 1
+    with _watching(weights) as control, open(weights[0], "rb") as f:
+        f.read()
+    assert control.opens == 1 and control.furthest[str(weights[0].resolve())] == weights[0].stat().st_size
