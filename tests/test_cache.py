@@ -191,3 +191,13 @@ def test_a_use_touches_the_sidecar_never_the_layer_cache(tmp_path, mapped):
     (entry,) = cache.entries(tmp_path)
     assert entry.path == path and abs(entry.last_used.timestamp() - time.time()) < 60
     assert path.read_bytes() == written and path.stat().st_mtime_ns == stamp
+
+
+def test_cache_clear_model_on_the_command_line_removes_that_models_entries(tmp_path, capsys):
+    """`weightlift cache clear MODEL`: MODEL is a name to match, not a model path to check (it was refused as
+    "neither 'smollm2', a .gguf file, nor a transformers model folder")."""
+    llama, gpt2 = _write(tiny("llama", layers=2), tmp_path), _write(tiny("gpt2", layers=2), tmp_path)
+    assert main(["cache", "clear", "gpt2", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {gpt2.name} (layer cache, GPT2LMHeadModel" in out and "matching 'gpt2'" in out
+    assert not gpt2.exists() and llama.exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -365,3 +367,408 @@ def test_library_errors_are_put_in_flag_words():
         "`weightlift plan MODEL --budget SIZE --out FILE`"
     )
     assert cli_words("`layers` and `/tmp/budget` stay") == "`layers` and `/tmp/budget` stay"
+
+
+# --------------------------------------------------------------------------------- the README's claims, in process
+
+
+@pytest.fixture
+def in_process():
+    """`weightlift.cli.main` run in this process; the `weightlift` log level it sets (``-v``) put back after."""
+    import logging
+
+    from weightlift.cli import main
+
+    level = logging.getLogger("weightlift").level
+    yield main
+    logging.getLogger("weightlift").setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def templated(folder, tmp_path_factory):
+    """``folder``'s model with a tokenizer whose chat template wraps the user turn in w9 ... w10 and, for the
+    assistant's turn, adds w11 (the tokenizer's 'wN' has id N)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("templated") / "model"
+    shutil.copytree(folder, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = ("{% for m in messages %}w9 {{ m['content'] }} w10{% endfor %}"
+                               "{% if add_generation_prompt %} w11{% endif %}")  # fmt: skip
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tokenizer,expected", [("templated", [9, 5, 6, 7, 10, 11]), ("plain", [5, 6, 7])])
+def test_generate_chat_formats_the_prompt_with_the_template_or_passes_it_plain(
+    tokenizer, expected, folder, templated, in_process, capsys
+):
+    """The ids the model's embedding receives first (the prompt's prefill): the user turn inside the template's
+    words, or, for a tokenizer without a template, the prompt's own words."""
+    import torch
+    from torch import nn
+
+    seen = []
+
+    def first_lookup(module, args):
+        if isinstance(module, nn.Embedding) and not seen:
+            seen.append(args[0].tolist())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(first_lookup)
+    try:
+        model = templated if tokenizer == "templated" else folder
+        assert in_process(["generate", str(model), "--prompt", "w5 w6 w7", "--tokens", "1", "--device", "cpu",
+                           "--json"]) == 0  # fmt: skip
+    finally:
+        hook.remove()
+    assert seen == [[expected]]
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 1
+
+
+def _weights_bytes_by_hand(offloaded: list[int] = ()) -> int:
+    """The bytes of ``folder``'s model (parameters and buffers, as a freshly built one holds them) outside the
+    layers ``offloaded``."""
+    model = tiny("llama", layers=6)
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return total - sum(t.numel() * t.element_size() for i in offloaded for t in model.model.layers[i].parameters())
+
+
+@pytest.mark.parametrize("budget", [None, "600KiB"])
+def test_generate_summary_line_states_the_memory_held_by_weights(budget, folder, tmp_path, in_process, capsys):
+    """The stderr summary's `weights in RAM: SIZE` is the model's bytes counted by hand: everything, resident;
+    with a budget, what the plan keeps resident (the layers it does not offload) plus its pool of slots."""
+    from weightlift.config import format_size, parse_size
+
+    extra = ["--budget", budget, "--cache-dir", str(tmp_path)] if budget else []
+    assert in_process(["generate", str(folder), "--prompt", "w5 w6 w7", "--tokens", "2", "--device", "cpu",
+                       *extra]) == 0  # fmt: skip
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "tokens/s" in line]
+    found = re.fullmatch(r"\[2 tokens, first token after \d+\.\d\d s, \d+\.\d tokens/s, weights in RAM: "
+                         r"([\d.]+ (?:B|KiB|MiB|GiB)), (\d+) layers offloaded\]", line)  # fmt: skip
+    assert found, line
+    if budget is None:
+        expected, offloaded = _weights_bytes_by_hand(), 0
+    else:
+        [saved] = (tmp_path / "plans").glob("*.json")  # the plan this run measured
+        plan = json.loads(saved.read_text())
+        assert plan["offloaded"] and plan["pool_bytes"] > 0
+        expected, offloaded = _weights_bytes_by_hand(plan["offloaded"]) + plan["pool_bytes"], len(plan["offloaded"])
+        assert expected <= parse_size(budget)
+    assert found.groups() == (format_size(expected), str(offloaded))
+
+
+def test_bench_prints_slowdown_and_overlap_efficiency_consistent_with_its_other_figures(folder, in_process, capsys):
+    """`bench` without a budget: the slowdown is the resident decode rate over the offloaded one, and the overlap
+    efficiency lies between the resident step over the offloaded step (no copying counted) and the same with
+    all the copy time the report prints spread over the forwards; each within the rounding of the printed
+    figures. The report follows."""
+    tokens = 3
+    assert in_process(["bench", str(folder), "--tokens", str(tokens), "--source", "host", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rates = dict(re.findall(r"^(resident|offloaded) +\d+\.\d{3} +(\d+\.\d)$", out, re.M))
+    assert set(rates) == {"resident", "offloaded"}, out
+    [(slowdown, efficiency)] = re.findall(r"^slowdown (\d+\.\d\d)x, overlap efficiency (\d+\.\d\d) \(", out, re.M)
+    [copying] = re.findall(r"^ *time in offloaded layers +compute [\d.]+ s, .*copying (\d+\.\d{3}) s$", out, re.M)
+    assert re.search(r"^ *layer stack +model\.layers \(6 of 6 layers offloaded\)$", out, re.M), out  # the report
+    assert "identical tokens: yes" in out
+
+    def span(printed: str, decimals: int) -> tuple[float, float]:  # the values that print as ``printed``
+        half = 0.5 * 10**-decimals
+        return max(float(printed) - half, 1e-12), float(printed) + half
+
+    (res_lo, res_hi), (off_lo, off_hi) = span(rates["resident"], 1), span(rates["offloaded"], 1)
+    s_lo, s_hi = span(slowdown, 2)
+    assert res_lo / off_hi <= s_hi and res_hi / off_lo >= s_lo  # slowdown = offloaded step / resident step
+    e_lo, e_hi = span(efficiency, 2)
+    copy_hi = span(copying, 3)[1] / tokens  # copy seconds per forward, at most (the report's total counts priming)
+    assert off_lo / res_hi <= e_hi  # at least the resident step over the offloaded step
+    assert e_lo <= max(1 / res_lo, copy_hi) * off_hi  # at most with every copied second counted
+
+
+def test_verbose_logs_one_line_per_phase_with_its_seconds(folder, tmp_path, in_process, caplog, capsys):
+    """``-v``: each phase of a run is one log line `PHASE: S.SS s` (the conversion's own line gives its seconds):
+    converting (a folder streamed in another dtype; a GGUF file goes through the same conversion step),
+    planning (a budget), loading (a saved plan, or the whole model), writing a layer cache (a disk source)
+    and generating."""
+    cache = tmp_path / "cache"
+    model = str(folder)
+    phases = {
+        "converting": rf"weightlift: converted {re.escape(folder.name)} to bfloat16 in \d+\.\d s: [\d.]+ [KM]iB "
+                      r"written to .*",
+        "planning": rf"planning for --budget 300KiB \(measuring this machine and model, streamed\); the offloaded "
+                    rf"layers stream from {re.escape(str(cache))}/converted/\S+: \d+\.\d\d s",
+        "loading": rf"loading; the offloaded layers stream from {re.escape(str(cache))}/converted/\S+: \d+\.\d\d s",
+        "loading the whole model": rf"loading {re.escape(model)}: \d+\.\d\d s",
+        "writing a cache": r"setting up the offload \(writing the layer cache on the first run\): \d+\.\d\d s",
+        "generating": r"generating up to 2 tokens: \d+\.\d\d s",
+    }  # fmt: skip
+    budget = ["generate", model, "--prompt", "w5 w6", "--tokens", "2", "--budget", "300KiB", "--dtype", "bfloat16",
+              "--device", "cpu", "--cache-dir", str(cache)]  # fmt: skip
+    runs = [  # each run, and the phases it goes through
+        (budget, ["converting", "planning", "generating"]),
+        (budget, ["loading", "generating"]),  # converted and measured already: the plan saved by the first
+        (["bench", model, "--tokens", "2", "--source", "disk", "--device", "cpu", "--cache-dir",
+          str(tmp_path / "disk")], ["loading the whole model", "writing a cache"]),
+    ]  # fmt: skip
+    for i, (args, expected) in enumerate(runs):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="weightlift"):
+            assert in_process(["-v", *args]) == 0
+        messages = caplog.messages
+        for phase in phases:
+            lines = [m for m in messages if re.fullmatch(phases[phase], m)]
+            assert len(lines) == (phase in expected), (i, phase, messages)  # once if it is a phase of this run
+        if "writing a cache" in expected:  # and it did write one, in that phase
+            assert any(m.startswith("weightlift: wrote the layer cache of LlamaForCausalLM") for m in messages)
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("budget", [None, "1MiB"])
+def test_a_prompt_beyond_the_vocabulary_is_refused_before_the_model_is_loaded(
+    budget, tmp_path, in_process, monkeypatch, capsys
+):
+    """Every way the CLI builds the model (`from_pretrained` for the whole model, `from_config` for the empty
+    skeleton that streams) stops the test: the refusal comes first, resident or under a budget."""
+    import transformers as tf
+
+    model = tmp_path / "model"
+    config = tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(model)
+    _save_tokenizer(model, 64)
+    capsys.readouterr()  # save_pretrained's bar
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for build in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(tf.AutoModelForCausalLM, build, loaded)
+    extra = ["--budget", budget, "--cache-dir", str(tmp_path / "c")] if budget else []
+    assert in_process(["generate", str(model), "--prompt", "w40 w3", "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightlift: error: ") and err.count("\n") == 1
+    assert "tokenizer has 64 tokens and gives id 40, but the model's vocabulary has 32" in err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # the guard: a prompt within it is loaded
+        in_process(["generate", str(model), "--prompt", "w30 w3", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["same answers", "offloaded answer differs"])
+def test_demo_exits_non_zero_when_the_answers_differ(broken, folder, tmp_path, in_process, monkeypatch, capsys):
+    """`demo` on ``folder``'s small model (with a tokenizer for its whole vocabulary, so that different tokens
+    read differently) in place of SmolLM2: exit 0 with the same answers; when the offloaded run's model is
+    broken (the final norm's sign flipped once the layers are offloaded: the streamed answer differs) it says
+    so and exits 1."""
+    import torch
+
+    import weightlift
+    import weightlift.cli as cli
+
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    _save_tokenizer(model, 128)
+    real_load, real_offload = cli._load, weightlift.offload
+
+    def load(args):
+        args.model = str(model)
+        return real_load(args)
+
+    def offload(model, **kwargs):
+        handle = real_offload(model, **kwargs)
+        if broken:
+            with torch.no_grad():
+                model.model.norm.weight.neg_()
+        return handle
+
+    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(weightlift, "offload", offload)
+    status = in_process(["demo", "--tokens", "4", "--prompt", "w5 w6 w7", "--device", "cpu", "--cache-dir",
+                         str(tmp_path / "cache")])  # fmt: skip
+    out = capsys.readouterr().out
+    answers = re.findall(r"^\[(resident|offloaded)\] [\d.]+ tokens/s\n(.*)$", out, re.M)
+    assert [key for key, _ in answers] == ["resident", "offloaded"], out
+    assert (answers[0][1] != answers[1][1]) == broken
+    assert (status, f"identical answers: {'NO' if broken else 'yes'}" in out) == ((1, True) if broken else (0, True))
+
+
+def _change_mtime(model: Path, args: list, monkeypatch, main) -> list:
+    stat = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes
+    return args
+
+
+def _change_size(model: Path, args: list, monkeypatch, main) -> list:
+    stat = (model / "config.json").stat()
+    with open(model / "config.json", "a") as f:
+        f.write("\n")  # the same config, one byte longer
+    os.utime(model / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime: only the size
+    return args
+
+
+def _change_version(model: Path, args: list, monkeypatch, main) -> list:
+    import weightlift
+
+    monkeypatch.setattr(weightlift, "__version__", weightlift.__version__ + ".post1")
+    return args
+
+
+def _clear_the_model(model: Path, args: list, monkeypatch, main) -> list:
+    cache = args[args.index("--cache-dir") + 1]
+    assert main(["cache", "clear", "LlamaForCausalLM", "--cache-dir", cache]) == 0
+    assert not list((Path(cache) / "plans").glob("*.json"))
+    return args
+
+
+def _bench_instead(model: Path, args: list, monkeypatch, main) -> list:
+    return ["bench", str(model), "--budget", "600KiB", "--device", "cpu", "--cache-dir", args[-1]]
+
+
+@pytest.mark.parametrize("change", [_change_mtime, _change_size, _change_version, _clear_the_model, _bench_instead],
+                         ids=["a file's mtime", "a file's size", "weightlift's version", "cache clear MODEL",
+                              "bench --budget"])  # fmt: skip
+def test_the_measured_plan_is_measured_again(change, folder, tmp_path, in_process, monkeypatch, capsys):
+    """A second `generate --budget` reuses the plan the first measured; after ``change`` the next run measures
+    again: a file of the folder with another mtime or size, another weightlift version, the model's entries
+    cleared with `weightlift cache clear MODEL`, or `bench --budget`, which always measures afresh."""
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    args = ["generate", str(model), "--prompt", "w5 w6 w7", "--tokens", "2", "--budget", "600KiB", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert in_process(args) == 0  # measures, saves the plan
+    assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 1
+
+    def measured(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sys.modules["weightlift.plan"], "plan", measured)  # the module, not weightlift.plan()
+    assert in_process(args) == 0  # unchanged: the saved plan, nothing measured
+    args = change(model, args, monkeypatch, in_process)
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="measured again"):
+        in_process(args)
+
+
+class _Reads:
+    """What a run does with some files: ``opens`` through Python's `open`, each a proxy noting the furthest byte
+    read (``furthest``, by file) and whether its file descriptor was asked for (``fds``: `mmap.mmap`, `os.read`
+    or numpy reading it would); and ``foreign`` opens made any other way (`os.open`, C or Rust code such as
+    safetensors' `safe_open`, which maps the file), which the kernel reports (inotify's IN_OPEN) outside the
+    Python opens."""
+
+    IN_OPEN, IN_NONBLOCK = 0x20, 0o4000
+
+    def __init__(self, files: list[Path]) -> None:
+        import ctypes
+
+        self.files = {str(p.resolve()) for p in files}
+        self.opens, self.furthest, self.fds, self.foreign = 0, {}, 0, 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(self.IN_NONBLOCK)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        for f in self.files:
+            assert libc.inotify_add_watch(self.fd, f.encode(), self.IN_OPEN) >= 0, os.strerror(ctypes.get_errno())
+
+    def drain(self) -> int:
+        """IN_OPEN events queued since the last call (successive ones may come merged: at least 1 if any)."""
+        import struct
+
+        events = 0
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return events
+            at = 0
+            while at < len(data):
+                _, mask, _, length = struct.unpack_from("iIII", data, at)
+                events += bool(mask & self.IN_OPEN)
+                at += 16 + length
+
+    def proxy(self, f, path: str):
+        reads = self
+
+        class Proxy:
+            def __getattr__(self, name):
+                attr = getattr(f, name)
+                if name == "fileno":
+                    reads.fds += 1
+                if name not in ("read", "read1", "readinto", "readinto1", "readline", "readlines", "peek"):
+                    return attr
+
+                def call(*a, **k):
+                    out = attr(*a, **k)
+                    ahead = len(out) if name == "peek" else 0
+                    reads.furthest[path] = max(reads.furthest.get(path, 0), f.tell() + ahead)
+                    return out
+
+                return call
+
+            def __iter__(self):
+                return iter(self.readline, b"")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+        return Proxy()
+
+
+@contextlib.contextmanager
+def _watching(files: list[Path]):
+    """A `_Reads` of ``files`` for the block (`builtins.open` and `io.open` wrapped meanwhile)."""
+    import builtins
+    import io
+
+    reads, real = _Reads(files), builtins.open
+
+    def watched_open(file, *a, **k):
+        path = str(Path(os.fsdecode(file)).resolve()) if isinstance(file, (str, bytes, os.PathLike)) else None
+        if path not in reads.files:
+            return real(file, *a, **k)
+        reads.foreign += reads.drain()  # opened some other way since the last look
+        f = real(file, *a, **k)
+        assert reads.drain() >= 1  # this open, as the kernel saw it
+        reads.opens += 1
+        return reads.proxy(f, path)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for module in (builtins, io):
+                patch.setattr(module, "open", watched_open)
+            yield reads
+        reads.foreign += reads.drain()
+    finally:
+        os.close(reads.fd)
+
+
+def _header_end(path: Path) -> int:
+    """Where a safetensors file's data starts: 8 bytes of header length (little-endian), then the header."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_inspect_reads_no_weights(folder, tmp_path, in_process, capsys):
+    """`inspect` opens the safetensors files only through Python's `open`, reads nothing past their headers and
+    maps nothing (no file descriptor taken); the same watch sees weights read with safetensors (Rust, mapped)
+    and past the header with Python, so it would see `inspect` reading them. (A copy of ``folder``: no other
+    test's streaming opens these files.)"""
+    from safetensors.torch import load_file
+
+    folder = Path(shutil.copytree(folder, tmp_path / "model"))
+    weights = sorted(folder.glob("*.safetensors"))
+    ends = {str(p.resolve()): _header_end(p) for p in weights}
+    assert weights and all(end < p.stat().st_size for end, p in zip(ends.values(), weights))
+
+    with _watching(weights) as reads:
+        assert in_process(["inspect", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] > 0
+    assert reads.foreign == 0 and reads.fds == 0
+    assert all(reads.furthest.get(path, 0) <= end for path, end in ends.items()), (reads.furthest, ends)
+
+    with _watching(weights) as control:  # the watch sees weights read
+        load_file(weights[0])
+    assert control.foreign >= 1
+    with _watching(weights) as control, open(weights[0], "rb") as f:
+        f.read()
+    assert control.opens == 1 and control.furthest[str(weights[0].resolve())] == weights[0].stat().st_size

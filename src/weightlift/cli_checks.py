@@ -151,7 +151,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_cache_dir(args)
     if hasattr(args, "device"):
         resolve_device(args.device)
-    if _given(args, "model"):
+    if _given(args, "model") and args.command != "cache":  # `cache clear MODEL` filters names, names no path
         check_model(args.model)
     check_budgets(args)
     if args.command == "bench" and not _given(args, "budget"):
