@@ -452,7 +452,7 @@ def test_attribute_tensors_outside_offloaded_layers_are_left_where_they_are():
     model = tiny("llama")
     holders = {"model.norm": model.model.norm, "lm_head": model.lm_head}
     holders |= {f"model.layers.{i}.mlp.up_proj": layer.mlp.up_proj for i, layer in enumerate(model.model.layers)}
-    for name, m in holders.items():
+    for m in holders.values():
         m.meta = {"scale": torch.randn(8)}
         m.state = SimpleNamespace(absmax=torch.randn(4, 4))
     live = {name: (m.meta["scale"], m.state.absmax) for name, m in holders.items()}

@@ -8,6 +8,8 @@ in another order), so that comparison has a tolerance.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -219,7 +221,8 @@ def test_a_layer_without_tensor_arguments_falls_back_to_the_eager_hook():
         resident_breaks = torch._dynamo.explain(model)(x).graph_break_count
     torch._dynamo.reset()
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # a deliberate break: dynamo does not trace into the bookkeeping
             offloaded_breaks = torch._dynamo.explain(model)(x).graph_break_count
             torch._dynamo.reset()
             out = [torch.compile(model)(x) for _ in range(2)]

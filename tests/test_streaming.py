@@ -136,15 +136,13 @@ def test_planning_empty_layers_streams_them_and_leaves_them_empty(tmp_path):
 def test_planning_empty_layers_reads_as_many_layers_as_fit_the_budget(tmp_path, monkeypatch, fit):
     """The mapping is priced on layers read into memory for a moment: as many as the budget leaves room for
     beside the weights outside the layers (at least one), never more."""
-    import weightlift
-    from conftest import tiny
-    from weightlift import measure
-    from weightlift.hf import load_outside_layers
-
     from safetensors.torch import load_file
 
-    from weightlift import checkpoint
+    import weightlift
+    from conftest import tiny
+    from weightlift import checkpoint, measure
     from weightlift.checkpoint import save_aligned
+    from weightlift.hf import load_outside_layers
 
     resident = tiny("llama", layers=6)
     resident.save_pretrained(tmp_path)  # then laid out to be mapped in place: only then is the mapping priced

@@ -240,6 +240,8 @@ class StackHook:
             index = None  # its experts implementation was changed to one not known to skip unchosen experts
         if hidden is not None and index is not None and torch.compiler.is_compiling():
             torch.ops.weightlift.experts(hidden, index, self.key)
+        elif torch.compiler.is_compiling():
+            ops.eagerly(lambda: self.route(hidden, index))
         else:
             self.route(hidden, index)
 
@@ -247,5 +249,7 @@ class StackHook:
         hidden = hidden_of(args, kwargs)
         if hidden is not None and torch.compiler.is_compiling():
             torch.ops.weightlift.experts(hidden, None, self.key)
+        elif torch.compiler.is_compiling():
+            ops.eagerly(lambda: self.route(hidden, None))
         else:
             self.route(hidden, None)

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from . import ops
 from .errors import OffloadError
 from .graphs import Graphs
-from .ops import first_tensor
+from .ops import eagerly, first_tensor
 from .pool import DevicePool, HostArena
 from .report import DeviceClock, OffloadReport, Timeline
 from .schedule import Prefetcher
@@ -67,16 +67,22 @@ class LayerHook:
                 "layers, so autograd would read the wrong weights. Run the model under "
                 "`torch.inference_mode()` or `torch.no_grad()`"
             )
-        x = first_tensor(*args, *kwargs.values()) if torch.compiler.is_compiling() else None
+        compiling = torch.compiler.is_compiling()
+        x = first_tensor(*args, *kwargs.values()) if compiling else None
         if x is not None:  # traced: an op ordered before every read of the input (see `weightlift.ops`)
             torch.ops.weightlift.wait(x, self.key)
+        elif compiling:  # no activation to order an op on: run it eagerly (a graph break here)
+            eagerly(self.wait)
         else:
             self.wait()
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        x = first_tensor(output) if torch.compiler.is_compiling() else None
+        compiling = torch.compiler.is_compiling()
+        x = first_tensor(output) if compiling else None
         if x is not None:  # traced: ordered after the compute that produced the output
             torch.ops.weightlift.prefetch(x, self.key)
+        elif compiling:
+            eagerly(self.prefetch)
         else:
             self.prefetch()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -96,6 +97,13 @@ def experts(x: torch.Tensor, index: torch.Tensor | None, key: int) -> None:
 @experts.register_fake
 def _(x: torch.Tensor, index: torch.Tensor | None, key: int) -> None:
     return None
+
+
+@torch.compiler.disable
+def eagerly(step: Callable[[], None]) -> None:
+    """``step()`` outside dynamo's trace, for a hook with no tensor to order an op on: a deliberate graph
+    break, rather than dynamo tracing into the bookkeeping (and breaking on whatever it meets first)."""
+    step()
 
 
 def first_tensor(*values: Any) -> torch.Tensor | None:
