@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", default=None, help="run only models whose name contains this")
     args = parser.parse_args()
-    from weightlift.apply import resolve_device
+    from weightlift.config import resolve_device
     from weightlift.hf import load_gguf, smollm2_file
 
     device = resolve_device(args.device)

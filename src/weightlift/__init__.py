@@ -1,7 +1,7 @@
 """weightlift: run PyTorch models bigger than your accelerator by streaming weights layer-ahead."""
 
-from .apply import offload
 from .config import OffloadConfig
+from .entry import offload
 from .errors import OffloadError
 from .hooks import OffloadHandle
 from .plan import Plan, plan

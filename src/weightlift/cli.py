@@ -67,7 +67,7 @@ EXAMPLES = {
 
 def _demo(args: argparse.Namespace) -> int:
     from . import offload
-    from .apply import resolve_device
+    from .config import resolve_device
     from .hf import chat_ids, greedy, smollm2_file
 
     device = resolve_device(args.device)
@@ -120,7 +120,7 @@ def _offload_config(args: argparse.Namespace, device) -> OffloadConfig:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import offload
-    from .apply import resolve_device
+    from .config import resolve_device
     from .hf import chat_ids, measure_decode
 
     device = resolve_device(args.device)
@@ -367,7 +367,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .apply import resolve_device
+    from .config import resolve_device
     from .hf import load_outside_layers
     from .plan import plan
 
@@ -443,7 +443,7 @@ def _check_vocab(args: argparse.Namespace, folder: Path, tokenizer, ids: torch.T
 def _generate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from .apply import resolve_device
+    from .config import resolve_device
     from .hf import chat_ids, tokenizer_of
 
     saved = check_budgets(args)

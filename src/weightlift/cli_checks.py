@@ -128,7 +128,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything about the command line that can be wrong, checked before any model is loaded or measured
     (and before transformers is imported): ranges, conflicts, output paths, the device, the model, budgets
     and a saved plan. Fills in the defaults of options whose absence the checks need to see."""
-    from .apply import resolve_device
+    from .config import resolve_device
     from .hf import check_model
 
     for dest, flag, what, ok in _RANGES:

@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .errors import OffloadError
 
 _UNITS = {
@@ -185,3 +187,30 @@ class OffloadConfig:
             return True
         dotted = f".{name}."
         return any(f".{segment}." in dotted for segment in self.params)
+
+
+def resolve_device(device: str | torch.device | int | None) -> torch.device:
+    """The target device, checked against what this machine has."""
+    if device is None:
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = acc if acc is not None else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OffloadError(
+            f"`device`={device!r} is not a device torch knows: use 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps' ..."
+        ) from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if acc is None or acc.type != dev.type:
+        have = acc.type if acc is not None else "only the CPU"
+        raise OffloadError(
+            f"`device`={device!r} is not available on this machine (it has {have}): pass a device it has"
+        )
+    index = torch.accelerator.current_device_index() if dev.index is None else dev.index
+    if index >= torch.accelerator.device_count():
+        raise OffloadError(
+            f"`device`={device!r}: this machine has {torch.accelerator.device_count()} {dev.type} device(s)"
+        )
+    return torch.device(dev.type, index)

@@ -208,8 +208,8 @@ def tokenizer_of(folder: Path):
 def load_outside_layers(folder: str | Path, *, dtype: torch.dtype | None = None, layers=None):
     """`skeleton` with every tensor outside its layer stacks read from the checkpoint: ``(model, index, names)``,
     the `checkpoint.CheckpointIndex` and the layers' dotted names. What planning a streamed model needs."""
-    from .apply import layer_list
     from .checkpoint import CheckpointIndex, load_meta
+    from .inventory import layer_list
     from .models import find_stacks
 
     folder = Path(folder).expanduser()
@@ -244,9 +244,8 @@ def load_streaming(
     from dataclasses import replace
 
     from . import offload
-    from .apply import resolve_device
     from .checkpoint import load_meta
-    from .config import OffloadConfig
+    from .config import OffloadConfig, resolve_device
     from .plan import plan as make_plan
 
     given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]

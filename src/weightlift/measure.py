@@ -26,9 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import BUILTIN_ADAPTERS
+from .apply import apply
 from .config import OffloadConfig
 from .errors import OffloadError
+from .inventory import collect, layer_list, leaves_of, unique_bytes
+from .models import find_stacks
 from .schedule import spread_order
+from .storage import Layout
 
 PROMPT_TOKENS = 32
 _WORKING_SET = 96 << 20  # bytes of probed layers: more than CPU caches hold
@@ -59,22 +64,17 @@ class ModelInfo:
 def analyse(model: nn.Module, layers: Any = None, adapters: Sequence = (), params: tuple[str, ...] = ()) -> ModelInfo:
     """The stacks, each layer's slot and weight bytes, and the bytes outside the layers (with ``params``,
     of the layers' tensors `OffloadConfig.params` names: the rest of each layer counts as outside)."""
-    from .adapters import BUILTIN_ADAPTERS
-    from .apply import _collect, _leaves, _unique_bytes, layer_list
-    from .models import find_stacks
-    from .storage import Layout
-
     stacks = find_stacks(model, layers)
     names, modules = layer_list(stacks)
     adapters = (*adapters, *BUILTIN_ADAPTERS)
-    entries, resident = _collect(model, names, modules, OffloadConfig(params=params), adapters)
+    entries, resident = collect(model, names, modules, OffloadConfig(params=params), adapters)
     layouts = {i: Layout.of(es) for i, es in entries.items()}
-    counted = [leaf for t in resident for leaf in (_leaves("resident tensor", t, adapters) or [])]
+    counted = [leaf for t in resident for leaf in (leaves_of("resident tensor", t, adapters) or [])]
     return ModelInfo(
         [name for name, _ in stacks], names, modules,
         [layouts[i].nbytes if i in layouts else 0 for i in range(len(modules))],
         [layouts[i].data_bytes if i in layouts else 0 for i in range(len(modules))],
-        _unique_bytes(counted),
+        unique_bytes(counted),
     )  # fmt: skip
 
 
@@ -132,12 +132,11 @@ def mapped_overhead(
     that as in the real run nothing stays in the CPU caches) are offloaded from the model's layer cache in
     ``folder`` (written if absent: it holds every layer, and the run the plan is for reads that same file)
     and their compute is compared with ``resident``, theirs without offloading."""
-    from .apply import offload
 
     picks = _probe_picks(info)
     cpu = torch.device("cpu")
     config = OffloadConfig(layers=tuple(info.stacks), indices=tuple(picks), source="disk", disk_path=folder)
-    with offload(model, device=cpu, config=config):
+    with apply(model, cpu, config):
         mapped, _ = measure_layers(info.layers, run, cpu, reps)
     return _per_byte(mapped, resident, picks, info)
 
@@ -169,7 +168,6 @@ def streamed_overhead(
     ``index`` (a `checkpoint.CheckpointIndex`): ``mapped`` is each layer's compute measured mapped in place;
     a few layers (at most ``room`` bytes of them, at least one) are read into memory for a moment and timed
     resident while the others stay mapped. Returns the seconds per byte, and those layers' resident compute."""
-    from .apply import offload
     from .checkpoint import load_meta
 
     picks = _probe_picks(info, room)
@@ -180,7 +178,7 @@ def streamed_overhead(
     try:
         config = OffloadConfig(layers=tuple(info.stacks), indices=others, source="checkpoint",
                                disk_path=str(index.folder))  # fmt: skip
-        with offload(model, device=cpu, config=config):
+        with apply(model, cpu, config):
             resident, _ = measure_layers(info.layers, run, cpu, reps)
     finally:
         undo()

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .apply import apply
 from .checkpoint import CheckpointIndex, mappable
-from .config import OffloadConfig, format_size, parse_size
+from .config import OffloadConfig, format_size, parse_size, resolve_device
 from .errors import OffloadError
 from .experts import find_experts, routed_bytes
 from .measure import (
@@ -352,8 +353,6 @@ def plan(
     Raises `OffloadError` when no plan fits, stating the minimum budget. Measuring runs the model; on a CPU
     target a few layers are also offloaded for a moment (they come back bitwise equal, in new storage).
     """
-    from .apply import offload, resolve_device
-
     if not isinstance(model, nn.Module):
         raise OffloadError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if type(model).forward is nn.Module.forward:  # an nn.ModuleList: the code that calls its blocks is elsewhere
@@ -415,10 +414,10 @@ def plan(
     measured: dict[str, tuple[list[float], float]] = {}
     probe = None
     if empty:
-        probe = offload(model, device=dev, config=OffloadConfig(
+        probe = apply(model, dev, OffloadConfig(
             layers=tuple(info.stacks), source="checkpoint", disk_path=str(ckpt), prefetch_step=1 if cpu else 0))
     elif not all(t.device == dev for t in (*model.parameters(), *model.buffers())):
-        probe = offload(model, device=dev, config=OffloadConfig(layers=tuple(info.stacks), prefetch_step=0))
+        probe = apply(model, dev, OffloadConfig(layers=tuple(info.stacks), prefetch_step=0))
     moved: dict[str, list[int]] = {}  # MoE layers: what each workload's tokens make them move
     try:
         for _ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
