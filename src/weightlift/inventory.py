@@ -17,7 +17,7 @@ from .errors import OffloadError
 from .storage import Entry, Layout, storage_key
 from .tensors import attribute_tensors, take_apart
 
-log = logging.getLogger("weightlift.apply")  # its messages are about what offload() keeps resident
+log = logging.getLogger(__name__)
 
 
 def tensors_of(root: nn.Module, with_attributes: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
