@@ -561,12 +561,12 @@ def test_demo_exits_non_zero_when_the_answers_differ(broken, folder, tmp_path, i
     import torch
 
     import weightlift
-    import weightlift.cli as cli
+    import weightlift.cli_models as models
 
     model = tmp_path / "model"
     shutil.copytree(folder, model)
     _save_tokenizer(model, 128)
-    real_load, real_offload = cli._load, weightlift.offload
+    real_load, real_offload = models.load, weightlift.offload
 
     def load(args):
         args.model = str(model)
@@ -579,7 +579,7 @@ def test_demo_exits_non_zero_when_the_answers_differ(broken, folder, tmp_path, i
                 model.model.norm.weight.neg_()
         return handle
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(models, "load", load)
     monkeypatch.setattr(weightlift, "offload", offload)
     status = in_process(["demo", "--tokens", "4", "--prompt", "w5 w6 w7", "--device", "cpu", "--cache-dir",
                          str(tmp_path / "cache")])  # fmt: skip

@@ -11,7 +11,8 @@ import torch
 import weightlift
 from conftest import assert_same, hook_counts, prompt, run, snapshot, tiny
 from weightlift import OffloadConfig, OffloadError, Plan
-from weightlift.plan import fingerprint, simulate
+from weightlift.forecast import simulate
+from weightlift.plan import fingerprint
 
 # --------------------------------------------------------------------------------------- simulation by hand
 

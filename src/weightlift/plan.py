@@ -1,7 +1,7 @@
 """`plan()`: from a memory budget, the link and the model's per-layer compute (see `measure`) to an
 offload config, and the `Plan` that says what it will cost.
 
-The predicted time of a forward comes from a small simulation of the schedule (`simulate`): one copy
+The predicted time of a forward comes from a small simulation of the schedule (`forecast`): one copy
 engine in FIFO order, the copy of offloaded position ``p + step`` issued when position ``p`` finishes,
 a layer starting once the previous layer is done and its own copy has landed. `plan` tries every
 number of offloaded layers (spread along the stack, largest layers first) and every prefetch step,
@@ -33,6 +33,7 @@ from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size, resolve_device
 from .errors import OffloadError
 from .experts import find_experts, routed_bytes
+from .forecast import copy_seconds, predict
 from .measure import (
     analyse,
     available_ram,
@@ -55,81 +56,6 @@ def default_cache_dir() -> Path:
     """Where plans put the layer cache when no ``disk_path`` is given: ``$WEIGHTLIFT_CACHE`` or
     ``~/.cache/weightlift``."""
     return Path(os.environ.get("WEIGHTLIFT_CACHE") or Path.home() / ".cache" / "weightlift")
-
-
-# ---------------------------------------------------------------------------------------------- simulation
-
-
-def simulate(
-    compute: Sequence[float],
-    other: float,
-    offloaded: Sequence[int],
-    copy: dict[int, float],
-    serial: dict[int, float],
-    step: int,
-    forwards: int = 3,
-) -> tuple[float, list[float]]:
-    """Predicted seconds per forward in steady state, and each layer's exposed wait for its copy.
-
-    ``compute[i]`` is layer ``i``'s compute; ``other`` the rest of a forward (placed after the last layer,
-    where the copies of the first ``step`` offloaded layers overlap it); ``copy[i]`` the transfer time of an
-    offloaded layer (overlappable); ``serial[i]`` extra time it costs inside compute (page faults of a
-    mapped layer). ``step=0``: no prefetch, each offloaded layer is loaded when it runs.
-    """
-    order = list(offloaded)
-    n = len(order)
-    position = {index: p for p, index in enumerate(order)}
-    keep_all = step and n and step >= n  # the pool holds every offloaded layer: copied once, then resident
-    ready: dict[int, float] = {}
-    engine = 0.0
-    t = 0.0
-
-    def issue(p: int, at: float) -> None:
-        nonlocal engine
-        start = max(at, engine)
-        engine = start + copy[order[p]]
-        ready[order[p]] = engine
-
-    for p in range(min(step, n)):
-        issue(p, 0.0)
-    waits = [0.0] * len(compute)
-    duration = 0.0
-    for forward in range(forwards):
-        begin = t
-        last = forward == forwards - 1
-        for i, c in enumerate(compute):
-            wait = 0.0
-            if i in position:
-                if not step:
-                    wait = copy[i]
-                elif keep_all and forward:
-                    wait = 0.0
-                else:
-                    wait = max(0.0, ready[i] - t)
-                t += wait + serial.get(i, 0.0)
-            t += c
-            if i in position and step and not keep_all:
-                issue((position[i] + step) % n, t)
-            if last:
-                waits[i] = wait
-        t += other
-        duration = t - begin
-    return duration, waits
-
-
-def _copy_s(nbytes: int, bytes_per_s: float) -> float:
-    return nbytes / bytes_per_s if bytes_per_s else 0.0
-
-
-def predict(
-    compute: Sequence[float], other: float, layer_bytes: Sequence[int], offloaded: Sequence[int], step: int,
-    bytes_per_s: float, serial_s_per_byte: float,
-) -> tuple[float, list[float]]:
-    """`simulate` with each offloaded layer's copy and serial time from its bytes and the link's rates."""
-    return simulate(
-        compute, other, offloaded, {i: _copy_s(layer_bytes[i], bytes_per_s) for i in offloaded},
-        {i: layer_bytes[i] * serial_s_per_byte for i in offloaded}, step,
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -211,7 +137,7 @@ class Plan:
         return self.moved_bytes.get(workload or self.goal, self.layer_bytes)
 
     def copy_s(self, index: int, workload: str | None = None) -> float:
-        return _copy_s(self.moved(workload)[index], self.copy_bytes_per_s)
+        return copy_seconds(self.moved(workload)[index], self.copy_bytes_per_s)
 
     def serial_s(self, index: int, workload: str | None = None) -> float:
         return self.moved(workload)[index] * self.serial_s_per_byte
