@@ -58,6 +58,15 @@ def test_help_and_version():
     assert version.returncode == 0 and re.fullmatch(r"weightlift \S+ \(torch \S+\)\n", version.stdout)
 
 
+def test_start_up_imports_no_compiler():
+    """Importing weightlift and its command line leaves dynamo and inductor unimported: they take seconds,
+    and only a model being compiled needs them (a decorator at import once added 2.5 s to every command)."""
+    code = ("import sys, weightlift, weightlift.cli; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_every_option_of_every_command_has_help_and_examples():
     import argparse
 

@@ -99,11 +99,12 @@ def _(x: torch.Tensor, index: torch.Tensor | None, key: int) -> None:
     return None
 
 
-@torch.compiler.disable
 def eagerly(step: Callable[[], None]) -> None:
-    """``step()`` outside dynamo's trace, for a hook with no tensor to order an op on: a deliberate graph
-    break, rather than dynamo tracing into the bookkeeping (and breaking on whatever it meets first)."""
-    step()
+    """``step()`` outside dynamo's trace, for a hook with no tensor to order an op on (called only while
+    compiling): a deliberate graph break, rather than dynamo tracing into the bookkeeping and breaking on
+    whatever it meets first. `torch.compiler.disable` is applied at the call, not at import: it imports
+    dynamo, seconds of start-up for every command that never compiles."""
+    torch.compiler.disable(step)()
 
 
 def first_tensor(*values: Any) -> torch.Tensor | None:
