@@ -572,6 +572,27 @@ def test_the_planner_keeps_dense_parts_resident_when_that_moves_fewer_bytes_in_t
     assert expert_only == (per_byte > 1e-9)
 
 
+def test_experts_that_cannot_go_alone_leave_the_planner_whole_layers(tmp_path, monkeypatch):
+    """Where sizing the experts-only way fails (a tensor of the experts that cannot travel alone), the planner
+    weighs whole layers only instead of failing."""
+    import sys
+
+    from weightlift.measure import analyse
+
+    module = sys.modules["weightlift.plan"]
+    real = module.analyse
+
+    def refusing(model, layers=None, adapters=(), params=()):
+        if params:
+            raise OffloadError("`mlp.experts.gate_up_proj` cannot travel alone")
+        return real(model, layers, adapters, params)
+
+    monkeypatch.setattr(module, "analyse", refusing)
+    model = moe("qwen3_moe")
+    plan = weightlift.plan(model, device="cpu", budget=analyse(model).total_bytes - 1, disk_path=tmp_path, reps=2)
+    assert plan.params == [] and plan.offloaded
+
+
 def test_the_router_lookahead_counts_its_router_copies_as_resident():
     model = moe("qwen3_moe")
     with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as plain:

@@ -453,7 +453,10 @@ def _experts_only(model: nn.Module, info: Any, layers: Any, adapters: Sequence, 
     names = sorted({s.path.rsplit(".", 1)[-1] for layer in info.layers for s in find_experts(layer)})
     if not names:
         return []
-    part = analyse(model, layers, adapters, params=tuple(names))
+    try:
+        part = analyse(model, layers, adapters, params=tuple(names))
+    except OffloadError:  # experts that cannot go alone (shared with another layer, say): whole layers only
+        return []
     if not any(part.nbytes):
         return []
     experts = [
