@@ -142,6 +142,15 @@ def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.d
                 torch.utils.swap_tensors(t, new)
 
 
+def refuse_offloaded(model: nn.Module) -> None:
+    """`OffloadError` for a model that is offloaded already (its handle must be removed first)."""
+    if is_offloaded(model):
+        raise OffloadError(
+            f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
+            "offloading it again"
+        )
+
+
 @torch.inference_mode(False)  # slots and masters must be normal tensors: the copy thread runs outside the mode
 def apply(
     model: nn.Module, dev: torch.device, config: OffloadConfig, adapters: Sequence[Adapter] = (), plan: Any = None
@@ -149,11 +158,7 @@ def apply(
     """Offload ``model`` to ``dev`` as ``config`` says (`weightlift.offload` without its ways of saying how:
     the config is known, the device resolved). ``plan``, the `Plan` it came from, is kept on the handle.
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work."""
-    if is_offloaded(model):
-        raise OffloadError(
-            f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
-            "offloading it again"
-        )
+    refuse_offloaded(model)
     stacks = find_stacks(model, config.layers)
     stack_name = "+".join(name for name, _ in stacks)
     names, layers = layer_list(stacks)

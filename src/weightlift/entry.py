@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .apply import apply, move_to
+from .apply import apply, move_to, refuse_offloaded
 from .config import OffloadConfig, resolve_device
 from .errors import OffloadError
-from .hooks import OffloadHandle, is_offloaded
+from .hooks import OffloadHandle
 from .inventory import unique_bytes
 from .plan import Plan, check_plan
 from .plan import plan as make_plan
@@ -74,11 +74,7 @@ def offload(
     if config is not None and not isinstance(config, OffloadConfig):
         raise OffloadError(f"`config` must be a weightlift.OffloadConfig, got {type(config).__name__}")
     dev = resolve_device(device)
-    if is_offloaded(model):
-        raise OffloadError(
-            f"`model` ({type(model).__name__}) is already offloaded: call `remove()` on its handle before "
-            "offloading it again"
-        )
+    refuse_offloaded(model)  # before planning, which would run the offloaded model
     if budget is not None:
         plan = make_plan(model, device=dev, budget=budget, adapters=adapters)
     if plan is not None:

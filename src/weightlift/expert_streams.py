@@ -238,18 +238,20 @@ class StackHook:
         index, hidden = routing_of(args, kwargs), hidden_of(args, kwargs)
         if self.streams.detected and not reads_only_chosen(module):
             index = None  # its experts implementation was changed to one not known to skip unchosen experts
-        if hidden is not None and index is not None and torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if hidden is not None and index is not None and compiling:
             torch.ops.weightlift.experts(hidden, index, self.key)
-        elif torch.compiler.is_compiling():
+        elif compiling:
             ops.eagerly(lambda: self.route(hidden, index))
         else:
             self.route(hidden, index)
 
     def called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = hidden_of(args, kwargs)
-        if hidden is not None and torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if hidden is not None and compiling:
             torch.ops.weightlift.experts(hidden, None, self.key)
-        elif torch.compiler.is_compiling():
+        elif compiling:
             ops.eagerly(lambda: self.route(hidden, None))
         else:
             self.route(hidden, None)
