@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import locks
 from .checkpoint import SAFETENSORS_DTYPES, checkpoint_files, save_aligned
 from .config import format_size
 from .disk import mark_used, read_header
@@ -184,12 +185,25 @@ def convert_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, cache_
 
 def _converted(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cache_dir: Path, write) -> Path:
     """``folder`` as ``write(path, dtype, out, cache_dir)`` makes it, reused when its marker is ``expected``,
-    else written beside it and renamed into place."""
-    if _trusted(folder, expected):
-        log.info("using the converted %s in %s", path.name, folder)
-        mark_used(folder)
-        return folder
+    else written beside it, under the folder's lock (`locks`: a second process waits, then reuses it), and
+    renamed into place."""
+    if not _trusted(folder, expected):
+        with locks.writing(folder):
+            if not _trusted(folder, expected):  # the process waited for may have converted it
+                return _convert(path, dtype, folder, expected, cache_dir, write)
+    log.info("using the converted %s in %s", path.name, folder)
+    mark_used(folder)
+    return folder
 
+
+def _convert(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cache_dir: Path, write) -> Path:
+    """`_converted`'s write, with the lock held: no other conversion of ``folder`` is in progress, so the
+    temporary folders beside it are of conversions that died."""
+    for dead in folder.parent.glob(f".{folder.name}.*.tmp"):
+        if "." in dead.name[len(folder.name) + 2 : -4]:  # another folder's (mkdtemp's names have no dot)
+            continue
+        log.info("removing %s, left by a conversion that died", dead)
+        shutil.rmtree(dead, ignore_errors=True)
     with _writing(cache_dir):
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
@@ -204,8 +218,8 @@ def _converted(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cac
                 shutil.rmtree(folder)
             try:
                 os.replace(tmp, folder)
-            except OSError:
-                if not _trusted(folder, expected):  # another process finishing the same conversion first is fine
+            except OSError:  # where no lock could be had, another process finishing it first is fine
+                if not _trusted(folder, expected):
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

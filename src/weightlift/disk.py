@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import locks
 from .config import format_size
 from .dtypes import leaf_span
 from .errors import OffloadError
@@ -452,6 +453,36 @@ def _other_version(path: Path) -> str | None:
     return str(version) if meta.get("format") == FORMAT and version != VERSION else None
 
 
+def _reusable(path: Path, layouts: dict[int, Layout], materialized: bool) -> tuple[LayerCache | None, str]:
+    """The cache at ``path`` opened when it serves ``layouts``, else None and why not ("" when absent)."""
+    if not path.exists():
+        return None, ""
+    old = _other_version(path)
+    if old is not None:
+        log.info("weightlift: layer cache %s has format version %s, this weightlift writes %s: rewriting it",
+                 path, old, VERSION)  # fmt: skip
+        return None, f"format version {old}"
+    cache = LayerCache.open(path)
+    try:
+        cache.check(manifest_of(layouts))
+        # hashed up to the first that differs: the whole file is rewritten then anyway
+        stale = next((i for i in sorted(layouts) if cache.layers[i].digest != layer_digest(layouts[i])),
+                     None) if materialized else None  # fmt: skip
+    except BaseException:
+        cache.close()
+        raise
+    if stale is None:
+        return cache, ""
+    cache.close()
+    log.info("weightlift: layer cache %s holds other weights (layer %d first): rewriting it", path, stale)
+    return None, "other weights"
+
+
+def temporaries(path: Path) -> list[Path]:
+    """The temporary files of writes of ``path`` (``.<name>.tmp-<pid>``): one in progress, or one that died."""
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+
+
 def open_cache(
     folder: Path, stack: str, layouts: dict[int, Layout], materialized: bool,
     every: dict[int, Layout] | None = None, model: str = "",
@@ -459,47 +490,41 @@ def open_cache(
     """The model's cache in ``folder``, holding ``every`` layer that can be offloaded (default: just
     ``layouts``, the offloaded ones). Reused when its offloaded layers hold the same bytes (only those are
     hashed), written from ``every`` layer when absent or stale (only for a model whose weights are in
-    memory), refused when damaged or foreign."""
+    memory), refused when damaged or foreign. Written under the cache's lock (`locks`): a second process
+    waits, then reuses what the first wrote; the temporaries of writes that died are removed."""
     every = layouts if every is None else every
     path = cache_path(folder, stack, every)
-    writable = not any(s.is_meta for layout in every.values() for s in layout.sources)
-    if path.exists():
-        old = _other_version(path)
-        if old is None:
-            cache = LayerCache.open(path)
-            try:
-                cache.check(manifest_of(layouts))
-                # hashed up to the first that differs: the whole file is rewritten then anyway
-                stale = next((i for i in sorted(layouts) if cache.layers[i].digest != layer_digest(layouts[i])),
-                             None) if materialized else None  # fmt: skip
-            except BaseException:
-                cache.close()
-                raise
-            if stale is None:
-                log.info("weightlift: reusing layer cache %s", path)
-                mark_used(path)
-                return cache
-            cache.close()
-            log.info("weightlift: layer cache %s holds other weights (layer %d first): rewriting it", path, stale)
-        else:
-            log.info("weightlift: layer cache %s has format version %s, this weightlift writes %s: rewriting it",
-                     path, old, VERSION)  # fmt: skip
-        if not writable:
-            raise OffloadError(
-                f"`disk_path`={str(folder)!r} holds a layer cache of this model that cannot serve it ("
-                f"{'other weights' if old is None else f'format version {old}'}) and its offloaded weights are on "
-                "the meta device: run offload once with the weights loaded to rewrite the cache"
-            )
-    elif not writable:
-        raise OffloadError(
-            f"`disk_path`={str(folder)!r} has no layer cache for this model and its offloaded weights are on the "
-            "meta device: run offload once with the weights loaded to write the cache"
-        )
-    write_cache(path, stack, every, model)
-    size = path.stat().st_size
-    log.warning(
-        "weightlift: wrote the layer cache of %s (%s) to %s; `weightlift cache list` lists caches, "
-        "`weightlift cache clear` removes them", model or stack, format_size(size), path,
-    )  # fmt: skip
+    cache, _ = _reusable(path, layouts, materialized)
+    if cache is None:
+        with locks.writing(path):
+            cache, why = _reusable(path, layouts, materialized)  # the writer waited for may have written it
+            if cache is None:
+                _refuse_unwritable(folder, every, why)
+                for dead in temporaries(path):  # under the lock, no write of this path is in progress
+                    log.info("weightlift: removing %s, left by a write that died", dead)
+                    dead.unlink(missing_ok=True)
+                write_cache(path, stack, every, model)
+                log.warning(
+                    "weightlift: wrote the layer cache of %s (%s) to %s; `weightlift cache list` lists caches, "
+                    "`weightlift cache clear` removes them", model or stack, format_size(path.stat().st_size), path,
+                )  # fmt: skip
+                cache = LayerCache.open(path)  # under the lock: the file just written, not a later one
+    else:
+        log.info("weightlift: reusing layer cache %s", path)
     mark_used(path)
-    return LayerCache.open(path)
+    return cache
+
+
+def _refuse_unwritable(folder: Path, every: dict[int, Layout], why: str) -> None:
+    """A cache that must be written from weights that are not in memory (on the meta device) is refused."""
+    if not any(s.is_meta for layout in every.values() for s in layout.sources):
+        return
+    if why:
+        raise OffloadError(
+            f"`disk_path`={str(folder)!r} holds a layer cache of this model that cannot serve it ({why}) and its "
+            "offloaded weights are on the meta device: run offload once with the weights loaded to rewrite the cache"
+        )
+    raise OffloadError(
+        f"`disk_path`={str(folder)!r} has no layer cache for this model and its offloaded weights are on the "
+        "meta device: run offload once with the weights loaded to write the cache"
+    )
