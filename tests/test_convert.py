@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import tiny
 from weightlift import OffloadError
 from weightlift.convert import MARKER, convert_gguf, converted_folder
 from weightlift.hf import load_gguf, smollm2_file
@@ -88,3 +89,34 @@ def test_unwritable_cache_dir_is_refused(tmp_path):
     not_a_folder.write_text("")
     with pytest.raises(OffloadError, match=r"`cache_dir`=.*--cache-dir"):
         convert_gguf(smollm2_file(), cache_dir=not_a_folder)
+
+
+def test_two_conversions_of_one_folder_at_once_write_it_once(tmp_path, monkeypatch):
+    """Two threads (each its own lock descriptor, as two processes would be) convert one checkpoint folder
+    at the same moment: the second waits on the folder's lock and reuses the first's conversion. Each
+    write is held 0.5 s, so that without the lock both would find no conversion and write one."""
+    import threading
+    import time
+
+    import weightlift.convert as convert
+
+    source = tmp_path / "model"
+    tiny("llama").save_pretrained(source)
+    real, writes = convert._write_folder, []
+
+    def slow(*args, **kwargs):
+        writes.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "_write_folder", slow)
+    cache, got = tmp_path / "cache", []
+    threads = [threading.Thread(target=lambda: got.append(
+        convert.convert_folder(source, dtype=torch.bfloat16, cache_dir=cache))) for _ in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writes) == 1 and len(got) == 2 and got[0] == got[1]
+    assert convert.checkpoint_dtypes(got[0]) == {torch.bfloat16}
+    assert sorted(p.name for p in (cache / "converted").iterdir()) == [got[0].name]  # no temporary, no lock

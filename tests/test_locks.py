@@ -44,10 +44,10 @@ def test_writers_take_turns_and_leave_no_lock_file(tmp_path):
     thread.start()
     inside.wait()
     assert locks.lock_path(target).read_text().strip() == str(os.getpid())
-    with locks.writing(target):  # waits for the first writer (another descriptor: flock excludes it too)
-        order.append("second in")
+    with locks.writing(target) as alone:  # waits for the first writer (another descriptor: flock excludes it)
+        order.append(f"second in, alone: {alone}")
     thread.join()
-    assert order == ["first out", "second in"]
+    assert order == ["first out", "second in, alone: True"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -115,9 +115,9 @@ def test_a_folder_that_refuses_the_lock_file_is_written_unlocked(tmp_path, monke
 
     monkeypatch.setattr(os, "open", refuse)
     ran = []
-    with locks.writing(target):
-        ran.append(True)
-    assert ran and list(tmp_path.iterdir()) == []
+    with locks.writing(target) as alone:
+        ran.append(alone)
+    assert ran == [False] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("value,match", [("soon", "not a number"), ("-1", "negative")])

@@ -188,18 +188,19 @@ def _converted(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cac
     else written beside it, under the folder's lock (`locks`: a second process waits, then reuses it), and
     renamed into place."""
     if not _trusted(folder, expected):
-        with locks.writing(folder):
+        with locks.writing(folder) as alone:
             if not _trusted(folder, expected):  # the process waited for may have converted it
-                return _convert(path, dtype, folder, expected, cache_dir, write)
+                return _convert(path, dtype, folder, expected, cache_dir, write, alone)
     log.info("using the converted %s in %s", path.name, folder)
     mark_used(folder)
     return folder
 
 
-def _convert(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cache_dir: Path, write) -> Path:
-    """`_converted`'s write, with the lock held: no other conversion of ``folder`` is in progress, so the
-    temporary folders beside it are of conversions that died."""
-    for dead in folder.parent.glob(f".{folder.name}.*.tmp"):
+def _convert(path: Path, dtype: torch.dtype, folder: Path, expected: dict, cache_dir: Path, write,
+             alone: bool) -> Path:  # fmt: skip
+    """`_converted`'s write. ``alone``: the lock is held, no other conversion of ``folder`` is in progress,
+    so the temporary folders beside it are of conversions that died, and are removed."""
+    for dead in folder.parent.glob(f".{folder.name}.*.tmp") if alone else ():
         if "." in dead.name[len(folder.name) + 2 : -4]:  # another folder's (mkdtemp's names have no dot)
             continue
         log.info("removing %s, left by a conversion that died", dead)

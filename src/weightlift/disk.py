@@ -496,11 +496,11 @@ def open_cache(
     path = cache_path(folder, stack, every)
     cache, _ = _reusable(path, layouts, materialized)
     if cache is None:
-        with locks.writing(path):
+        with locks.writing(path) as alone:
             cache, why = _reusable(path, layouts, materialized)  # the writer waited for may have written it
             if cache is None:
                 _refuse_unwritable(folder, every, why)
-                for dead in temporaries(path):  # under the lock, no write of this path is in progress
+                for dead in temporaries(path) if alone else ():  # locked: no other write of it is in progress
                     log.info("weightlift: removing %s, left by a write that died", dead)
                     dead.unlink(missing_ok=True)
                 write_cache(path, stack, every, model)

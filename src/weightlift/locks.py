@@ -63,17 +63,18 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def writing(target: Path) -> Iterator[None]:
-    """Hold the lock of ``target`` for the block; `OffloadError` after waiting `timeout_s` for another
-    process. Wherever no lock can be had (see the module), the block runs unlocked."""
+def writing(target: Path) -> Iterator[bool]:
+    """Hold the lock of ``target`` for the block, which gets True; `OffloadError` after waiting `timeout_s`
+    for another process. Wherever no lock can be had (see the module), the block runs unlocked and gets
+    False: then it cannot know that no other write of ``target`` is in progress."""
     target = Path(target)
     fd = _locked(target, time.monotonic() + timeout_s())
     if fd < 0:
-        yield
+        yield False
         return
     try:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield True
     finally:
         with contextlib.suppress(OSError):  # gone while held: nothing to leave behind
             lock_path(target).unlink()
