@@ -289,7 +289,8 @@ def apply(
         if experts is not None:
             experts.install(mover)
         for position, layer in enumerate(handle.layers):
-            handle.install_hooks(layer, LayerHook(prefetcher, position, layer, handle.timeline, handle.graphs))
+            hook = LayerHook(prefetcher, position, layer, handle.timeline, handle.graphs, handle.occupancy)
+            handle.install_hooks(layer, hook)
         prefetcher.prime()
     except BaseException:
         handle.remove()

@@ -116,10 +116,17 @@ def read_header(path: Path, fix: str = "delete it to rebuild the cache") -> tupl
 
 
 def pread_into(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a short file is an `OffloadError` naming ``what``."""
+    """Fill ``view`` from ``fd`` at ``offset``; a short file or a failed read is an `OffloadError` naming
+    ``what`` and the file."""
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise OffloadError(
+                f"cannot read `{what}` from `{path}`: {err.strerror or err}; check the file and its disk (weightlift "
+                "reads it again the next time it is needed)"
+            ) from None
         if got <= 0:
             raise OffloadError(f"`{path}` ended while reading `{what}`: the file was truncated")
         done += got

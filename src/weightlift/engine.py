@@ -86,7 +86,7 @@ class ThreadEngine:
 
     def load_now(self, job: Transfer, slot: int, after: cf.Future | None) -> None:
         if after is not None:
-            after.result()
+            after.exception()  # waits; a failure of that copy is overwritten now, so it is no error
         self._run(job)
 
     def release(self, slot: int | None) -> None:
@@ -218,8 +218,10 @@ class StagedEngine(_Accelerated):
         super().wait(ticket.result())
 
     def load_now(self, job: Transfer, slot: int, after: cf.Future | None) -> None:
-        if after is not None:
+        if after is not None and after.exception() is None:
             self.wait(after)
+        elif after is not None:  # its read failed before it issued a copy: none of it to wait for, no error (the
+            super().synchronize()  # slot is overwritten now), but an earlier copy into the slot may be in flight
         self._transfer(job, self.streams.current_stream(), None)  # in compute order: nothing to wait for
 
     def synchronize(self) -> None:

@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from . import ops
 from .errors import OffloadError
 from .graphs import Graphs
+from .occupancy import Occupancy
 from .ops import eagerly, first_tensor
 from .pool import DevicePool, HostArena
 from .report import DeviceClock, OffloadReport, Timeline
@@ -37,9 +38,11 @@ class LayerHook:
     """Pre- and post-forward hook of one offloaded layer at ``position`` in the schedule."""
 
     def __init__(
-        self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer, timeline: Timeline, graphs: Graphs
-    ) -> None:
+        self, prefetcher: Prefetcher, position: int, layer: OffloadedLayer, timeline: Timeline, graphs: Graphs,
+        occupancy: Occupancy,
+    ) -> None:  # fmt: skip
         self.prefetcher = prefetcher
+        self.occupancy = occupancy  # one thread at a time inside the handle's offloaded layers
         self.graphs = graphs  # refuses captures it does not manage; keeps replays safe after eager work
         self.timeline = timeline
         self.started: Any = None
@@ -91,14 +94,20 @@ class LayerHook:
         if torch.compiler.is_compiling() or not self.running:
             return
         self.running = False
+        self.occupancy.leave()
         self.prefetcher.aborted(self.position, every_slot=self.graphs.active)
         self.graphs.ready(self.prefetcher)
 
     def wait(self) -> None:
         """Before the layer runs (eagerly, or inside the compiled ``weightlift::wait``)."""
         self.graphs.check()
+        self.occupancy.enter(self.name)
         start = self.timeline.mark()
-        self.prefetcher.before(self.position)
+        try:
+            self.prefetcher.before(self.position)
+        except BaseException:
+            self.occupancy.leave()
+            raise
         self.started = self.timeline.mark()
         self.timeline.span("compute", "wait", self.name, start, self.started)
         self.running = True
@@ -107,6 +116,7 @@ class LayerHook:
         """After the layer ran (eagerly, or inside the compiled ``weightlift::prefetch``)."""
         self.graphs.check()
         self.running = False
+        self.occupancy.leave()
         self.timeline.span("compute", "compute", self.name, self.started, self.timeline.mark())
         self.prefetcher.after(self.position, every_slot=self.graphs.active)
         if self.last:
@@ -169,6 +179,7 @@ class OffloadHandle:
         self.cache: Any = None  # the disk tier's open cache file, if any
         self.timeline = Timeline(DeviceClock(streams) if streams is not None else None)
         self.graphs = Graphs(streams, type(model).__name__)
+        self.occupancy = Occupancy(type(model).__name__)  # one thread at a time inside the offloaded layers
         self.arena: HostArena | None = None  # host memory of the masters (accelerator targets)
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
         self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
@@ -340,6 +351,27 @@ class OffloadHandle:
         """Write the recent timeline as a Chrome/Perfetto trace: a compute lane and a copy lane."""
         self.timeline.trace(path)
 
+    def _restored(self) -> list[tuple[Any, list[torch.Tensor]]]:
+        """Every offloaded entry (but those replaced during a forward) and its original leaves, on its device
+        (read back from the file on the disk and checkpoint tiers)."""
+        out = []
+        for layer in self.layers:
+            for entry in layer.master.layout.entries:
+                if any(entry is r for r in layer.replaced):
+                    continue
+                if entry.device.type == "meta":  # it came without data: give it back without reading any
+                    out.append((entry, list(entry.specs)))
+                else:
+                    try:
+                        out.append((entry, layer.master.restored(entry, entry.device)))
+                    except OffloadError as err:
+                        raise OffloadError(
+                            f"cannot remove the offloading: the weights of `{layer.name}` could not be read back "
+                            f"({err}); the model is still offloaded and working: fix the file and call remove() "
+                            "again"
+                        ) from None
+        return out
+
     @torch.inference_mode(False)  # the restored tensors are normal tensors, as they were
     def remove(self) -> None:
         """Undo everything: hooks gone, every tensor back on its device with its original bytes, each in
@@ -347,9 +379,12 @@ class OffloadHandle:
         soon as the caller holds nothing of them)."""
         if self.removed:
             return
+        if self.engine is not None:
+            self.engine.synchronize()  # every copy has landed
+        restored = self._restored()  # first: a read that fails here leaves the handle as it was, still working
         self.graphs.close()
         if self.engine is not None:
-            self.engine.close()  # every copy has landed
+            self.engine.close()
         if self.prefetcher is not None:
             self._final = self.report()
         self.mapped_window = 0
@@ -361,14 +396,8 @@ class OffloadHandle:
         for layer in self.layers:
             for h in layer.hooks:
                 h.remove()
-            for entry in layer.master.layout.entries:
-                if any(entry is r for r in layer.replaced):
-                    continue
-                if entry.device.type == "meta":  # it came without data: give it back without reading any
-                    leaves = list(entry.specs)
-                else:
-                    leaves = layer.master.restored(entry, entry.device)
-                entry.parts.install(entry.tensor, leaves)
+        for entry, leaves in restored:
+            entry.parts.install(entry.tensor, leaves)
         for tensor, device in self.moved:
             tensor.data = tensor.data.to(device)
         if self.cache is not None:

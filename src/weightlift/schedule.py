@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import OffloadError
+
 log = logging.getLogger(__name__)
 
 
@@ -127,13 +129,27 @@ class Prefetcher:
         slot = self.slots[index]
         if slot.position != position:
             self.copies += 1
-            self.engine.load_now(self.jobs[position], index, slot.ticket)
-            slot.position, slot.ticket = position, None
+            pending, slot.position, slot.ticket = slot.ticket, None, None  # nothing trusted there until it lands
+            self._landed(position, lambda: self.engine.load_now(self.jobs[position], index, pending))
+            slot.position = position
             if self.loaded is not None:
                 self.loaded(position)
         elif slot.ticket is not None:
-            self.engine.wait(slot.ticket)
-            slot.ticket = None
+            ticket, slot.ticket = slot.ticket, None
+            slot.position = None  # until the wait says the bytes landed
+            self._landed(position, lambda: self.engine.wait(ticket))
+            slot.position = position
+
+    def _landed(self, position: int, transfer: Callable[[], None]) -> None:
+        """Run ``transfer`` of ``position``; a failure (a read error on the disk tier) leaves its slot empty,
+        so the next forward loads it again, and is an `OffloadError` naming the layer."""
+        try:
+            transfer()
+        except Exception as err:
+            name = getattr(self.jobs[position], "name", f"offloaded position {position}")
+            if isinstance(err, OffloadError):
+                raise OffloadError(f"`{name}` could not be loaded: {err}") from None
+            raise OffloadError(f"`{name}` could not be loaded: {type(err).__name__}: {err}") from err
 
     def after(self, position: int, every_slot: bool = False) -> None:
         """``position`` has run: release its slot (``every_slot``: all slots, after all compute so far) and
