@@ -135,6 +135,42 @@ def test_staged_disk_path_with_one_and_two_slabs(monkeypatch, tmp_path, source, 
     assert report.prefetch_misses >= 1
 
 
+def test_failed_reads_on_the_staged_path_leave_no_slot_trusted_and_no_hazard(monkeypatch, tmp_path):
+    """Reads that fail on the reader thread (after 0, 2 and 5 good ones), out of order, so that a load on
+    the compute thread follows a failed copy into its slot: each failure that a layer waits on is an
+    `OffloadError`, and the forwards after it are bitwise right with no slot read before its copy landed."""
+    import errno
+    import os
+
+    sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005, read_delay=0.005)
+    model = _stack()
+    x = torch.randn(4, 32)
+    model.order = [0, 3, 1, 2, 3, 4, 5, 5, 2]
+    (ref,) = _forwards(model, x)
+    slot = _slot_bytes(model)
+    real, armed, raised = os.preadv, {"skip": -1}, 0
+
+    def preadv(fd, buffers, offset):
+        armed["skip"] -= 1
+        if armed["skip"] == -1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with _offload(sim, model, source="disk", disk_path=str(tmp_path), prefetch_step=2, host_budget=2 * slot):
+        for skip in (0, 2, 5):
+            armed["skip"] = skip
+            try:
+                _forwards(model, x)
+            except weightlift.OffloadError as err:
+                assert "could not be loaded" in str(err) and "Input/output error" in str(err)
+                raised += 1
+            assert all(torch.equal(out, ref) for out in _forwards(model, x, 2))
+    sim.assert_clean()
+    sim.close()
+    assert raised >= 1
+
+
 def test_remove_while_copies_are_in_flight_frees_everything(sim):
     """The copy stream is held, so the next forward's copies are still queued when `remove()` runs."""
     model = _stack()
