@@ -145,6 +145,7 @@ class SimDevice:
         self.writes: dict[int, list[tuple[int, int]]] = defaultdict(list)  # storage -> copies landing now
         self.names: dict[int, str] = {}
         self.hooks: list = []  # the checker's hooks on watched layers
+        self.entered: set[int] = set()  # positions whose read began (their pre-hook ran) and has not ended
         self.log: list[tuple[int, str, int, Any]] = []  # (tick, copy/copied/read/read_end, storage, what)
 
     # ---------------------------------------------------------------- Streams
@@ -395,12 +396,15 @@ class SimDevice:
                 self._watch_experts(handle, position, layer, slot, base)
 
             def enter(module, args, position=position, key=base):
+                self.entered.add(position)
                 self._issue("read", position, key, self.current_stream())
                 if self._graph is None:
                     self.compute.drain()  # the host computes where the stream has got to
 
             def leave(module, args, output, position=position, key=base):
-                self._issue("read_end", position, key, self.current_stream())
+                if position in self.entered:  # not when weightlift's pre-hook raised before `enter` ran
+                    self.entered.discard(position)
+                    self._issue("read_end", position, key, self.current_stream())
 
             self.hooks += [
                 layer.module.register_forward_pre_hook(enter),  # runs after weightlift's wait

@@ -136,11 +136,14 @@ def test_staged_disk_path_with_one_and_two_slabs(monkeypatch, tmp_path, source, 
 
 
 def test_failed_reads_on_the_staged_path_leave_no_slot_trusted_and_no_hazard(monkeypatch, tmp_path):
-    """Reads that fail on the reader thread (after 0, 2 and 5 good ones), out of order, so that a load on
-    the compute thread follows a failed copy into its slot: each failure that a layer waits on is an
-    `OffloadError`, and the forwards after it are bitwise right with no slot read before its copy landed."""
+    """One read fails on the reader thread, after 0, 2, 5, 9 and 13 good ones of a forward run out of
+    order: a failure that a layer waits on is an `OffloadError`; one whose slot another layer loads first
+    (on the compute thread, after the failed copy) is no error and is overwritten. The forwards after each
+    are bitwise right, with no slot read before its copy landed."""
     import errno
     import os
+
+    from weightlift.engine import StagedEngine
 
     sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005, read_delay=0.005)
     model = _stack()
@@ -148,27 +151,39 @@ def test_failed_reads_on_the_staged_path_leave_no_slot_trusted_and_no_hazard(mon
     model.order = [0, 3, 1, 2, 3, 4, 5, 5, 2]
     (ref,) = _forwards(model, x)
     slot = _slot_bytes(model)
-    real, armed, raised = os.preadv, {"skip": -1}, 0
+    real, armed, raised, overwritten = os.preadv, {"skip": -1, "struck": False}, 0, []
 
     def preadv(fd, buffers, offset):
         armed["skip"] -= 1
         if armed["skip"] == -1:
+            armed["struck"] = True
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, buffers, offset)
 
+    def load_now(engine, job, index, after, load=StagedEngine.load_now):
+        overwritten.append(after is not None and after.exception() is not None)
+        return load(engine, job, index, after)
+
     monkeypatch.setattr(os, "preadv", preadv)
-    with _offload(sim, model, source="disk", disk_path=str(tmp_path), prefetch_step=2, host_budget=2 * slot):
-        for skip in (0, 2, 5):
-            armed["skip"] = skip
-            try:
-                _forwards(model, x)
-            except weightlift.OffloadError as err:
-                assert "could not be loaded" in str(err) and "Input/output error" in str(err)
-                raised += 1
+    monkeypatch.setattr(StagedEngine, "load_now", load_now)
+    config = dict(source="disk", disk_path=str(tmp_path), prefetch_step=2, host_budget=2 * slot)
+    with _offload(sim, model, **config) as handle:
+        for skip in (0, 2, 5, 9, 11, 13):
+            handle.engine.synchronize()  # no read of the last forward is left to count
+            armed["skip"], armed["struck"] = skip, False
+            for _ in range(3):  # a read ahead into the next forward may be the one that fails: it raises there
+                try:
+                    _forwards(model, x)
+                    break
+                except weightlift.OffloadError as err:
+                    assert "could not be loaded" in str(err) and "Input/output error" in str(err)
+                    raised += 1
+            handle.engine.synchronize()
+            assert armed["struck"]
             assert all(torch.equal(out, ref) for out in _forwards(model, x, 2))
     sim.assert_clean()
     sim.close()
-    assert raised >= 1
+    assert raised >= 1 and any(overwritten)
 
 
 def test_remove_while_copies_are_in_flight_frees_everything(sim):

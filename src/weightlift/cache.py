@@ -14,7 +14,8 @@ When an entry was last used is the mtime of its sidecar (``<file>.used`` next to
 ``.used`` inside a converted folder; `mark_used` touches it), else of the file or marker itself. Only
 entries that carry weightlift's format are listed or removed: any other file in the folder is left
 alone. A layer cache being written (``.weightlift-*.safetensors.tmp-<pid>``) is listed only once it is
-more than a day old (a write that died).
+more than a day old (a write that died; the next write of that cache removes it, holding its lock: see
+`locks`). Lock files (``.<name>.lock``) are never listed: their holder removes them.
 """
 
 from __future__ import annotations
