@@ -476,3 +476,42 @@ def test_attribute_tensors_outside_offloaded_layers_are_left_where_they_are():
         assert during[name] == [p for p, _ in before[name]], name
     for name, m in holders.items():  # every attribute back, bitwise, after remove()
         assert torch.equal(m.meta["scale"], before[name][0][1]) and torch.equal(m.state.absmax, before[name][1][1])
+
+
+class TwoStacks(nn.Module):
+    """Two ModuleLists of `Block`s; ``b[1].fc.weight`` is the very Parameter ``a[1].fc.weight``."""
+
+    def __init__(self, n: int = 3, dim: int = 32) -> None:
+        super().__init__()
+        self.a = nn.ModuleList(Block(dim) for _ in range(n))
+        self.b = nn.ModuleList(Block(dim) for _ in range(n))
+        self.b[1].fc.weight = self.a[1].fc.weight
+
+    def forward(self, x):
+        for layer in (*self.a, *self.b):
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("indices", [None, (1,), (4,), (1, 2, 3)], ids=["all", "a-side", "b-side", "a-side+others"])
+def test_a_weight_tied_across_two_stacks_stays_one_resident_tensor(indices, monkeypatch):
+    """Positions 1 (``a.1``) and 4 (``b.1``) share ``fc.weight``: whether both, one or neither is offloaded,
+    it is one tensor, never streamed (a slot would be overwritten under the other layer), and outputs match."""
+    torch.manual_seed(0)
+    model = TwoStacks().eval()
+    tied = model.a[1].fc.weight
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    snap, where = snapshot(model), tied.data_ptr()
+    gates.hold(monkeypatch)
+    config = OffloadConfig(layers=("a", "b"), indices=indices, prefetch_step=1)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        assert all(e.tensor is not tied for layer in handle.layers for e in layer.master.layout.entries)
+        assert model.b[1].fc.weight is tied and tied.data_ptr() == where  # in place, not in any slot
+        assert len(handle.layers) == (6 if indices is None else len(indices))
+    assert all(torch.equal(o, ref) for o in out)
+    assert model.b[1].fc.weight is model.a[1].fc.weight
+    assert_same(model, snap, same_storage=True)
