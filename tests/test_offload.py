@@ -515,3 +515,54 @@ def test_a_weight_tied_across_two_stacks_stays_one_resident_tensor(indices, monk
     assert all(torch.equal(o, ref) for o in out)
     assert model.b[1].fc.weight is model.a[1].fc.weight
     assert_same(model, snap, same_storage=True)
+
+
+class ViewBlock(nn.Module):
+    """``w2`` is ``w1`` seen as a flat vector and ``head`` a slice of its first rows: three Parameters over one
+    storage, plus a bias that is a slice of a second storage also holding ``scale``."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+        self.w2 = nn.Parameter(self.w1.detach().view(-1))
+        self.head = nn.Parameter(self.w1.detach()[4:8])
+        both = torch.randn(2 * dim)
+        self.bias = nn.Parameter(both[:dim])
+        self.scale = nn.Parameter(both[dim:])
+
+    def forward(self, x):
+        y = x @ self.w1.T + self.bias + self.w2[: x.shape[-1]] * self.scale
+        return torch.tanh(y) + (x @ self.head.T).sum(-1, keepdim=True)
+
+
+def _views(layer: ViewBlock) -> tuple:
+    """How the five Parameters lie: which storage (numbered in order of appearance), offset, shape, strides."""
+    params = (layer.w1, layer.w2, layer.head, layer.bias, layer.scale)
+    storages = list(dict.fromkeys(p.untyped_storage().data_ptr() for p in params))
+    return tuple((storages.index(p.untyped_storage().data_ptr()), p.storage_offset(), p.shape, p.stride())
+                 for p in params)  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["host", "disk-read", "disk-mapped"])
+def test_parameters_that_are_views_of_one_another_stay_views(source, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[ViewBlock() for _ in range(4)]).eval()
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    before = [_views(layer) for layer in model]
+    assert [v[0] for v in before[0]] == [0, 0, 0, 1, 1]  # two storages, views within each
+    snap = snapshot(model)
+    gates.hold(monkeypatch)
+    disk = {} if source == "host" else {"source": "disk", "disk_path": str(tmp_path), "mmap": source == "disk-mapped"}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1, **disk)):
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        during = model[1]
+        assert during.w2.untyped_storage().data_ptr() == during.w1.untyped_storage().data_ptr()
+    assert all(torch.equal(o, ref) for o in out)
+    assert [_views(layer) for layer in model] == before  # still views of one another, as they were
+    assert_same(model, snap)
+    with torch.no_grad():
+        model[0].w1[0, 0] = 7.0  # one storage: a write through one view shows in the others
+    assert model[0].w2[0] == 7.0

@@ -361,14 +361,11 @@ class OffloadHandle:
         for layer in self.layers:
             for h in layer.hooks:
                 h.remove()
+            restored = layer.master.restored()  # none for entries that came without data (on meta)
             for entry in layer.master.layout.entries:
                 if any(entry is r for r in layer.replaced):
                     continue
-                if entry.device.type == "meta":  # it came without data: give it back without reading any
-                    leaves = list(entry.specs)
-                else:
-                    leaves = layer.master.restored(entry, entry.device)
-                entry.parts.install(entry.tensor, leaves)
+                entry.parts.install(entry.tensor, restored.get(id(entry), list(entry.specs)))
         for tensor, device in self.moved:
             tensor.data = tensor.data.to(device)
         if self.cache is not None:
