@@ -259,3 +259,46 @@ def test_a_skip_fails_where_every_extra_is_installed_unless_it_is_about_the_acce
 
     assert "1 failed, 1 skipped" in inner("1")
     assert "2 skipped" in inner("0")
+
+
+class Scaled(nn.Module):
+    """A layer with a parameter and a persistent buffer, both offloaded."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.register_buffer("scale", torch.rand(dim))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) * self.scale
+
+
+class Lazy(Scaled):
+    """Returns its result as a generator (``wrap``: inside a tuple), computed when consumed."""
+
+    wrap = False
+
+    def forward(self, x):
+        gen = (super(Lazy, self).forward(x) for _ in range(1))
+        return (gen,) if self.wrap else gen
+
+
+def _blocks(cls=Scaled, n: int = 4) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[cls() for _ in range(n)]).eval()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["generator", "in-a-tuple"])
+def test_a_layer_returning_a_generator_is_refused_at_its_forward(wrap):
+    """Consumed later, a generator would compute on the slot after it went to the next layer: refused when
+    the layer returns, naming it; remove() gives the model back as it was."""
+    model = _blocks(Lazy, 1)
+    model[0].wrap = wrap
+    snap, hooks = snapshot(model), hook_counts(model)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1))
+    lazy = r"`0` returned a generator, computed after the layer returns.*tuple"
+    with pytest.raises(OffloadError, match=lazy), torch.inference_mode():
+        model(torch.randn(2, 16))
+    handle.remove()
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks

@@ -566,3 +566,37 @@ def test_parameters_that_are_views_of_one_another_stay_views(source, tmp_path, m
     with torch.no_grad():
         model[0].w1[0, 0] = 7.0  # one storage: a write through one view shows in the others
     assert model[0].w2[0] == 7.0
+
+
+class DictBlock(Block):
+    """Returns a dict of tensors (a ``ModelOutput``-like layer)."""
+
+    def forward(self, x):
+        return {"hidden": super().forward(x), "aux": self.fc.bias.sum()}
+
+
+class DictStack(nn.Module):
+    def __init__(self, n: int = 5, dim: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DictBlock(dim) for _ in range(n))
+
+    def forward(self, x):
+        aux = 0
+        for layer in self.layers:
+            out = layer(x)
+            x, aux = out["hidden"], aux + out["aux"]
+        return x, aux
+
+
+def test_a_layer_returning_a_dict_streams_and_matches(monkeypatch):
+    torch.manual_seed(0)
+    model = DictStack().eval()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    gates.hold(monkeypatch)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        assert handle.report().prefetch_misses == 0
+    assert all(torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1]) for o in out)

@@ -7,6 +7,7 @@ model is recognised as offloaded by finding them.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class LayerHook:
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
         compiling = torch.compiler.is_compiling()
+        if not compiling:
+            refuse_lazy(self.name, output)
         x = first_tensor(output) if compiling else None
         if x is not None:  # traced: ordered after the compute that produced the output
             torch.ops.weightlift.prefetch(x, self.key)
@@ -125,6 +128,20 @@ class LayerHook:
                     "so that weightlift streams the repacked form",
                     self.name, entry.qualname,
                 )  # fmt: skip
+
+
+def refuse_lazy(name: str, output: Any) -> None:
+    """`OffloadError` for a layer output computed later (a generator or another iterator, also inside a
+    tuple, list or dict): it would read the layer's weights after its slot is given to the next layer."""
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for value in (output, *values):
+        if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, Iterator)):
+            raise OffloadError(
+                f"`{name}` returned a {type(value).__name__}, computed after the layer returns, when weightlift has "
+                "given its slot to the next layer: it would read other weights. Make its forward return tensors "
+                "(collect the generator inside it, e.g. `return tuple(...)`), or keep the layer resident "
+                "(OffloadConfig(indices=...) without it)"
+            )
 
 
 def is_offloaded(model: nn.Module) -> bool:
