@@ -302,3 +302,39 @@ def test_a_layer_returning_a_generator_is_refused_at_its_forward(wrap):
     handle.remove()
     assert_same(model, snap, same_storage=True)
     assert hook_counts(model) == hooks
+
+
+CONVERSIONS = {
+    "half": lambda m: m.half(),
+    "double": lambda m: m.double(),
+    "to-bfloat16": lambda m: m.to(torch.bfloat16),
+    "to-meta": lambda m: m.to("meta"),
+    "buffer-replaced": lambda m: m[2].register_buffer("scale", torch.ones(16)),
+    "data-set": lambda m: setattr(m[3].fc.weight, "data", torch.zeros(16, 16)),
+}
+
+
+@pytest.mark.parametrize("convert", list(CONVERSIONS))
+def test_converting_an_offloaded_model_is_refused_at_its_next_forward(convert):
+    """torch has no per-module hook on ``Module._apply``: ``model.half()`` and friends convert whatever bytes
+    the shared slots hold then, and replace buffers. The next forward (and state_dict) sees that an offloaded
+    tensor left its slot and refuses, naming it and the fix; remove() puts the offloaded tensors back."""
+    model = _blocks()
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        ref = model(x)
+    snap = snapshot(model)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1))
+    with torch.inference_mode():
+        model(x)
+    CONVERSIONS[convert](model)
+    name = {"buffer-replaced": r"`2\.scale`", "data-set": r"`3\.fc\.weight`"}.get(convert, r"`0\.(fc\.weight|scale)`")
+    refusal = name + r" no longer reads the slot.*Call `handle\.remove\(\)` first"
+    with pytest.raises(OffloadError, match=refusal), torch.inference_mode():
+        model(x.to(model[0].fc.bias.dtype))
+    with pytest.raises(OffloadError, match="no longer reads the slot"):
+        model.state_dict()
+    handle.remove()  # every tensor was offloaded: the model is back as it was, conversion undone
+    assert_same(model, snap)
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref)

@@ -600,3 +600,61 @@ def test_a_layer_returning_a_dict_streams_and_matches(monkeypatch):
             out = [model(x) for _ in range(3)]
         assert handle.report().prefetch_misses == 0
     assert all(torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1]) for o in out)
+
+
+class ExtraBlock(Block):
+    """Adds its buffer ``extra`` when it has one."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + self.extra if hasattr(self, "extra") else y
+
+
+def test_a_buffer_registered_after_offload_is_used_and_left_by_remove(monkeypatch):
+    """A new buffer on an offloaded layer is the user's: resident, read by the forward, in the state dict,
+    and still there (the same tensor, its bytes) after remove(), which gives back everything else."""
+    torch.manual_seed(0)
+    model, reference = Stack(), Stack()
+    for m in (model, reference):
+        m.layers = nn.ModuleList(ExtraBlock(32) for _ in range(6))
+        m.eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 32)
+    snap = snapshot(model)
+    gates.hold(monkeypatch)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        for m in (model, reference):
+            for layer in m.layers:
+                layer.register_buffer("extra", torch.full((32,), 0.5))
+        extra = model.layers[2].extra
+        with torch.inference_mode():
+            out, ref = model(x), reference(x)
+        assert handle.report().layers_offloaded == 6
+        assert torch.equal(model.state_dict()["layers.2.extra"], extra)
+    assert torch.equal(out, ref)
+    assert model.layers[2].extra is extra and torch.equal(extra, torch.full((32,), 0.5))
+    for layer in model.layers:
+        del layer.extra
+    assert_same(model, snap, same_storage=True)  # the rest as it was
+
+
+@pytest.mark.parametrize("convert", ["to-cpu", "cpu", "float", "to-float32", "type-float32"])
+def test_conversions_that_change_nothing_are_handled(convert, monkeypatch):
+    """``model.to("cpu")``, ``.cpu()``, ``.float()`` on a float32 model offloaded to the CPU leave every tensor
+    where it is: the forward is exact and remove() gives the same storages back."""
+    model = _stack()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    snap = snapshot(model)
+    gates.hold(monkeypatch)
+    calls = {"to-cpu": lambda m: m.to("cpu"), "cpu": lambda m: m.cpu(), "float": lambda m: m.float(),
+             "to-float32": lambda m: m.to(torch.float32), "type-float32": lambda m: m.type(torch.float32)}  # fmt: skip
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        with torch.inference_mode():
+            model(x)
+        calls[convert](model)
+        with torch.inference_mode():
+            out = model(x)
+    assert torch.equal(out, ref)
+    assert_same(model, snap, same_storage=True)
