@@ -52,6 +52,9 @@ def test_format_size():
         (dict(indices=(1, -2)), "indices"),
         (dict(indices=(True,)), "indices"),
         (dict(indices=3), "indices"),
+        (dict(mmap="yes"), "mmap"),
+        (dict(source="ram"), "source"),
+        (dict(expert_lookahead="next"), "expert_lookahead"),
     ],
 )
 def test_invalid_config_names_the_argument(kwargs, name):

@@ -322,3 +322,8 @@ def test_a_plan_saved_before_versions_reads_as_version_1_and_applies(blocks_plan
         expected = blocks(x)
         with weightlift.offload(blocks, plan=old) as handle:
             assert torch.equal(blocks(x), expected) and handle.report().layers_offloaded == len(plan.offloaded) > 0
+
+
+def test_a_plan_that_is_not_a_plan_is_refused(model):
+    assert_refused(model, lambda: weightlift.offload(model, plan="plan.json"),
+                   "`plan` must be a weightlift.Plan (from weightlift.plan()), got str")  # fmt: skip
