@@ -1,7 +1,13 @@
 from __future__ import annotations
 
-import pytest
+import copy
+import pickle
+from pathlib import Path
 
+import pytest
+import torch
+
+import weightlift
 from weightlift import OffloadConfig, OffloadError
 from weightlift.config import format_size, parse_size
 
@@ -46,6 +52,9 @@ def test_format_size():
         (dict(indices=(1, -2)), "indices"),
         (dict(indices=(True,)), "indices"),
         (dict(indices=3), "indices"),
+        (dict(mmap="yes"), "mmap"),
+        (dict(source="ram"), "source"),
+        (dict(expert_lookahead="next"), "expert_lookahead"),
     ],
 )
 def test_invalid_config_names_the_argument(kwargs, name):
@@ -75,3 +84,37 @@ def test_indices_override_the_group_rule_and_several_stacks_are_a_tuple():
     config = OffloadConfig(group_size=4, num_in_group=1, indices=[5, 1, 5], layers=["encoder.block", "decoder.block"])
     assert config.indices == (1, 5) and config.layers == ("encoder.block", "decoder.block")
     assert [i for i in range(8) if config.offloads_layer(i)] == [1, 5]
+
+
+EVERY_FIELD = dict(group_size=3, num_in_group=2, prefetch_step=1, params=("fc",), layers=("a", "b"), indices=(2, 0),
+                   source="disk", disk_path=Path("/tmp/cache"), host_budget="1MiB", mmap=False,
+                   experts=("mlp.experts",), expert_lookahead="router")  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_config_survives_pickle_and_copy_equal_and_usable(how, tmp_path):
+    """Every field set (normalised values included: host_budget parsed, indices sorted, experts a tuple) comes
+    back equal, hashing equal and still frozen; and a copied config offloads exactly as the original."""
+    def again(c: OffloadConfig) -> list[OffloadConfig]:
+        if how == "pickle":
+            return [pickle.loads(pickle.dumps(c, protocol=p)) for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+        return [copy.deepcopy(c) if how == "deepcopy" else copy.copy(c)]
+
+    for config in (OffloadConfig(), OffloadConfig(**EVERY_FIELD)):
+        for other in again(config):
+            assert other == config and hash(other) == hash(config) and type(other) is OffloadConfig
+            assert (other.host_budget, other.indices) == (config.host_budget, config.indices)
+            with pytest.raises(AttributeError):
+                other.group_size = 9
+    assert OffloadConfig(**EVERY_FIELD).host_budget == 2**20
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)]).eval()
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        ref = model(x)
+    config = OffloadConfig(layers="", indices=(1, 3), prefetch_step=1, source="disk", disk_path=tmp_path, mmap=False)
+    (other,) = again(config)[-1:]
+    with weightlift.offload(model, device="cpu", config=other) as handle, torch.inference_mode():
+        out = model(x)
+        assert [layer.index for layer in handle.layers] == [1, 3]
+    assert torch.equal(out, ref)

@@ -259,3 +259,82 @@ def test_a_skip_fails_where_every_extra_is_installed_unless_it_is_about_the_acce
 
     assert "1 failed, 1 skipped" in inner("1")
     assert "2 skipped" in inner("0")
+
+
+class Scaled(nn.Module):
+    """A layer with a parameter and a persistent buffer, both offloaded."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.register_buffer("scale", torch.rand(dim))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) * self.scale
+
+
+class Lazy(Scaled):
+    """Returns its result as a generator (``wrap``: inside a tuple), computed when consumed."""
+
+    wrap = False
+
+    def forward(self, x):
+        gen = (super(Lazy, self).forward(x) for _ in range(1))
+        return (gen,) if self.wrap else gen
+
+
+def _blocks(cls=Scaled, n: int = 4) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[cls() for _ in range(n)]).eval()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["generator", "in-a-tuple"])
+def test_a_layer_returning_a_generator_is_refused_at_its_forward(wrap):
+    """Consumed later, a generator would compute on the slot after it went to the next layer: refused when
+    the layer returns, naming it; remove() gives the model back as it was."""
+    model = _blocks(Lazy, 1)
+    model[0].wrap = wrap
+    snap, hooks = snapshot(model), hook_counts(model)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1))
+    lazy = r"`0` returned a generator, computed after the layer returns.*tuple"
+    with pytest.raises(OffloadError, match=lazy), torch.inference_mode():
+        model(torch.randn(2, 16))
+    handle.remove()
+    assert_same(model, snap, same_storage=True)
+    assert hook_counts(model) == hooks
+
+
+CONVERSIONS = {
+    "half": lambda m: m.half(),
+    "double": lambda m: m.double(),
+    "to-bfloat16": lambda m: m.to(torch.bfloat16),
+    "to-meta": lambda m: m.to("meta"),
+    "buffer-replaced": lambda m: m[2].register_buffer("scale", torch.ones(16)),
+    "data-set": lambda m: setattr(m[3].fc.weight, "data", torch.zeros(16, 16)),
+}
+
+
+@pytest.mark.parametrize("convert", list(CONVERSIONS))
+def test_converting_an_offloaded_model_is_refused_at_its_next_forward(convert):
+    """torch has no per-module hook on ``Module._apply``: ``model.half()`` and friends convert whatever bytes
+    the shared slots hold then, and replace buffers. The next forward (and state_dict) sees that an offloaded
+    tensor left its slot and refuses, naming it and the fix; remove() puts the offloaded tensors back."""
+    model = _blocks()
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        ref = model(x)
+    snap = snapshot(model)
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1))
+    with torch.inference_mode():
+        model(x)
+    CONVERSIONS[convert](model)
+    name = {"buffer-replaced": r"`2\.scale`", "data-set": r"`3\.fc\.weight`"}.get(convert, r"`0\.(fc\.weight|scale)`")
+    refusal = name + r" no longer reads the slot.*Call `handle\.remove\(\)` first"
+    with pytest.raises(OffloadError, match=refusal), torch.inference_mode():
+        model(x.to(model[0].fc.bias.dtype))
+    with pytest.raises(OffloadError, match="no longer reads the slot"):
+        model.state_dict()
+    handle.remove()  # every tensor was offloaded: the model is back as it was, conversion undone
+    assert_same(model, snap)
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref)

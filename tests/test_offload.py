@@ -476,3 +476,185 @@ def test_attribute_tensors_outside_offloaded_layers_are_left_where_they_are():
         assert during[name] == [p for p, _ in before[name]], name
     for name, m in holders.items():  # every attribute back, bitwise, after remove()
         assert torch.equal(m.meta["scale"], before[name][0][1]) and torch.equal(m.state.absmax, before[name][1][1])
+
+
+class TwoStacks(nn.Module):
+    """Two ModuleLists of `Block`s; ``b[1].fc.weight`` is the very Parameter ``a[1].fc.weight``."""
+
+    def __init__(self, n: int = 3, dim: int = 32) -> None:
+        super().__init__()
+        self.a = nn.ModuleList(Block(dim) for _ in range(n))
+        self.b = nn.ModuleList(Block(dim) for _ in range(n))
+        self.b[1].fc.weight = self.a[1].fc.weight
+
+    def forward(self, x):
+        for layer in (*self.a, *self.b):
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("indices", [None, (1,), (4,), (1, 2, 3)], ids=["all", "a-side", "b-side", "a-side+others"])
+def test_a_weight_tied_across_two_stacks_stays_one_resident_tensor(indices, monkeypatch):
+    """Positions 1 (``a.1``) and 4 (``b.1``) share ``fc.weight``: whether both, one or neither is offloaded,
+    it is one tensor, never streamed (a slot would be overwritten under the other layer), and outputs match."""
+    torch.manual_seed(0)
+    model = TwoStacks().eval()
+    tied = model.a[1].fc.weight
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    snap, where = snapshot(model), tied.data_ptr()
+    gates.hold(monkeypatch)
+    config = OffloadConfig(layers=("a", "b"), indices=indices, prefetch_step=1)
+    with weightlift.offload(model, device="cpu", config=config) as handle:
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        assert all(e.tensor is not tied for layer in handle.layers for e in layer.master.layout.entries)
+        assert model.b[1].fc.weight is tied and tied.data_ptr() == where  # in place, not in any slot
+        assert len(handle.layers) == (6 if indices is None else len(indices))
+    assert all(torch.equal(o, ref) for o in out)
+    assert model.b[1].fc.weight is model.a[1].fc.weight
+    assert_same(model, snap, same_storage=True)
+
+
+class ViewBlock(nn.Module):
+    """``w2`` is ``w1`` seen as a flat vector and ``head`` a slice of its first rows: three Parameters over one
+    storage, plus a bias that is a slice of a second storage also holding ``scale``."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+        self.w2 = nn.Parameter(self.w1.detach().view(-1))
+        self.head = nn.Parameter(self.w1.detach()[4:8])
+        both = torch.randn(2 * dim)
+        self.bias = nn.Parameter(both[:dim])
+        self.scale = nn.Parameter(both[dim:])
+
+    def forward(self, x):
+        y = x @ self.w1.T + self.bias + self.w2[: x.shape[-1]] * self.scale
+        return torch.tanh(y) + (x @ self.head.T).sum(-1, keepdim=True)
+
+
+def _views(layer: ViewBlock) -> tuple:
+    """How the five Parameters lie: which storage (numbered in order of appearance), offset, shape, strides."""
+    params = (layer.w1, layer.w2, layer.head, layer.bias, layer.scale)
+    storages = list(dict.fromkeys(p.untyped_storage().data_ptr() for p in params))
+    return tuple((storages.index(p.untyped_storage().data_ptr()), p.storage_offset(), p.shape, p.stride())
+                 for p in params)  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["host", "disk-read", "disk-mapped"])
+def test_parameters_that_are_views_of_one_another_stay_views(source, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[ViewBlock() for _ in range(4)]).eval()
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    before = [_views(layer) for layer in model]
+    assert [v[0] for v in before[0]] == [0, 0, 0, 1, 1]  # two storages, views within each
+    snap = snapshot(model)
+    gates.hold(monkeypatch)
+    disk = {} if source == "host" else {"source": "disk", "disk_path": str(tmp_path), "mmap": source == "disk-mapped"}
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1, **disk)):
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        during = model[1]
+        assert during.w2.untyped_storage().data_ptr() == during.w1.untyped_storage().data_ptr()
+    assert all(torch.equal(o, ref) for o in out)
+    assert [_views(layer) for layer in model] == before  # still views of one another, as they were
+    assert_same(model, snap)
+    with torch.no_grad():
+        model[0].w1[0, 0] = 7.0  # one storage: a write through one view shows in the others
+    assert model[0].w2[0] == 7.0
+
+
+class DictBlock(Block):
+    """Returns a dict of tensors (a ``ModelOutput``-like layer)."""
+
+    def forward(self, x):
+        return {"hidden": super().forward(x), "aux": self.fc.bias.sum()}
+
+
+class DictStack(nn.Module):
+    def __init__(self, n: int = 5, dim: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DictBlock(dim) for _ in range(n))
+
+    def forward(self, x):
+        aux = 0
+        for layer in self.layers:
+            out = layer(x)
+            x, aux = out["hidden"], aux + out["aux"]
+        return x, aux
+
+
+def test_a_layer_returning_a_dict_streams_and_matches(monkeypatch):
+    torch.manual_seed(0)
+    model = DictStack().eval()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    gates.hold(monkeypatch)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1)) as handle:
+        with torch.inference_mode():
+            out = [model(x) for _ in range(3)]
+        assert handle.report().prefetch_misses == 0
+    assert all(torch.equal(o[0], ref[0]) and torch.equal(o[1], ref[1]) for o in out)
+
+
+class ExtraBlock(Block):
+    """Adds its buffer ``extra`` when it has one."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + self.extra if hasattr(self, "extra") else y
+
+
+def test_a_buffer_registered_after_offload_is_used_and_left_by_remove(monkeypatch):
+    """A new buffer on an offloaded layer is the user's: resident, read by the forward, in the state dict,
+    and still there (the same tensor, its bytes) after remove(), which gives back everything else."""
+    torch.manual_seed(0)
+    model, reference = Stack(), Stack()
+    for m in (model, reference):
+        m.layers = nn.ModuleList(ExtraBlock(32) for _ in range(6))
+        m.eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 32)
+    snap = snapshot(model)
+    gates.hold(monkeypatch)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        for m in (model, reference):
+            for layer in m.layers:
+                layer.register_buffer("extra", torch.full((32,), 0.5))
+        extra = model.layers[2].extra
+        with torch.inference_mode():
+            out, ref = model(x), reference(x)
+        assert handle.report().layers_offloaded == 6
+        assert torch.equal(model.state_dict()["layers.2.extra"], extra)
+    assert torch.equal(out, ref)
+    assert model.layers[2].extra is extra and torch.equal(extra, torch.full((32,), 0.5))
+    for layer in model.layers:
+        del layer.extra
+    assert_same(model, snap, same_storage=True)  # the rest as it was
+
+
+@pytest.mark.parametrize("convert", ["to-cpu", "cpu", "float", "to-float32", "type-float32"])
+def test_conversions_that_change_nothing_are_handled(convert, monkeypatch):
+    """``model.to("cpu")``, ``.cpu()``, ``.float()`` on a float32 model offloaded to the CPU leave every tensor
+    where it is: the forward is exact and remove() gives the same storages back."""
+    model = _stack()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    snap = snapshot(model)
+    gates.hold(monkeypatch)
+    calls = {"to-cpu": lambda m: m.to("cpu"), "cpu": lambda m: m.cpu(), "float": lambda m: m.float(),
+             "to-float32": lambda m: m.to(torch.float32), "type-float32": lambda m: m.type(torch.float32)}  # fmt: skip
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)):
+        with torch.inference_mode():
+            model(x)
+        calls[convert](model)
+        with torch.inference_mode():
+            out = model(x)
+    assert torch.equal(out, ref)
+    assert_same(model, snap, same_storage=True)

@@ -255,3 +255,75 @@ def test_a_language_model_is_timed_on_a_32_token_prefill_and_a_decode_step_with_
         assert seen and set(seen) == {(tuple(ids.shape), 0)}
     finally:
         hook.remove()
+
+
+@pytest.fixture(scope="module")
+def blocks_plan(tmp_path_factory):
+    """Four Linear blocks and a plan for them (quick: a sample, one rep)."""
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)]).eval()
+    plan = weightlift.plan(blocks, device="cpu", budget=2 * 16 * 17 * 4 + 1024, disk_path=tmp_path_factory.mktemp("c"),
+                           sample=torch.ones(2, 16), reps=1, layers="")  # fmt: skip
+    return blocks, plan
+
+
+def _edited(plan: Plan, edit) -> str:
+    data = json.loads(plan.to_json())
+    edit(data)
+    return json.dumps(data)
+
+
+HAND_EDITS = {
+    "renamed-field": (lambda d: d.update(prefetch_steps=d.pop("prefetch_step")),
+                      "`plan` has an unknown field `plan.prefetch_steps`: its fields are model, "),
+    "missing-field": (lambda d: d.pop("offloaded"),
+                      "`plan` is not a weightlift plan: `plan` has no field `plan.offloaded`"),
+    "string-for-int": (lambda d: d.update(prefetch_step="2"), "`plan.prefetch_step` must be int, got '2'"),
+    "bool-for-int": (lambda d: d.update(budget=True), "`plan.budget` must be int, got True"),
+    "int-for-bool": (lambda d: d.update(mmap=1), "`plan.mmap` must be bool, got 1"),
+    "item-of-a-list": (lambda d: d.update(offloaded=[0, "1"]), "`plan.offloaded` must be list[int], got [0, '1']"),
+    "workload-field": (lambda d: d["workloads"]["sample"].update(compute_s="fast"),
+                       "`plan.workloads.sample.compute_s` must be list[float], got 'fast'"),
+    "workload-unknown": (lambda d: d["workloads"]["sample"].update(note=1),
+                         "`plan.workloads.sample` has an unknown field `plan.workloads.sample.note`"),
+    "version-unknown": (lambda d: d.update(version=2),
+                        "`plan.version`=2: this weightlift reads plans of version 1. Make the plan again"),
+    "version-string": (lambda d: d.update(version="1"), "`plan.version`='1': this weightlift reads plans of version 1"),
+    "other-json": (lambda d: d.clear() or d.update(x=[]), "`plan` has an unknown field `plan.x`"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit", list(HAND_EDITS))
+def test_a_plan_edited_by_hand_is_refused_naming_the_field(blocks_plan, edit):
+    _, plan = blocks_plan
+    how, message = HAND_EDITS[edit]
+    with pytest.raises(OffloadError, match=re.escape(message)) as err:
+        Plan.from_json(_edited(plan, how))
+    assert "the plan again with weightlift.plan()" in str(err.value)  # the fix
+
+
+def test_a_plan_that_is_no_object_and_a_device_edited_by_hand_are_refused(blocks_plan):
+    blocks, plan = blocks_plan
+    with pytest.raises(OffloadError, match=r"`plan` is not a weightlift plan \(a JSON object of its fields, got list"):
+        Plan.from_json("[1, 2]")
+    bad = Plan.from_json(_edited(plan, lambda d: d.update(device="gpu0")))  # a string: read; checked at offload
+    assert_refused(blocks, lambda: weightlift.offload(blocks, plan=bad),
+                   "`plan.device`='gpu0' is not a device torch knows: make the plan again")  # fmt: skip
+
+
+def test_a_plan_saved_before_versions_reads_as_version_1_and_applies(blocks_plan):
+    """Plans written before the ``version`` field (the CLI's saved plans among them) are version 1."""
+    blocks, plan = blocks_plan
+    assert plan.version == 1 and json.loads(plan.to_json())["version"] == 1
+    old = Plan.from_json(_edited(plan, lambda d: d.pop("version")))
+    assert old == plan
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        expected = blocks(x)
+        with weightlift.offload(blocks, plan=old) as handle:
+            assert torch.equal(blocks(x), expected) and handle.report().layers_offloaded == len(plan.offloaded) > 0
+
+
+def test_a_plan_that_is_not_a_plan_is_refused(model):
+    assert_refused(model, lambda: weightlift.offload(model, plan="plan.json"),
+                   "`plan` must be a weightlift.Plan (from weightlift.plan()), got str")  # fmt: skip

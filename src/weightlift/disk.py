@@ -38,6 +38,7 @@ from .config import format_size
 from .dtypes import leaf_span
 from .errors import OffloadError
 from .storage import ALIGN, Entry, Layout
+from .tensors import typed_view
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +440,17 @@ class DiskMaster:
     def leaves(self, entry: Entry) -> list[torch.Tensor]:
         return self.cache.read_leaves(self.index, entry)
 
-    def restored(self, entry: Entry, device: torch.device) -> list[torch.Tensor]:
-        return [leaf.to(device) for leaf in self.cache.read_leaves(self.index, entry)]
+    def restored(self) -> dict[int, list[torch.Tensor]]:
+        """New leaves of every entry, by ``id`` (see `Layout.restored`: views of one storage stay views), from
+        each entry's leaves as read from the file, laid out like a slot."""
+
+        def fill(buffer: torch.Tensor) -> None:
+            for e in self.layout.entries:
+                if e.device.type != "meta":
+                    for leaf, offset, spec in zip(self.cache.read_leaves(self.index, e), e.offsets, e.specs):
+                        typed_view(buffer, offset, spec).copy_(leaf)
+
+        return self.layout.restored(fill)
 
     def read(self, buffer: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
         """Read this layer (or the byte ranges ``ranges`` of it), in the slot layout, into a CPU ``buffer``."""

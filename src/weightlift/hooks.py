@@ -7,6 +7,7 @@ model is recognised as offloaded by finding them.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .ops import eagerly, first_tensor
 from .pool import DevicePool, HostArena
 from .report import DeviceClock, OffloadReport, Timeline
 from .schedule import Prefetcher
-from .storage import HostMaster
+from .storage import Entry, HostMaster
 from .streams import Streams
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class LayerHook:
             for e in layer.master.layout.entries
             if e.parts.kind == "plain" or e.parts.kind.startswith("storage subclass")
         ]
+        layer.holders = holders(layer)  # who holds each offloaded tensor: a conversion since is refused
         self.key = ops.register(self)  # how the compiled ops find this hook
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -81,6 +83,8 @@ class LayerHook:
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
         compiling = torch.compiler.is_compiling()
+        if not compiling:
+            refuse_lazy(self.name, output)
         x = first_tensor(output) if compiling else None
         if x is not None:  # traced: ordered after the compute that produced the output
             torch.ops.weightlift.prefetch(x, self.key)
@@ -100,6 +104,7 @@ class LayerHook:
 
     def wait(self) -> None:
         """Before the layer runs (eagerly, or inside the compiled ``weightlift::wait``)."""
+        self.refuse_drift()
         self.graphs.check()
         self.occupancy.enter(self.name)
         start = self.timeline.mark()
@@ -124,6 +129,17 @@ class LayerHook:
         if any(e.tensor.data_ptr() != ptr for e, ptr in self.watch):
             self._replaced()
 
+    def refuse_drift(self) -> None:
+        """`OffloadError` when an offloaded tensor no longer reads its slot since offload (see `drifted`)."""
+        name = drifted(self.layer, self.watch)
+        if name is not None:
+            raise OffloadError(
+                f"`{self.name}.{name}` no longer reads the slot weightlift streams it into: it was converted "
+                "(`model.to(...)`, `.half()`, `.float()`, `.cuda()`), set or replaced while the model is "
+                "offloaded, so it holds bytes that are not its weights. Call `handle.remove()` first (it puts "
+                "the offloaded tensors back as they were at offload), then convert the model, then offload again"
+            )
+
     def _replaced(self) -> None:
         for entry, ptr in list(self.watch):
             if entry.tensor.data_ptr() != ptr:
@@ -135,6 +151,67 @@ class LayerHook:
                     "so that weightlift streams the repacked form",
                     self.name, entry.qualname,
                 )  # fmt: skip
+
+
+def refuse_lazy(name: str, output: Any) -> None:
+    """`OffloadError` for a layer output computed later (a generator or another iterator, also inside a
+    tuple, list or dict): it would read the layer's weights after its slot is given to the next layer."""
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for value in (output, *values):
+        if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, Iterator)):
+            raise OffloadError(
+                f"`{name}` returned a {type(value).__name__}, computed after the layer returns, when weightlift has "
+                "given its slot to the next layer: it would read other weights. Make its forward return tensors "
+                "(collect the generator inside it, e.g. `return tuple(...)`), or keep the layer resident "
+                "(OffloadConfig(indices=...) without it)"
+            )
+
+
+@dataclass
+class Holder:
+    """Where an offloaded tensor is held (``owner._parameters[attr]`` or ``owner._buffers[attr]``), and its
+    dtype and device once it was installed in its slot."""
+
+    entry: Entry
+    owner: nn.Module
+    attr: str
+    table: str  # "_parameters" or "_buffers"
+    dtype: torch.dtype
+    device: torch.device
+
+    def moved(self) -> bool:
+        """Whether the module holds another tensor there now, or this one with another dtype or device."""
+        held = getattr(self.owner, self.table).get(self.attr)
+        return held is not self.entry.tensor or held.dtype != self.dtype or held.device != self.device
+
+
+def holders(layer: OffloadedLayer) -> list[Holder]:
+    """A `Holder` for each offloaded parameter and buffer of ``layer`` (tensors in plain attributes are
+    left out: no conversion reaches them)."""
+    out = []
+    for e in layer.master.layout.entries:
+        path, _, attr = e.qualname.rpartition(".")
+        try:
+            owner = layer.module.get_submodule(path)
+        except AttributeError:
+            continue
+        for table in ("_parameters", "_buffers"):
+            if getattr(owner, table).get(attr) is e.tensor:
+                out.append(Holder(e, owner, attr, table, e.tensor.dtype, e.tensor.device))
+    return out
+
+
+def drifted(layer: OffloadedLayer, watch: list) -> str | None:
+    """The name of the first offloaded tensor of ``layer`` that no longer reads its slot, or None.
+
+    torch has no per-module hook on ``Module._apply`` (what ``to``, ``half``, ``float``, ``cuda`` run): it
+    sets ``param.data`` to a converted copy of what the slot held then, and puts a new tensor in place of
+    each buffer. So this looks afterwards: a ``watch``ed tensor's data moved (``(entry, data_ptr)`` pairs),
+    a tensor's dtype or device changed, or its module holds another tensor under its name."""
+    for e, ptr in watch:
+        if e.tensor.data_ptr() != ptr:
+            return e.qualname
+    return next((h.entry.qualname for h in layer.holders if h.moved()), None)
 
 
 def is_offloaded(model: nn.Module) -> bool:
@@ -156,6 +233,19 @@ class OffloadedLayer:
     master: HostMaster
     hooks: list[RemovableHandle] = field(default_factory=list)
     replaced: list = field(default_factory=list)  # entries a format replaced after offload: left as they are
+    holders: list[Holder] = field(default_factory=list)  # where each offloaded parameter and buffer is held
+
+
+def put_back(layer: OffloadedLayer) -> None:
+    """Before `remove()` restores ``layer``: each offloaded tensor its module no longer holds (a buffer
+    converted by ``model.half()``, say, or replaced) is held again, so that its true weights come back
+    where they were; logged, since what was done to it is undone."""
+    moved = [h for h in layer.holders if h.moved()]
+    if moved:
+        log.warning("`%s.%s` (and %d more of the layer) was converted or replaced while offloaded: remove() puts "
+                    "back the tensors as they were at offload", layer.name, moved[0].entry.qualname, len(moved) - 1)
+    for h in moved:
+        getattr(h.owner, h.table)[h.attr] = h.entry.tensor
 
 
 class OffloadHandle:
@@ -205,7 +295,7 @@ class OffloadHandle:
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after),
             module.register_forward_hook(hook.finished, always_call=True),
-            module.register_state_dict_pre_hook(lambda *_: self.prefetcher.ensure(hook.position)),
+            module.register_state_dict_pre_hook(lambda *_: self._before_state_dict(hook)),
             module.register_state_dict_post_hook(self._state_dict_hook(layer)),
             module.register_load_state_dict_pre_hook(self._refuse_load),
         ]
@@ -215,6 +305,12 @@ class OffloadHandle:
             above = self.model.get_submodule(".".join(parts[:depth]))
             if id(above) not in self._guarded:
                 self._guarded[id(above)] = above.register_load_state_dict_pre_hook(self._refuse_load)
+
+    def _before_state_dict(self, hook: LayerHook) -> None:
+        """Before a layer's state_dict: refuse tensors that left their slot (it would mix what was done to them
+        with the true weights of the rest), then load the layer into its slot (see `_state_dict_hook`)."""
+        hook.refuse_drift()
+        self.prefetcher.ensure(hook.position)
 
     def _state_dict_hook(self, layer: OffloadedLayer):
         """Replace what the layer's state_dict read from its slot by the true tensors from the host master.
@@ -353,23 +449,18 @@ class OffloadHandle:
 
     def _restored(self) -> list[tuple[Any, list[torch.Tensor]]]:
         """Every offloaded entry (but those replaced during a forward) and its original leaves, on its device
-        (read back from the file on the disk and checkpoint tiers)."""
+        (read back from the file on the disk and checkpoint tiers; views of one storage stay views)."""
         out = []
         for layer in self.layers:
-            for entry in layer.master.layout.entries:
-                if any(entry is r for r in layer.replaced):
-                    continue
-                if entry.device.type == "meta":  # it came without data: give it back without reading any
-                    out.append((entry, list(entry.specs)))
-                else:
-                    try:
-                        out.append((entry, layer.master.restored(entry, entry.device)))
-                    except OffloadError as err:
-                        raise OffloadError(
-                            f"cannot remove the offloading: the weights of `{layer.name}` could not be read back "
-                            f"({err}); the model is still offloaded and working: fix the file and call remove() "
-                            "again"
-                        ) from None
+            try:
+                restored = layer.master.restored()  # none for entries that came without data (on meta)
+            except OffloadError as err:
+                raise OffloadError(
+                    f"cannot remove the offloading: the weights of `{layer.name}` could not be read back ({err}); "
+                    "the model is still offloaded and working: fix the file and call remove() again"
+                ) from None
+            out += [(e, restored.get(id(e), list(e.specs))) for e in layer.master.layout.entries
+                    if not any(e is r for r in layer.replaced)]  # fmt: skip
         return out
 
     @torch.inference_mode(False)  # the restored tensors are normal tensors, as they were
@@ -396,6 +487,7 @@ class OffloadHandle:
         for layer in self.layers:
             for h in layer.hooks:
                 h.remove()
+            put_back(layer)
         for entry, leaves in restored:
             entry.parts.install(entry.tensor, leaves)
         for tensor, device in self.moved:

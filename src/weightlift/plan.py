@@ -16,10 +16,13 @@ whole layers are tried first, so that must be predicted 2% faster to win.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +52,7 @@ from .schedule import cyclic_slots, spread_order
 
 log = logging.getLogger(__name__)
 
+PLAN_VERSION = 1  # of the plan's JSON form: raise it when a field changes meaning, is added or goes
 _TIE = 0.02  # a plan must be predicted 2% faster to beat one that offloads fewer layers or uses fewer slots
 
 
@@ -104,6 +108,7 @@ class Plan:
     # what of each offloaded layer is offloaded (`OffloadConfig.params`): empty, all of it; ["experts"]: a
     # MoE layer's experts only, its dense part (attention, norms, router, shared experts) resident
     params: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION  # of this form; a plan saved before the field existed is version 1
 
     # -- derived
 
@@ -158,12 +163,25 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
-        try:
-            data = dict(data)
-            data["workloads"] = {k: Workload(**w) for k, w in data["workloads"].items()}
-            return cls(**data)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise OffloadError(f"`plan` is not a weightlift plan ({e}): make one with weightlift.plan()") from None
+        """A plan from `to_dict`'s form (also one edited by hand): `OffloadError` naming the first field that
+        is unknown, missing or of the wrong type, or a version this weightlift does not read."""
+        if not isinstance(data, dict):
+            raise OffloadError(
+                f"`plan` is not a weightlift plan (a JSON object of its fields, got {type(data).__name__}): "
+                "make one with weightlift.plan()"
+            )
+        version = data.get("version", 1)
+        if type(version) is not int or version != PLAN_VERSION:
+            raise OffloadError(
+                f"`plan.version`={version!r}: this weightlift reads plans of version {PLAN_VERSION}. Make the plan "
+                "again with weightlift.plan(), or load it with the weightlift that wrote it"
+            )
+        _check_fields(cls, data, "plan")
+        workloads = {}
+        for name, w in data["workloads"].items():
+            _check_fields(Workload, w, f"plan.workloads.{name}")
+            workloads[name] = Workload(**w)
+        return cls(**{**data, "workloads": workloads})
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -222,6 +240,49 @@ class Plan:
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         table = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
         return f"{self.summary()}\n\n{table}"
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON has the type ``hint`` (a field's annotation) says; a dataclass (a
+    `Workload`) is an object here, its own fields are checked by `_check_fields`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return type(value) in (int, float)
+    return type(value) is hint  # int, str, bool: a bool is not an int here
+
+
+def _check_fields(cls: type, data: Any, where: str) -> None:
+    """`OffloadError` naming the first field of ``data`` (for dataclass ``cls``, read from JSON) that is
+    unknown, missing or of the wrong type."""
+    fix = "correct it, or make the plan again with weightlift.plan()"
+    if not isinstance(data, dict):
+        raise OffloadError(f"`{where}` must be an object of fields, got {data!r}: {fix}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise OffloadError(
+            f"`{where}` has an unknown field `{where}.{unknown[0]}`: its fields are {', '.join(fields)}; {fix}"
+        )
+    hints = typing.get_type_hints(cls)
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise OffloadError(f"`plan` is not a weightlift plan: `{where}` has no field `{where}.{name}`; {fix}")
+            continue
+        if not _fits(data[name], hints[name]):
+            hint = hints[name]
+            want = hint.__name__ if typing.get_origin(hint) is None and isinstance(hint, type) else str(hint)
+            raise OffloadError(f"`{where}.{name}` must be {want}, got {data[name]!r}: {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -475,7 +536,14 @@ def check_plan(plan_: Plan, model: nn.Module, device: torch.device) -> None:
             f"`plan` was made for another model ({plan_.model}, fingerprint {plan_.fingerprint}); this "
             f"{type(model).__name__} has other tensors: make a new plan with weightlift.plan(model, ...)"
         )
-    if torch.device(plan_.device) != device:
+    try:
+        planned = torch.device(plan_.device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OffloadError(
+            f"`plan.device`={plan_.device!r} is not a device torch knows: make the plan again with "
+            "weightlift.plan(model, device=...)"
+        ) from None
+    if planned != device:
         raise OffloadError(
             f"`plan` was made for device {plan_.device}, not {device}: pass device={plan_.device!r} or plan again"
         )

@@ -9,7 +9,7 @@ moves as one copy (or two, where its host master spans two arena blocks).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +86,28 @@ class Layout:
                 e.offsets.append(layout.offsets[index] + leaf.storage_offset() * leaf.element_size() - start)
         return layout
 
+    def restored(self, fill: Callable[[torch.Tensor], None]) -> dict[int, list[torch.Tensor]]:
+        """New leaves of every entry (by ``id``) from the layer's bytes, each on the device it came from, in
+        ordinary memory: one storage per piece, so leaves that shared a storage before offloading (views of
+        one another, within one parameter or across several) share one again. ``fill`` writes the layer,
+        laid out like a slot, into the CPU uint8 tensor it is given. Entries that came on meta get none."""
+        real = [e for e in self.entries if e.device.type != "meta"]
+        if not real:
+            return {}
+        buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        fill(buffer)
+        storages: dict[tuple[int, torch.device], torch.Tensor] = {}
+        out = {}
+        for e in real:
+            out[id(e)] = []
+            for offset, spec in zip(e.offsets, e.specs):
+                piece = bisect.bisect_right(self.offsets, offset) - 1
+                start = self.offsets[piece]
+                if (piece, e.device) not in storages:
+                    storages[piece, e.device] = buffer[start : start + self.piece_bytes[piece]].to(e.device, copy=True)
+                out[id(e)].append(typed_view(storages[piece, e.device], offset - start, spec))
+        return out
+
 
 @dataclass
 class HostMaster:
@@ -152,20 +174,17 @@ class HostMaster:
             out.append(typed_view(self._bytes(begin, offset - begin + span), offset - begin, spec))
         return out
 
-    def restored(self, entry: Entry, device: torch.device) -> list[torch.Tensor]:
-        """New leaves of ``entry`` on ``device``, in ordinary memory: one storage per original storage of the
-        layer (leaves that shared one share one again), as they were before offloading."""
+    def restored(self) -> dict[int, list[torch.Tensor]]:
+        """New leaves of every entry (by ``id``) on the device it came from (see `Layout.restored`); the
+        originals themselves where they are the master (on their device already: nothing is copied)."""
         if self.originals is not None:
-            return [leaf.to(device) for leaf in self.originals[id(entry)]]
-        out = []
-        for offset, spec in zip(entry.offsets, entry.specs):
-            piece = bisect.bisect_right(self.layout.offsets, offset) - 1
-            out.append((piece, offset - self.layout.offsets[piece], spec))
-        storages = {}
-        for piece, _, _ in out:
-            if piece not in storages:
-                storages[piece] = self._bytes(self.layout.offsets[piece], self.layout.piece_bytes[piece], device)
-        return [typed_view(storages[piece], rel, spec) for piece, rel, spec in out]
+            return {id(e): [leaf.to(e.device) for leaf in self.originals[id(e)]] for e in self.layout.entries}
+
+        def fill(buffer: torch.Tensor) -> None:
+            for dst, src in self.pairs(buffer):
+                dst.copy_(src)
+
+        return self.layout.restored(fill)
 
     def pairs(self, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
