@@ -98,6 +98,19 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+def os_threads() -> int:
+    """Threads of the process (``Threads`` in /proc/self/status), once two reads 10 ms apart agree: a thread
+    just joined (``Thread.join`` returns once it finished its Python work) is still counted for a moment while
+    it exits, and a leaked thread is counted by every read."""
+    now = status("Threads")
+    for _ in range(20):
+        time.sleep(0.01)
+        now, before = status("Threads"), now
+        if now == before:
+            break
+    return now
+
+
 def hooks(model: nn.Module) -> int:
     """Hooks of every kind registered on the modules of ``model``."""
     return sum(len(getattr(m, d, {})) for m in model.modules() for d in HOOK_DICTS)
@@ -126,7 +139,7 @@ class Sample:
         alone: a hook kept in a reference cycle would show."""
         if collect:
             trim()
-        return Sample(status("VmRSS") * 1024, len(os.listdir("/proc/self/fd")), status("Threads"),
+        return Sample(status("VmRSS") * 1024, len(os.listdir("/proc/self/fd")), os_threads(),
                       threading.active_count(), hooks(model), op_keys(), sys.getallocatedblocks())  # fmt: skip
 
     def same_process(self, other: Sample) -> list[str]:
