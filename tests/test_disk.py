@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -676,3 +677,20 @@ def test_read_into_slots_is_a_pread_per_layer_on_a_reader_thread_of_a_sequential
     assert threading.main_thread().ident not in {thread for *_, thread in reads}  # a reader thread's
     fds = {fd for _, fd, *_ in reads}
     assert all((target, fd, 0, 0, os.POSIX_FADV_SEQUENTIAL) in advised for fd in fds), advised
+
+
+def test_writing_the_cache_leaves_no_thread_behind(tmp_path):
+    """tqdm starts a monitor thread the first time a bar of a class is made (shown or disabled) and never stops
+    it (tqdm 4.70): writing a layer cache left that thread running after ``remove()`` (found by
+    ``benchmarks/soak.py``). A monitor another test's bar started is stopped first, so that a new one shows."""
+    from tqdm.auto import tqdm
+
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    model = tiny("llama", layers=2)
+    before = set(threading.enumerate())
+    with weightlift.offload(model, device="cpu", config=_disk(tmp_path)):
+        run(model, prompt(), new_tokens=1)
+    assert list(tmp_path.glob("weightlift-*.safetensors")), "no cache was written"
+    assert {t.name for t in set(threading.enumerate()) - before} == set()

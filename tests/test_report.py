@@ -65,3 +65,41 @@ def test_report_prints_and_round_trips_to_a_dict():
     weights = sum(4 * p.numel() for p in tiny("llama").model.layers[0].parameters())
     assert data["saved_bytes"] == 5 * weights - 3 * 148_480 == report.saved_bytes
     assert json.loads(json.dumps(data)) == data
+
+
+def test_the_timeline_history_does_not_grow_as_it_fills():
+    """The timeline keeps its recent intervals in memory allocated once (`report.Intervals`): it held them as a
+    deque of tuples, about 190 bytes more per interval until 200,000 were kept (2.7 KiB a decode step of this
+    model; found by `benchmarks/soak.py`). Python allocations made in report.py, traced over 40 forwards after
+    warm-up, do not grow (the deque: about 100 KiB more; what is left is CPython's free lists of tuples and
+    floats); the history is the last ``capacity`` intervals, oldest first."""
+    import tracemalloc
+
+    from weightlift import report
+
+    model = tiny("llama")
+    ids = prompt()
+    only_report = [tracemalloc.Filter(True, report.__file__)]
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2)) as handle:
+        tracemalloc.start()
+        try:
+            with torch.inference_mode():
+                for _ in range(3):
+                    model(ids)
+                before = tracemalloc.take_snapshot().filter_traces(only_report)
+                for _ in range(40):
+                    model(ids)
+                after = tracemalloc.take_snapshot().filter_traces(only_report)
+        finally:
+            tracemalloc.stop()
+        assert len(handle.timeline.events) > 40 * 5 * 2  # every layer's compute and wait, at least
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 4096, f"report.py holds {grown} bytes more after 40 forwards"
+    from weightlift.report import Intervals
+
+    history = Intervals(3)
+    for i in range(5):
+        history.append(("compute", f"layer {i % 2}", float(i), i + 0.5))
+    assert list(history) == [("compute", f"layer {i % 2}", float(i), i + 0.5) for i in (2, 3, 4)]
+    history.clear()
+    assert list(history) == [] and len(history) == 0

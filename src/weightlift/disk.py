@@ -391,6 +391,14 @@ def _write_layers(f, layouts: dict[int, Layout], placed: dict[int, int], bar) ->
     return digests
 
 
+class _Bar(tqdm):
+    """tqdm's progress bar without its monitor thread: tqdm starts one the first time a bar of a class is made
+    (shown or disabled) and never stops it (tqdm 4.70), so writing a layer cache left a thread behind after
+    ``remove()``. The monitor only unsticks bars that update rarely; this one updates after every layer."""
+
+    monitor_interval = 0
+
+
 def write_cache(path: Path, stack: str, layouts: dict[int, Layout], model: str = "") -> dict[int, str]:
     """Write the layers' current bytes to ``path`` atomically (nothing is left behind on failure) and
     return each layer's digest. The header goes first with placeholder digests, then the layers (hashed
@@ -400,7 +408,7 @@ def write_cache(path: Path, stack: str, layouts: dict[int, Layout], model: str =
     total = sum(layout.nbytes for layout in layouts.values())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="weightlift: writing cache",
+        with open(tmp, "wb") as f, _Bar(total=total, unit="B", unit_scale=True, desc="weightlift: writing cache",
                                         disable=None, leave=False) as bar:  # fmt: skip
             f.write(header)
             digests = _write_layers(f, layouts, placed, bar)
