@@ -449,3 +449,43 @@ def test_a_vector_maps_at_its_element_size_and_is_read_into_a_slot_off_it(tmp_pa
         assert slots == []
     else:  # in a slot of the pool; the file is not mapped at all
         assert any(lo <= ptr < hi for lo, hi in slots) and maps == []
+
+
+def test_a_storage_subclass_is_sent_to_the_layer_cache(tmp_path):
+    """A tensor subclass that is not a plain tensor in the model (here one over its own storage) may be stored
+    otherwise in a checkpoint: refused naming it and source='disk' (no torchao needed, unlike the test above)."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    model, _ = _saved(tmp_path)
+    up = model.model.layers[3].mlp.up_proj
+    up.weight = nn.Parameter(up.weight.detach().as_subclass(Tagged), requires_grad=False)
+    _refused(model, tmp_path, r"`model\.layers\.3\.mlp\.up_proj\.weight` is a storage subclass Tagged, which "
+                              r"checkpoints store under other names.*source='disk'")  # fmt: skip
+
+
+def test_a_tensor_not_contiguous_in_the_model_is_sent_to_the_layer_cache(tmp_path):
+    """A transposed view (same shape and bytes, other strides) cannot be filled from the file's row-major bytes
+    in place: refused naming it and source='disk'."""
+    model, _ = _saved(tmp_path)
+    up = model.model.layers[1].mlp.up_proj
+    up.weight = nn.Parameter(up.weight.detach().t().contiguous().t(), requires_grad=False)
+    _refused(model, tmp_path, r"`model\.layers\.1\.mlp\.up_proj\.weight` is not contiguous in the model: use "
+                              r"source='disk'")  # fmt: skip
+
+
+def test_a_dtype_torch_cannot_hold_is_refused_naming_the_tensor_and_its_dtype(tmp_path):
+    """A checkpoint dtype outside torch's (here `F4`) for an offloaded tensor: refused naming key, file and dtype."""
+    model, path = _saved(tmp_path)
+    _rewrite_header(path, lambda h: h["model.layers.2.mlp.up_proj.weight"].update(dtype="F4"))
+    _refused(model, tmp_path, r"`model\.layers\.2\.mlp\.up_proj\.weight` in `[^`]*model\.safetensors` is F4 "
+                              r"\(128, 64\), the model's is torch\.float32")  # fmt: skip
+
+
+@pytest.mark.parametrize("index", ['{"metadata": {}}', "not json", '["model.safetensors"]'])
+def test_an_index_without_a_weight_map_is_refused_naming_it(tmp_path, index):
+    model, _ = _saved(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    _refused(model, tmp_path, r"`[^`]*model\.safetensors\.index\.json` is not a safetensors index \(no weight_map\)"
+                              r".*checkpoint is damaged")  # fmt: skip
