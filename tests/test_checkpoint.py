@@ -489,3 +489,41 @@ def test_an_index_without_a_weight_map_is_refused_naming_it(tmp_path, index):
     (tmp_path / "model.safetensors.index.json").write_text(index)
     _refused(model, tmp_path, r"`[^`]*model\.safetensors\.index\.json` is not a safetensors index \(no weight_map\)"
                               r".*checkpoint is damaged")  # fmt: skip
+
+
+def test_conversions_of_a_checkpoint_that_does_not_fit_are_refused_naming_the_tensor():
+    """Sources transformers would join that cannot be read in place as one tensor (with its own ops): of two
+    dtypes, a dtype torch lacks, shapes that do not join, a source pattern missing, an expert missing from a
+    stack, a split that does not divide. Each names the tensor and file and sends to source='disk'."""
+    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, WeightConverter
+
+    from weightlift.conversion import Recipe, build
+
+    shapes = {"a.v": (4, 5), "a.w": (5, 6)}
+    dtypes = {"a.h": torch.float16, "a.x": None}
+
+    def stored(key):
+        return dtypes.get(key, torch.float32), shapes.get(key, (4, 6)), "model.safetensors"
+
+    qk = WeightConverter(["q", "k"], "qk", operations=[Concatenate(dim=0)])
+    stack = WeightConverter("experts.*.w", "experts.w", operations=[MergeModulelist(dim=0)])
+    cases = [
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"], "k": ["a.h"]}), (8, 6),
+         r"`a\.h` in `model\.safetensors` is torch\.float16, `a\.q` that transformers joins with it into `a\.qk` is "
+         r"torch\.float32: the checkpoint is inconsistent"),
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"], "k": ["a.x"]}), (8, 6),
+         r"`a\.x` in `model\.safetensors` has a dtype torch cannot hold"),
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"], "k": ["a.v"]}), (8, 6),
+         r"`a\.v` in `model\.safetensors` is \(4, 5\), `a\.q` .* Concatenate\(dim=0\) joins with it into `a\.qk` is "
+         r"\(4, 6\): the checkpoint does not fit the model"),
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"]}), (8, 6),
+         r"`a\.qk` is joined by transformers from checkpoint tensors named like `k` \(with `a\.q`\), and the "
+         r"checkpoint has none: it is incomplete"),
+        (Recipe("a.experts.w", stack, "experts.w", {"experts.*.w": ["a.experts.0.w", "a.experts.2.w"]}), (3, 4, 6),
+         r"`a\.experts\.1\.w` is not in the checkpoint \(transformers stacks 3 of them into `a\.experts\.w`\)"),
+        (Recipe("a.g", WeightConverter("w", ["g", "u"], operations=[Chunk(dim=0)]), "g", {"w": ["a.w"]}), (2, 6),
+         r"`a\.g`: `a\.w` of shape \(5, 6\) does not split in 2 equal parts along dim 0 \(transformers' Chunk"),
+    ]  # fmt: skip
+    for recipe, shape, message in cases:
+        with pytest.raises(OffloadError, match=message + r".*source='disk'"):
+            build(recipe, stored, shape)
