@@ -201,3 +201,25 @@ def test_cache_clear_model_on_the_command_line_removes_that_models_entries(tmp_p
     out = capsys.readouterr().out
     assert f"removed {gpt2.name} (layer cache, GPT2LMHeadModel" in out and "matching 'gpt2'" in out
     assert not gpt2.exists() and llama.exists()
+
+
+def test_an_entry_that_cannot_be_removed_is_refused_naming_it_and_what_was_removed(tmp_path, monkeypatch, capsys):
+    first = _converted(tmp_path, "a", "/models/a.gguf")
+    second = _converted(tmp_path, "b", "/models/b.gguf")
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path) == second:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    order = [e.path for e in cache.entries(tmp_path)]
+    before = order.index(second)
+    with pytest.raises(OffloadError, match=rf"cannot remove `{second}`: Permission denied; check its permissions "
+                                           rf"\({before} entries removed before it\)"):  # fmt: skip
+        cache.clear(tmp_path)
+    assert second.is_dir() and first.exists() == (order.index(first) > before)
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"weightlift: error: cannot remove `{second}`: Permission denied") and err.count("\n") == 1

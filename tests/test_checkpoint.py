@@ -449,3 +449,81 @@ def test_a_vector_maps_at_its_element_size_and_is_read_into_a_slot_off_it(tmp_pa
         assert slots == []
     else:  # in a slot of the pool; the file is not mapped at all
         assert any(lo <= ptr < hi for lo, hi in slots) and maps == []
+
+
+def test_a_storage_subclass_is_sent_to_the_layer_cache(tmp_path):
+    """A tensor subclass that is not a plain tensor in the model (here one over its own storage) may be stored
+    otherwise in a checkpoint: refused naming it and source='disk' (no torchao needed, unlike the test above)."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    model, _ = _saved(tmp_path)
+    up = model.model.layers[3].mlp.up_proj
+    up.weight = nn.Parameter(up.weight.detach().as_subclass(Tagged), requires_grad=False)
+    _refused(model, tmp_path, r"`model\.layers\.3\.mlp\.up_proj\.weight` is a storage subclass Tagged, which "
+                              r"checkpoints store under other names.*source='disk'")  # fmt: skip
+
+
+def test_a_tensor_not_contiguous_in_the_model_is_sent_to_the_layer_cache(tmp_path):
+    """A transposed view (same shape and bytes, other strides) cannot be filled from the file's row-major bytes
+    in place: refused naming it and source='disk'."""
+    model, _ = _saved(tmp_path)
+    up = model.model.layers[1].mlp.up_proj
+    up.weight = nn.Parameter(up.weight.detach().t().contiguous().t(), requires_grad=False)
+    _refused(model, tmp_path, r"`model\.layers\.1\.mlp\.up_proj\.weight` is not contiguous in the model: use "
+                              r"source='disk'")  # fmt: skip
+
+
+def test_a_dtype_torch_cannot_hold_is_refused_naming_the_tensor_and_its_dtype(tmp_path):
+    """A checkpoint dtype outside torch's (here `F4`) for an offloaded tensor: refused naming key, file and dtype."""
+    model, path = _saved(tmp_path)
+    _rewrite_header(path, lambda h: h["model.layers.2.mlp.up_proj.weight"].update(dtype="F4"))
+    _refused(model, tmp_path, r"`model\.layers\.2\.mlp\.up_proj\.weight` in `[^`]*model\.safetensors` is F4 "
+                              r"\(128, 64\), the model's is torch\.float32")  # fmt: skip
+
+
+@pytest.mark.parametrize("index", ['{"metadata": {}}', "not json", '["model.safetensors"]'])
+def test_an_index_without_a_weight_map_is_refused_naming_it(tmp_path, index):
+    model, _ = _saved(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    _refused(model, tmp_path, r"`[^`]*model\.safetensors\.index\.json` is not a safetensors index \(no weight_map\)"
+                              r".*checkpoint is damaged")  # fmt: skip
+
+
+def test_conversions_of_a_checkpoint_that_does_not_fit_are_refused_naming_the_tensor():
+    """Sources transformers would join that cannot be read in place as one tensor (with its own ops): of two
+    dtypes, a dtype torch lacks, shapes that do not join, a source pattern missing, an expert missing from a
+    stack, a split that does not divide. Each names the tensor and file and sends to source='disk'."""
+    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, WeightConverter
+
+    from weightlift.conversion import Recipe, build
+
+    shapes = {"a.v": (4, 5), "a.w": (5, 6)}
+    dtypes = {"a.h": torch.float16, "a.x": None}
+
+    def stored(key):
+        return dtypes.get(key, torch.float32), shapes.get(key, (4, 6)), "model.safetensors"
+
+    qk = WeightConverter(["q", "k"], "qk", operations=[Concatenate(dim=0)])
+    stack = WeightConverter("experts.*.w", "experts.w", operations=[MergeModulelist(dim=0)])
+    cases = [
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"], "k": ["a.h"]}), (8, 6),
+         r"`a\.h` in `model\.safetensors` is torch\.float16, `a\.q` that transformers joins with it into `a\.qk` is "
+         r"torch\.float32: the checkpoint is inconsistent"),
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"], "k": ["a.x"]}), (8, 6),
+         r"`a\.x` in `model\.safetensors` has a dtype torch cannot hold"),
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"], "k": ["a.v"]}), (8, 6),
+         r"`a\.v` in `model\.safetensors` is \(4, 5\), `a\.q` .* Concatenate\(dim=0\) joins with it into `a\.qk` is "
+         r"\(4, 6\): the checkpoint does not fit the model"),
+        (Recipe("a.qk", qk, "qk", {"q": ["a.q"]}), (8, 6),
+         r"`a\.qk` is joined by transformers from checkpoint tensors named like `k` \(with `a\.q`\), and the "
+         r"checkpoint has none: it is incomplete"),
+        (Recipe("a.experts.w", stack, "experts.w", {"experts.*.w": ["a.experts.0.w", "a.experts.2.w"]}), (3, 4, 6),
+         r"`a\.experts\.1\.w` is not in the checkpoint \(transformers stacks 3 of them into `a\.experts\.w`\)"),
+        (Recipe("a.g", WeightConverter("w", ["g", "u"], operations=[Chunk(dim=0)]), "g", {"w": ["a.w"]}), (2, 6),
+         r"`a\.g`: `a\.w` of shape \(5, 6\) does not split in 2 equal parts along dim 0 \(transformers' Chunk"),
+    ]  # fmt: skip
+    for recipe, shape, message in cases:
+        with pytest.raises(OffloadError, match=message + r".*source='disk'"):
+            build(recipe, stored, shape)

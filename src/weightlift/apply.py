@@ -176,7 +176,7 @@ def apply(
                 f"`{name}` is on the meta device (no data) and is not offloaded: load the weights before "
                 "offloading; only offloaded layers may stay on meta, streamed from a layer cache or a checkpoint"
             )
-    meta = [e.qualname for es in entries.values() for e in es if e.tensor.is_meta]
+    meta = [f"{names[i]}.{e.qualname}" for i, es in entries.items() for e in es if e.tensor.is_meta]
     if meta and config.source == "host":
         raise OffloadError(
             f"`{meta[0]}` is on the meta device (no data): load the weights before offloading, or stream them "

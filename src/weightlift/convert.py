@@ -64,7 +64,10 @@ def converted_folder(path: Path, *, dtype: torch.dtype, cache_dir: Path) -> Path
 
 
 def _marker(path: Path, dtype: torch.dtype) -> dict:
-    import transformers
+    try:
+        import transformers
+    except ImportError:  # checked first: the marker is made before anything else needs transformers
+        raise OffloadError("converting a GGUF model needs the extra: `pip install 'weightlift[hf]'`") from None
 
     return {"format": FORMAT, "version": VERSION, **_source(path), "dtype": _dtype_name(dtype),
             "transformers": transformers.__version__}  # fmt: skip

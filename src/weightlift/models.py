@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .config import format_size
@@ -37,7 +38,9 @@ KNOWN_LAYOUTS: tuple[tuple[str, ...], ...] = (
 
 
 def _param_bytes(module: nn.Module) -> int:
-    return sum(nbytes(p) for p in module.parameters())
+    # a sparse or other non-strided parameter has no storage to measure: its dense size, enough to compare
+    # stacks by (`take_apart` refuses to offload it, naming it)
+    return sum(nbytes(p) if p.layout == torch.strided else p.numel() * p.element_size() for p in module.parameters())
 
 
 def _within(name: str, parent: str) -> bool:
