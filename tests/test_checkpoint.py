@@ -491,6 +491,21 @@ def test_an_index_without_a_weight_map_is_refused_naming_it(tmp_path, index):
                               r".*checkpoint is damaged")  # fmt: skip
 
 
+def test_an_index_naming_a_tensor_its_shard_lacks_is_refused_naming_both(tmp_path):
+    """The index sends a layer's tensor to a shard that does not hold it (a shard replaced by another
+    download, say): refused naming the tensor and the shard, before anything moves."""
+    model = tiny("llama")
+    state = model.state_dict()
+    layer = {k: v for k, v in state.items() if k.startswith("model.layers.")}
+    save_file(layer, str(tmp_path / "layers.safetensors"))
+    save_file({k: v for k, v in state.items() if k not in layer}, str(tmp_path / "rest.safetensors"))
+    weight_map = {k: "layers.safetensors" if k in layer else "rest.safetensors" for k in state}
+    weight_map["model.layers.3.mlp.up_proj.weight"] = "rest.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _refused(model, tmp_path, r"`model\.layers\.3\.mlp\.up_proj\.weight` is missing from `[^`]*rest\.safetensors` "
+                              r"\(the index names it\)")  # fmt: skip
+
+
 def test_conversions_of_a_checkpoint_that_does_not_fit_are_refused_naming_the_tensor():
     """Sources transformers would join that cannot be read in place as one tensor (with its own ops): of two
     dtypes, a dtype torch lacks, shapes that do not join, a source pattern missing, an expert missing from a

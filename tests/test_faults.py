@@ -87,6 +87,7 @@ def test_remove_while_the_file_cannot_be_read_leaves_the_model_offloaded_and_wor
     faults = Faults(monkeypatch, "eio")
     handle = weightlift.offload(model, device="cpu", config=_config(tier, tmp_path, 1))
     assert torch.equal(_logits(model, ids), ref)
+    handle.engine.synchronize()  # the read ahead of the next forward has landed: only remove() reads from now on
     faults.count = -1
     with pytest.raises(OffloadError, match="cannot remove the offloading: the weights of `model.layers.0` could not "
                                            "be read back .* still offloaded and working"):  # fmt: skip
