@@ -91,8 +91,11 @@ def _locked(target: Path, deadline: float) -> int:
         except OSError as err:
             log.debug("weightlift: no lock for %s (%s): writing unlocked", target, err)
             return -1
-        if fd < 0 or not _flock(fd, target, deadline):
-            return fd if fd < 0 else _unlocked(fd)
+        if fd < 0:
+            return -1
+        if not _flock(fd, target, deadline):
+            os.close(fd)
+            return -1
         try:
             if os.fstat(fd).st_ino == os.stat(lock_path(target)).st_ino:
                 os.ftruncate(fd, 0)
@@ -100,11 +103,6 @@ def _locked(target: Path, deadline: float) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)
-
-
-def _unlocked(fd: int) -> int:
-    os.close(fd)
-    return -1
 
 
 def _flock(fd: int, target: Path, deadline: float) -> bool:
@@ -123,7 +121,7 @@ def _flock(fd: int, target: Path, deadline: float) -> bool:
             holder = _holder(fd)
             os.close(fd)
             raise OffloadError(
-                f"another process (pid {holder}) is still writing `{target}` after {timeout_s():.0f} s: wait "
+                f"another process (pid {holder}) is still writing `{target}` after {timeout_s():g} s: wait "
                 "for it to finish, raise `WEIGHTLIFT_LOCK_TIMEOUT` (seconds), or pass another folder"
             )
         if not told:
