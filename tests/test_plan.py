@@ -147,7 +147,8 @@ def _choice(model, tmp_path, monkeypatch, budget, cost):
     def predict(compute, other, nbytes, chosen, step, *rates):
         return cost(len(chosen), step), [0.0] * len(compute)
 
-    monkeypatch.setattr(sys.modules["weightlift.plan"], "predict", predict)
+    for module in ("weightlift.plan", "weightlift.plan_data"):  # the planner's choice, the Plan's own figures
+        monkeypatch.setattr(sys.modules[module], "predict", predict)
     return _plan(model, budget, tmp_path)
 
 

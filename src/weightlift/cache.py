@@ -169,7 +169,7 @@ def plan_key(folder: Path, **what: object) -> str:
 
 def saved_plan(cache_dir: str | os.PathLike, key: str):
     """The `Plan` saved under ``key``, or None (none saved, or not readable as a plan)."""
-    from .plan import Plan
+    from .plan_data import Plan
 
     path = Path(cache_dir).expanduser() / "plans" / f"{key}.json"
     try:

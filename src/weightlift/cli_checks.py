@@ -36,7 +36,7 @@ def cli_words(message: str) -> str:
 def check_budgets(args: argparse.Namespace):
     """Budgets and a saved plan, checked before any model is loaded: the saved plan, if any."""
     from .config import parse_size
-    from .plan import Plan
+    from .plan_data import Plan
 
     for name in ("budget", "host_budget"):
         if getattr(args, name, None) is not None:
