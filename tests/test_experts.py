@@ -546,8 +546,7 @@ def test_the_planner_keeps_dense_parts_resident_when_that_moves_fewer_bytes_in_t
     def predict(compute, other, moved, chosen, step, *rates):
         return 1.0 + per_byte * sum(moved[i] for i in chosen), [0.0] * len(compute)
 
-    for module in ("weightlift.plan", "weightlift.plan_data"):  # the planner's choice, the Plan's own figures
-        monkeypatch.setattr(sys.modules[module], "predict", predict)
+    monkeypatch.setattr(sys.modules["weightlift.forecast"], "predict", predict)  # the planner's and the Plan's
     info = analyse(model)
     budget = info.total_bytes - 1  # something must go: two layers of either kind (a slot is at least its layer)
     plan = weightlift.plan(model, device="cpu", budget=budget, disk_path=tmp_path, reps=2)

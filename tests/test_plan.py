@@ -147,8 +147,7 @@ def _choice(model, tmp_path, monkeypatch, budget, cost):
     def predict(compute, other, nbytes, chosen, step, *rates):
         return cost(len(chosen), step), [0.0] * len(compute)
 
-    for module in ("weightlift.plan", "weightlift.plan_data"):  # the planner's choice, the Plan's own figures
-        monkeypatch.setattr(sys.modules[module], "predict", predict)
+    monkeypatch.setattr(sys.modules["weightlift.forecast"], "predict", predict)  # the planner's and the Plan's
     return _plan(model, budget, tmp_path)
 
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .disk import FORMAT, VERSION, dtypes_of, mark_used, read_header, used_marker
+from .disk import FORMAT, VERSION, dtypes_of, mark_used, used_marker
 from .errors import OffloadError
+from .files import read_header
 
 __all__ = ["CONVERTED_FORMAT", "CacheEntry", "clear", "entries", "mark_used", "plan_key", "save_plan", "saved_plan"]
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from . import conversion
-from .disk import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .errors import OffloadError
+from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .storage import Entry, Layout
 from .tensors import typed_view
 

@@ -33,8 +33,9 @@ import torch
 from . import locks
 from .checkpoint import SAFETENSORS_DTYPES, checkpoint_files, save_aligned
 from .config import format_size
-from .disk import mark_used, read_header
+from .disk import mark_used
 from .errors import OffloadError
+from .files import read_header
 
 log = logging.getLogger(__name__)
 

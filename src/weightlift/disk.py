@@ -35,21 +35,16 @@ from tqdm.auto import tqdm
 
 from . import locks
 from .config import format_size
-from .dtypes import leaf_span
 from .errors import OffloadError
-from .storage import ALIGN, Entry, Layout
+from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header, round_up
+from .storage import Entry, Layout
 from .tensors import typed_view
 
 log = logging.getLogger(__name__)
 
 FORMAT = "weightlift-layer-cache"
 VERSION = "2"  # 2: every layer of the model in one file; model and dtypes in the metadata
-PAGE = 4096
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
-
-
-def _round(n: int, to: int = PAGE) -> int:
-    return (n + to - 1) // to * to
 
 
 def _leaf_spec(spec: torch.Tensor, offset: int) -> list:
@@ -69,16 +64,6 @@ def fingerprint(stack: str, manifest: dict) -> str:
     return hashlib.blake2b(json.dumps([stack, manifest]).encode(), digest_size=10).hexdigest()
 
 
-def host_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of ``tensor``'s elements, in row-major order, as a flat memoryview of host memory: the
-    tensor itself when it is a contiguous CPU tensor, else a host copy of this one tensor (a tensor in
-    accelerator memory comes over with ``.to("cpu")``). Every reader of a model's bytes goes through here."""
-    if tensor.device.type != "cpu":
-        tensor = tensor.to("cpu")
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
 def _layer_chunks(layout: Layout) -> Iterator[tuple[int, memoryview]]:
     """(offset in the layer, bytes) of each piece, read from the layer's current (in-memory) storages one
     at a time: a piece in device memory is copied to the host when its turn comes, so a consumer that drops
@@ -93,76 +78,6 @@ def layer_digest(layout: Layout) -> str:
         h.update(chunk)
         del chunk  # this piece's host copy goes before the next one is made
     return h.hexdigest()
-
-
-def read_header(path: Path, fix: str = "delete it to rebuild the cache") -> tuple[dict, int]:
-    """A safetensors file's JSON header and where its data starts; `OffloadError` naming what is wrong."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise OffloadError(f"`{path}` is truncated ({size} bytes): {fix}")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 1 << 28):
-                raise OffloadError(f"`{path}` has a corrupt header (length {n}): {fix}")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OffloadError(f"`{path}` has a corrupt header (not JSON): {fix}") from None
-    except OSError as err:
-        raise OffloadError(f"cannot read `{path}`: {err.strerror}") from None
-    if not isinstance(header, dict):
-        raise OffloadError(f"`{path}` has a corrupt header: {fix}")
-    return header, 8 + n
-
-
-def pread_into(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a short file or a failed read is an `OffloadError` naming
-    ``what`` and the file."""
-    done = 0
-    while done < len(view):
-        try:
-            got = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as err:
-            raise OffloadError(
-                f"cannot read `{what}` from `{path}`: {err.strerror or err}; check the file and its disk (weightlift "
-                "reads it again the next time it is needed)"
-            ) from None
-        if got <= 0:
-            raise OffloadError(f"`{path}` ended while reading `{what}`: the file was truncated")
-        done += got
-
-
-def fresh_leaf(spec: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
-    """A new CPU tensor shaped like ``spec`` and a writable byte view over it."""
-    span = leaf_span(spec)
-    buffer = torch.empty(_round(span, ALIGN), dtype=torch.uint8)
-    out = torch.empty(0, dtype=spec.dtype).set_(buffer.untyped_storage(), 0, spec.shape, spec.stride())
-    return out, memoryview(buffer.numpy()).cast("B")[:span]
-
-
-class Stamped:
-    """An open file remembered by size and mtime: reading it after it changed is an `OffloadError`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        st = os.fstat(self.fd)
-        self._stamp = (st.st_size, st.st_mtime_ns)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-    def check(self) -> None:
-        st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns) != self._stamp:
-            raise OffloadError(
-                f"`{self.path}` changed after setup (size or mtime): call `handle.remove()` and offload again"
-            )
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 @dataclass
@@ -270,24 +185,6 @@ class LayerCache:
         return self.mapping
 
 
-class MappedFile:
-    """One file mapped privately (copy-on-write), as a uint8 tensor, with page-granular advice."""
-
-    def __init__(self, file: Stamped) -> None:
-        self.file = file
-        self._mm = mmap.mmap(file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
-
-    def advise(self, advice: int, start: int, length: int) -> None:
-        begin = start - start % PAGE
-        self._mm.madvise(advice, begin, min(_round(start + length) - begin, len(self._mm) - begin))
-
-    def close(self) -> None:
-        self.bytes = None
-        with contextlib.suppress(BufferError):  # a tensor view is still held: the mapping goes when it does
-            self._mm.close()
-
-
 class Mapping:
     """The cache file mapped into memory: each offloaded layer's tensors point at its own page-aligned
     range, so a warm page cache serves them with no copy at all. ``willneed`` asks the kernel to read a
@@ -358,7 +255,7 @@ def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str], mod
     entries: dict = {"__metadata__": meta}
     placed, position = {}, 0
     for i in sorted(layouts):
-        begin = _round(position)
+        begin = round_up(position)
         if begin > position:
             entries[f"pad.{i}"] = {"dtype": "U8", "shape": [begin - position], "data_offsets": [position, begin]}
         entries[f"layer.{i}"] = {"dtype": "U8", "shape": [layouts[i].nbytes],
@@ -366,7 +263,7 @@ def _header(stack: str, layouts: dict[int, Layout], digests: dict[int, str], mod
         placed[i] = begin
         position = begin + layouts[i].nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (_round(8 + len(body)) - 8 - len(body))
+    body += b" " * (round_up(8 + len(body)) - 8 - len(body))
     return struct.pack("<Q", len(body)) + body, placed
 
 

@@ -114,7 +114,7 @@ def check_model(name: str) -> None:
     ``config.json`` whose safetensors files have intact headers and hold all the data their headers promise."""
     import json
 
-    from .disk import read_header
+    from .files import read_header
 
     path = _model_path(name)
     damaged = "the model file is damaged: download or save the model again"

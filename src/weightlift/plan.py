@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import forecast
 from .apply import apply
 from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size, resolve_device
 from .errors import OffloadError
 from .experts import find_experts, routed_bytes
-from .forecast import predict
 from .measure import (
     analyse,
     available_ram,
@@ -243,8 +243,8 @@ def plan(
                     if need > budget or (host_budget is not None and host > host_budget):
                         continue
                     rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
-                    predicted, _ = predict(compute, other, part.moved.get(goal, part.nbytes), chosen, step, rate,
-                                           fault)  # fmt: skip
+                    carried = part.moved.get(goal, part.nbytes)  # each layer's bytes a forward of `goal` moves
+                    predicted, _ = forecast.predict(compute, other, carried, chosen, step, rate, fault)
                     if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
                         best = (predicted, need, chosen, step, src, resident, pool, host, rate, part)
     if best is None:

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import forecast
 from .config import OffloadConfig, format_size
 from .errors import OffloadError
-from .forecast import copy_seconds, predict
 
 PLAN_VERSION = 1  # of the plan's JSON form: raise it when a field changes meaning, is added or goes
 
@@ -96,7 +96,7 @@ class Plan:
         return self.moved_bytes.get(workload or self.goal, self.layer_bytes)
 
     def copy_s(self, index: int, workload: str | None = None) -> float:
-        return copy_seconds(self.moved(workload)[index], self.copy_bytes_per_s)
+        return forecast.copy_seconds(self.moved(workload)[index], self.copy_bytes_per_s)
 
     def serial_s(self, index: int, workload: str | None = None) -> float:
         return self.moved(workload)[index] * self.serial_s_per_byte
@@ -104,8 +104,8 @@ class Plan:
     def predict(self, compute_s: Sequence[float], other_s: float, workload: str | None = None
                 ) -> tuple[float, list[float]]:  # fmt: skip
         """Seconds per forward for these measured compute times under this plan, and each layer's wait."""
-        return predict(compute_s, other_s, self.moved(workload), self.offloaded, self.prefetch_step,
-                       self.copy_bytes_per_s, self.serial_s_per_byte)  # fmt: skip
+        return forecast.predict(compute_s, other_s, self.moved(workload), self.offloaded, self.prefetch_step,
+                                self.copy_bytes_per_s, self.serial_s_per_byte)  # fmt: skip
 
     # -- JSON
 

@@ -1,0 +1,125 @@
+"""The files the disk tiers read (a layer cache, a safetensors checkpoint): their headers, reads straight
+into memory, an open file remembered by size and mtime, and a private mapping of one.
+
+Used by `disk` (the layer cache weightlift writes) and `checkpoint` (the model's own files); neither
+knows the other. ``PAGE``: the page size that mapped layers are aligned to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .dtypes import leaf_span
+from .errors import OffloadError
+from .storage import ALIGN
+
+PAGE = 4096
+
+
+def round_up(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+def host_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor``'s elements, in row-major order, as a flat memoryview of host memory: the
+    tensor itself when it is a contiguous CPU tensor, else a host copy of this one tensor (a tensor in
+    accelerator memory comes over with ``.to("cpu")``). Every reader of a model's bytes goes through here."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def read_header(path: Path, fix: str = "delete it to rebuild the cache") -> tuple[dict, int]:
+    """A safetensors file's JSON header and where its data starts; `OffloadError` naming what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise OffloadError(f"`{path}` is truncated ({size} bytes): {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 1 << 28):
+                raise OffloadError(f"`{path}` has a corrupt header (length {n}): {fix}")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OffloadError(f"`{path}` has a corrupt header (not JSON): {fix}") from None
+    except OSError as err:
+        raise OffloadError(f"cannot read `{path}`: {err.strerror}") from None
+    if not isinstance(header, dict):
+        raise OffloadError(f"`{path}` has a corrupt header: {fix}")
+    return header, 8 + n
+
+
+def pread_into(fd: int, view: memoryview, offset: int, path: Path, what: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a short file or a failed read is an `OffloadError` naming
+    ``what`` and the file."""
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise OffloadError(
+                f"cannot read `{what}` from `{path}`: {err.strerror or err}; check the file and its disk (weightlift "
+                "reads it again the next time it is needed)"
+            ) from None
+        if got <= 0:
+            raise OffloadError(f"`{path}` ended while reading `{what}`: the file was truncated")
+        done += got
+
+
+def fresh_leaf(spec: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
+    """A new CPU tensor shaped like ``spec`` and a writable byte view over it."""
+    span = leaf_span(spec)
+    buffer = torch.empty(round_up(span, ALIGN), dtype=torch.uint8)
+    out = torch.empty(0, dtype=spec.dtype).set_(buffer.untyped_storage(), 0, spec.shape, spec.stride())
+    return out, memoryview(buffer.numpy()).cast("B")[:span]
+
+
+class Stamped:
+    """An open file remembered by size and mtime: reading it after it changed is an `OffloadError`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def check(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise OffloadError(
+                f"`{self.path}` changed after setup (size or mtime): call `handle.remove()` and offload again"
+            )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MappedFile:
+    """One file mapped privately (copy-on-write), as a uint8 tensor, with page-granular advice."""
+
+    def __init__(self, file: Stamped) -> None:
+        self.file = file
+        self._mm = mmap.mmap(file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def advise(self, advice: int, start: int, length: int) -> None:
+        begin = start - start % PAGE
+        self._mm.madvise(advice, begin, min(round_up(start + length) - begin, len(self._mm) - begin))
+
+    def close(self) -> None:
+        self.bytes = None
+        with contextlib.suppress(BufferError):  # a tensor view is still held: the mapping goes when it does
+            self._mm.close()
