@@ -277,12 +277,20 @@ class SimDevice:
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimStream) -> None:
         dkey, skey = dst.untyped_storage().data_ptr(), src.untyped_storage().data_ptr()
-        offset = dst.data_ptr() - dkey
+        offset, soffset, n = dst.data_ptr() - dkey, src.data_ptr() - skey, dst.numel()
+        carried = None  # copied out of device memory (the expert cache, or a slot into it): the spans it carries
         with self.cond:
             if skey in self.filled:  # a staging slab: it holds what the reader last put there
                 label = self.label[skey].get(0)
                 if self.writing[skey]:
                     self.hazards.append(f"t={self.tick()}: copy out of a staging slab while it is being filled")
+            elif skey in self.spans:  # device memory written by earlier copies: it holds what they brought
+                label = ("device", skey)
+                carried = [(max(a, soffset) - soffset + offset, min(b, soffset + n) - soffset + offset, lab,
+                            None if p is None else p + max(a, soffset) - a)
+                           for a, b, lab, p in self.spans[skey] if a < soffset + n and soffset < b]  # fmt: skip
+                if any(a < soffset + n and soffset < b for a, b in self.writes[skey]):
+                    self.hazards.append(f"t={self.tick()}: {self._name(skey)} copied out of while it is written")
             else:  # a host master: its bytes never change
                 label = ("host", src.data_ptr())
             self.reading[skey] += 1
@@ -304,7 +312,9 @@ class SimDevice:
             kept += [(end, b, lab, None if p is None else p + end - a)
                      for a, b, lab, p in self.spans[dkey] if a < end < b]  # fmt: skip
             host = label is not None and label[0] == "host"
-            self.spans[dkey] = [*kept, (offset, end, "host" if host else label, src.data_ptr() if host else None)]
+            landed = carried if carried is not None else [
+                (offset, end, "host" if host else label, src.data_ptr() if host else None)]
+            self.spans[dkey] = [*kept, *landed]
             self.counts["copies"] += 1
             self.log.append((self.tick(), "copied", dkey, label))
 

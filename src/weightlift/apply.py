@@ -16,6 +16,7 @@ from .config import OffloadConfig, format_size
 from .disk import DiskMaster, open_cache
 from .engine import StagedEngine, StagingRing, StreamEngine, ThreadEngine, Transfer
 from .errors import OffloadError
+from .expert_cache import ExpertCache, entries_for
 from .expert_streams import ExpertStreams, Mover
 from .experts import LayerExperts, find_experts, nbytes_of
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
@@ -114,6 +115,12 @@ class _SlotMover:
         elif pending is not None:
             self.handle.engine.wait(pending)
 
+    def slot(self, p: int) -> torch.Tensor:
+        return self.handle.pool.slots[self.slot_of[p]]
+
+    def copy_now(self, p: int, pairs: list) -> None:
+        self.handle.engine.copy_now(self.handle.layers[p].name, pairs)
+
 
 class _MappedMover:
     """`expert_streams.Mover` for a mapped file: experts read ahead by the kernel (compute faults on the rest)."""
@@ -127,6 +134,11 @@ class _MappedMover:
     def now(self, p: int, ranges: list, pending: object, present: list) -> None:
         if ranges or present:
             self.mapping.willneed(self.indices[p], sorted(ranges + present))
+
+    def slot(self, p: int) -> torch.Tensor:
+        raise AssertionError("a mapped file has no slots: `apply` refuses an expert cache there")
+
+    copy_now = slot
 
 
 def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
@@ -188,11 +200,21 @@ def apply(
     slot_bytes = max((layout.nbytes for layout in layouts.values()), default=0)
     streams = streams_for(dev)  # None: a CPU target, where disk reads go straight into the slot
     mapped = config.source != "host" and config.mmap and streams is None  # compute on the mapped files
-    pool_bytes = slot_bytes if mapped else schedule.n_slots * slot_bytes
+    if mapped and config.expert_cache is not None:
+        raise OffloadError(
+            f"`expert_cache`={config.expert_cache!r} needs slots, but source={config.source!r} with mmap=True on a "
+            "CPU target computes on the mapped file (the page cache is its cache): pass mmap=False to read layers "
+            "into slots, or drop expert_cache"
+        )
+    where = {p: layers[i] for p, i in enumerate(schedule.offloaded)}
+    cache_entries, entry_bytes = entries_for(config, units, where, stack_name, getattr(model, "config", None))
+    pool_bytes = slot_bytes if mapped else schedule.n_slots * slot_bytes + cache_entries * entry_bytes
     if config.host_budget is not None and streams is None and pool_bytes > config.host_budget:
         raise OffloadError(
             f"`host_budget`={config.host_budget} bytes is below the {pool_bytes} bytes this plan needs "
-            f"({1 if mapped else schedule.n_slots} slots of {slot_bytes}); raise it or lower `prefetch_step`"
+            f"({1 if mapped else schedule.n_slots} slots of {slot_bytes}"
+            f"{f' and {cache_entries} cached experts of {entry_bytes}' if cache_entries else ''}); raise it or lower "
+            "`prefetch_step`"
         )
     cache, ring_slabs = None, 0
     if config.source != "host" and streams is not None:  # disk -> host staging ring -> device
@@ -259,7 +281,11 @@ def apply(
             handle.resident_bytes += sum(w.numel() * w.element_size() for w in copies)  # the lookahead's routers
             modules = {p: layer.module for p, layer in enumerate(handle.layers)}
             detected = config.experts in ("auto", True)
-            handle.experts = experts = ExpertStreams(units, modules, config.expert_lookahead, routers, detected)
+            policy = config.expert_cache_policy
+            on_device = ExpertCache(cache_entries, entry_bytes, dev, policy) if cache_entries else None
+            handle.experts = experts = ExpertStreams(
+                units, modules, config.expert_lookahead, routers, detected, on_device
+            )
         if mapping is not None:
             handle.engine = None
             indices, timeline = schedule.offloaded, handle.timeline

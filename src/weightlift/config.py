@@ -83,6 +83,10 @@ class OffloadConfig:
     a tuple of them, ``fnmatch`` patterns allowed, e.g. ``"mlp.experts"``) names the stacks. ``expert_lookahead``
     also moves ahead the experts a layer is predicted to use: ``"previous"`` (those of its last forward) or
     ``"router"`` (its router applied to the previous MoE layer's input); None (the default) predicts nothing.
+    ``expert_cache`` keeps that many experts (an int), or as many as fit in that many bytes (``"2GiB"``), in
+    a device cache beside the slots (`weightlift.expert_cache`): a chosen expert it holds is copied from
+    device memory, not over the link; ``expert_cache_policy`` (``"lru"``, the default, or ``"lfu"``) says
+    which expert leaves it for a new one. None (the default): no cache.
     """
 
     group_size: int = 1
@@ -97,6 +101,8 @@ class OffloadConfig:
     mmap: bool = True
     experts: bool | str | tuple[str, ...] | None = "auto"
     expert_lookahead: str | None = None
+    expert_cache: int | str | None = None
+    expert_cache_policy: str = "lru"
 
     def __post_init__(self) -> None:
         _positive_int("group_size", self.group_size)
@@ -153,6 +159,21 @@ class OffloadConfig:
             raise OffloadError(
                 f"`expert_lookahead` must be None, 'previous' or 'router', got {self.expert_lookahead!r}"
             )
+        if isinstance(self.expert_cache, str):
+            parse_size(self.expert_cache, name="expert_cache")  # a size (bytes); `apply` counts the experts it holds
+        elif self.expert_cache is not None and (isinstance(self.expert_cache, bool)
+                                                or not isinstance(self.expert_cache, int) or self.expert_cache < 1):
+            raise OffloadError(
+                "`expert_cache` must be a number of experts (an int >= 1), a size like '2GiB', or None (no cache), "
+                f"got {self.expert_cache!r}"
+            )
+        if self.expert_cache is not None and self.experts is None:
+            raise OffloadError(
+                "`expert_cache` is set but `experts`=None moves whole layers: keep experts='auto' (the default) "
+                "to stream experts through the cache, or drop expert_cache"
+            )
+        if self.expert_cache_policy not in ("lru", "lfu"):
+            raise OffloadError(f"`expert_cache_policy` must be 'lru' or 'lfu', got {self.expert_cache_policy!r}")
         if self.host_budget is not None:
             object.__setattr__(self, "host_budget", parse_size(self.host_budget, name="host_budget"))
         if self.layers is not None:

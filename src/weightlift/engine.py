@@ -49,6 +49,10 @@ class Engine(Protocol):
     def load_now(self, job: Transfer, slot: int, after: Any) -> None:
         """Transfer in compute order, after ``after`` (a ticket still in flight into that slot, or None)."""
 
+    def copy_now(self, name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Device-to-device copies ``(dst, src)`` in compute order: after the compute and loads issued so far,
+        before any issued later (the device expert cache's copies into and out of slots)."""
+
     def release(self, slot: int | None) -> None:
         """The compute issued so far is the last to read ``slot`` (None: every slot) until it is loaded again."""
 
@@ -89,6 +93,10 @@ class ThreadEngine:
             after.exception()  # waits; a failure of that copy is overwritten now, so it is no error
         self._run(job)
 
+    def copy_now(self, name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if pairs:
+            self._run(Transfer(name, pairs[0][0], sum(d.numel() for d, _ in pairs), pairs=pairs))
+
     def release(self, slot: int | None) -> None:
         pass
 
@@ -120,6 +128,10 @@ class _Accelerated:
 
     def wait(self, ticket: Any) -> None:
         self.streams.wait(self.streams.current_stream(), ticket)
+
+    def copy_now(self, name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if pairs:
+            self._copy_on(self.streams.current_stream(), name, pairs)
 
     def _copy_on(self, stream: Any, name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         """Issue ``pairs`` on ``stream``, timed there; the event that completes with them."""

@@ -11,6 +11,10 @@ Lookahead (``expert_lookahead``): ``"previous"`` predicts that a layer uses the 
 last forward; ``"router"`` applies the layer's router weight to the hidden state entering the previous
 MoE layer's experts. Off by default: measured, a guess mostly moved bytes nobody read (see
 ``benchmarks/moe_bench.py``).
+
+With a device expert cache (`weightlift.expert_cache`, slots only), a chosen expert the slot lacks is copied
+from its cache entry when it has one, and over the link otherwise; then every chosen expert not cached
+takes an entry. The lookahead does not move ahead what the cache holds. Whole-stack forwards bypass it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .expert_cache import ExpertCache
 from .experts import WHOLE_AT, LayerExperts, Ranges, hidden_of, merge, nbytes_of, reads_only_chosen, routing_of
 from .report import ExpertReport
 
@@ -43,6 +48,9 @@ class ExpertCounters:
     predicted: int = 0  # experts moved ahead by the lookahead
     predicted_used: int = 0  # of those, used
     tokens: int = 0  # tokens through the first expert stack
+    sought: int = 0  # of the misses in routed forwards, looked for in the device expert cache
+    cached: int = 0  # of those, copied from the device expert cache instead of over the link
+    cached_bytes: int = 0  # bytes copied from the cache into slots
 
 
 @dataclass
@@ -70,14 +78,21 @@ class Mover(Protocol):
         their pages may have left the page cache since, and a fault would read the disk's read-ahead
         window around each one)."""
 
+    def slot(self, position: int) -> torch.Tensor:
+        """The uint8 device buffer ``position``'s layout lives in while it computes (slots only)."""
+
+    def copy_now(self, position: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Device copies ``(dst, src)`` in compute order, after what was moved for ``position`` so far."""
+
 
 class ExpertStreams:
     """The run-time side: hooks on every offloaded layer's expert modules, the lookahead, the counters."""
 
     def __init__(self, units: dict[int, LayerExperts], modules: dict[int, nn.Module], lookahead: str | None,
                  routers: dict[int, list[torch.Tensor | None]] | None = None,
-                 detected: bool = True) -> None:  # fmt: skip
-        self.units = units  # offloaded position -> its units
+                 detected: bool = True, cache: ExpertCache | None = None) -> None:  # fmt: skip
+        self.units = units
+        self.cache = cache  # the device expert cache, or None  # offloaded position -> its units
         self.detected = detected  # stacks found by `find_experts` (not named): their forward is checked each call
         self.modules = modules  # offloaded position -> the layer module
         self.lookahead = lookahead
@@ -121,7 +136,9 @@ class ExpertStreams:
             expert_bytes=sum(u.expert_bytes for u in units),
             dense_moved=c.dense_bytes, experts_moved=c.expert_bytes, tokens=c.tokens, routed=c.routed,
             whole=c.whole, used=c.used, hits=c.hits, misses=c.misses, predicted=c.predicted,
-            predicted_used=c.predicted_used,
+            predicted_used=c.predicted_used, cache_entries=self.cache.entries if self.cache else 0,
+            cache_bytes=self.cache.nbytes if self.cache else 0, sought=c.sought, cached=c.cached, cached_bytes=c.cached_bytes,
+            evictions=self.cache.evictions if self.cache else 0,
         )  # fmt: skip
 
     def dense(self, position: int) -> Ranges | None:
@@ -144,6 +161,8 @@ class ExpertStreams:
         guess = state.guess if self.lookahead == "router" else state.last if self.lookahead == "previous" else []
         ranges: Ranges = []
         for s, chosen in enumerate(guess):
+            if self.cache is not None:  # what the cache holds is copied from it when chosen
+                chosen = [e for e in chosen if (position, s, e) not in self.cache]
             if chosen:
                 state.moved[s], state.ahead[s] = set(chosen), set(chosen)
                 ranges += units.stacks[s].of(sorted(chosen))
@@ -168,12 +187,52 @@ class ExpertStreams:
             c.predicted_used += len(state.ahead[s] & set(chosen))
             state.ahead[s] -= set(chosen)
         present = [e for e in wanted if e in have]
-        ranges = stack.of(missing)
+        cache = self.cache if not whole else None  # a whole stack moves in one piece, past the cache
+        cached = [e for e in missing if (position, s, e) in cache] if cache is not None else []
+        c.sought += len(missing) if cache is not None else 0
+        ranges = stack.of([e for e in missing if e not in cached] if cached else missing)
         c.expert_bytes += nbytes_of(ranges)
         assert self.mover is not None
         self.mover.now(position, ranges, state.pending, stack.of(present))  # waits for experts in flight
         state.pending = None
+        if cache is not None:
+            self._through_cache(position, s, chosen, cached)
         have.update(missing)
+
+    def _through_cache(self, position: int, s: int, chosen: list[int], cached: list[int]) -> None:
+        """Copy the experts ``cached`` from their entries into the slot, then give an entry to each chosen
+        expert not cached yet (copied out of the slot, where it has landed): both in compute order."""
+        cache, c, mover = self.cache, self.counters, self.mover
+        assert cache is not None and mover is not None
+        stack, slot = self.units[position].stacks[s], mover.slot(position)
+
+        def pairs(e: int, at: int, into_slot: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            out, offset = [], 0
+            for a, b in stack.experts[e]:
+                entry = cache.buffer[at, offset : offset + b - a]
+                out.append((slot[a:b], entry) if into_slot else (entry, slot[a:b]))
+                offset += b - a
+            return out
+
+        into: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for e in cached:
+            at = cache.entry((position, s, e))
+            assert at is not None
+            into += pairs(e, at, True)
+            c.cached += 1
+        c.cached_bytes += sum(d.numel() for d, _ in into)
+        mover.copy_now(position, into)  # issued before any entry is given to another expert below
+        keep = {(position, s, e) for e in chosen}
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for e in chosen:
+            key = (position, s, e)
+            if e in cached:
+                continue
+            if cache.entry(key) is None:
+                at = cache.place(key, keep)
+                if at is not None:
+                    out += pairs(e, at, False)
+        mover.copy_now(position, out)
 
     def route(self, position: int, s: int, hidden: torch.Tensor | None, index: torch.Tensor | None) -> None:
         """Stack ``s`` of ``position`` is about to compute on ``hidden`` with the expert indices ``index``

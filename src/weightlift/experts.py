@@ -152,6 +152,21 @@ def find_experts(layer: nn.Module, names: str | Sequence[str] | None = None, whe
     return found
 
 
+def top_k_of(layer: nn.Module, stack: ExpertStack, config: object = None) -> int | None:
+    """How many experts of ``stack`` one token uses, where the model says: its router's or its MoE block's
+    ``top_k`` / ``num_experts_per_tok``, else the experts' or the model's config (``config``). None: unknown."""
+    parent_path = stack.path.rpartition(".")[0]
+    holders = [layer.get_submodule(stack.router) if stack.router else None,
+               layer.get_submodule(parent_path) if parent_path else layer,
+               getattr(layer.get_submodule(stack.path), "config", None), config]  # fmt: skip
+    for holder in holders:
+        for name in ("top_k", "num_experts_per_tok"):
+            value = getattr(holder, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= stack.count:
+                return value
+    return None
+
+
 def expert_bytes(layer: nn.Module, stack: ExpertStack) -> int:
     """Bytes of one expert of ``stack`` as stored (from shapes: works on meta skeletons too)."""
     module = layer.get_submodule(stack.path)

@@ -339,6 +339,8 @@ class OffloadHandle:
         self.timeline.resolve()
         prefetcher = self.prefetcher
         pool = self.pool
+        experts_cache = self.experts.cache if self.experts is not None else None
+        cache_bytes = experts_cache.nbytes if experts_cache is not None else 0  # the device expert cache
         return OffloadReport(
             device=str(self.device),
             source=(
@@ -349,7 +351,7 @@ class OffloadHandle:
             layers_offloaded=len(self.layers),
             offloaded_bytes=sum(layer.master.layout.data_bytes for layer in self.layers),
             resident_bytes=self.resident_bytes,
-            pool_bytes=(pool.nbytes if pool is not None else 0) + self.mapped_window,
+            pool_bytes=(pool.nbytes if pool is not None else 0) + self.mapped_window + cache_bytes,
             slots=(len(pool) if pool is not None else 0) + (1 if self.mapped_window else 0),
             slot_bytes=pool.slot_bytes if pool is not None else 0,
             host_bytes=(self.arena.nbytes if self.arena else 0) + (self.ring.nbytes if self.ring else 0),

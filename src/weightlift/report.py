@@ -36,11 +36,22 @@ class ExpertReport:
     misses: int  # of those, moved after the router chose them
     predicted: int  # experts the lookahead moved ahead
     predicted_used: int  # of those, used
+    cache_entries: int = 0  # experts the device expert cache holds (0: no cache)
+    cache_bytes: int = 0  # its device memory (counted in the pool's)
+    sought: int = 0  # of the misses in routed forwards (whole stacks bypass the cache), looked for in it
+    cached: int = 0  # of those, copied from the cache instead of over the link
+    cached_bytes: int = 0  # bytes copied from the cache into slots (not in experts_moved)
+    evictions: int = 0  # experts that left the cache for another
 
     @property
     def precision(self) -> float | None:
         """Share of the experts moved ahead that were used (None without a lookahead)."""
         return self.predicted_used / self.predicted if self.predicted else None
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Share of the experts looked for in the device cache that it held (None without one, or none sought)."""
+        return self.cached / self.sought if self.sought else None
 
     @property
     def moved_per_token(self) -> float | None:
@@ -53,8 +64,15 @@ class ExpertReport:
             f"{self.experts} experts in {self.stacks} stacks ({format_size(self.expert_bytes)}; dense parts "
             f"{format_size(self.dense_bytes)}): moved {format_size(self.dense_moved + self.experts_moved)}{per}; "
             f"{self.routed} routed and {self.whole} whole stack forwards; {self.used} experts used, "
-            f"{self.hits} in place, {self.misses} moved on demand{ahead}"
+            f"{self.hits} in place, {self.misses} moved on demand{ahead}{self._cache()}"
         )
+
+    def _cache(self) -> str:
+        if not self.cache_entries:
+            return ""
+        rate = f" ({self.cache_hit_rate:.0%})" if self.cache_hit_rate is not None else ""
+        return (f"; device cache of {self.cache_entries} experts ({format_size(self.cache_bytes)}): {self.cached} of "
+                f"{self.sought} looked for there found{rate}, {self.evictions} evicted")
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,7 @@ class OffloadReport:
     layers_offloaded: int
     offloaded_bytes: int  # weights of the offloaded layers, as stored
     resident_bytes: int  # parameters and buffers kept on the device (everything not offloaded)
-    pool_bytes: int  # device memory of the slot pool
+    pool_bytes: int  # device memory of the slot pool (and of the device expert cache, if any)
     slots: int
     slot_bytes: int
     host_bytes: int  # host RAM allocated for master copies (0 when the originals serve as masters)
@@ -92,10 +110,15 @@ class OffloadReport:
         """Device memory held by weights: resident plus pool."""
         return self.resident_bytes + self.pool_bytes
 
+    def _expert_cache(self) -> str:
+        e = self.experts
+        return f" + a cache of {e.cache_entries} experts, {format_size(e.cache_bytes)}" if e and e.cache_entries else ""
+
     def to_dict(self) -> dict:
         out = {**asdict(self), "saved_bytes": self.saved_bytes, "device_bytes": self.device_bytes}
         if self.experts is not None:
-            out["experts"].update(precision=self.experts.precision, moved_per_token=self.experts.moved_per_token)
+            out["experts"].update(precision=self.experts.precision, moved_per_token=self.experts.moved_per_token,
+                                  cache_hit_rate=self.experts.cache_hit_rate)
         return out
 
     def __str__(self) -> str:
@@ -105,7 +128,8 @@ class OffloadReport:
             ("layer stack", f"{self.stack} ({self.layers_offloaded} of {self.layers} layers offloaded)"),
             ("offloaded weights", format_size(self.offloaded_bytes)),
             ("resident weights", format_size(self.resident_bytes)),
-            ("device pool", f"{format_size(self.pool_bytes)} ({self.slots} slots x {format_size(self.slot_bytes)})"),
+            ("device pool", f"{format_size(self.pool_bytes)} ({self.slots} slots x {format_size(self.slot_bytes)}"
+                            f"{self._expert_cache()})"),
             ("device memory saved", format_size(self.saved_bytes)),
             ("host RAM for masters", format_size(self.host_bytes)),
             ("prefetch", f"step {self.prefetch_step}: {self.copies} copies, "
