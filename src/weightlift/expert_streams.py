@@ -137,7 +137,8 @@ class ExpertStreams:
             dense_moved=c.dense_bytes, experts_moved=c.expert_bytes, tokens=c.tokens, routed=c.routed,
             whole=c.whole, used=c.used, hits=c.hits, misses=c.misses, predicted=c.predicted,
             predicted_used=c.predicted_used, cache_entries=self.cache.entries if self.cache else 0,
-            cache_bytes=self.cache.nbytes if self.cache else 0, sought=c.sought, cached=c.cached, cached_bytes=c.cached_bytes,
+            cache_bytes=self.cache.nbytes if self.cache else 0, sought=c.sought, cached=c.cached,
+            cached_bytes=c.cached_bytes,
             evictions=self.cache.evictions if self.cache else 0,
         )  # fmt: skip
 
