@@ -307,3 +307,73 @@ def test_the_checker_reports_experts_copied_from_the_wrong_cache_entry(monkeypat
         assert any("experts read" in h and "that do not hold them" in h for h in sim.hazards)
     finally:
         sim.close()
+
+
+def test_the_planner_gives_what_the_budget_leaves_to_a_cache_and_predicts_its_hits(tmp_path, monkeypatch):
+    """A checkpoint whose fused experts are 8 bytes off alignment is read into slots on the CPU (not mapped),
+    so a cache can serve it. The prediction is replaced by a cost per byte moved; the planner must give the
+    budget's rest to the cache (at most the offloaded layers' experts), and net what a decode token moves of
+    the share of its experts a cache replayed over the sample's tokens holds (checked with this file's own
+    replay). The plan applies bitwise, with the memory it said."""
+    import sys
+
+    from test_experts import _safetensors
+    from weightlift.measure import analyse
+
+    model = moe("qwen3_moe")
+    state = model.state_dict()
+    (tmp_path / "ckpt").mkdir()
+    _safetensors(tmp_path / "ckpt" / "model.safetensors", {"pad": torch.zeros(2), **state},
+                 ["pad", *[k for k, v in state.items() if v.dim() >= 3]])  # fmt: skip
+    module = sys.modules["weightlift.plan"]
+    seen = []
+    monkeypatch.setattr(module, "token_routes", lambda *a: seen.append(routes := module_routes(*a)) or routes)
+    module_routes = sys.modules["weightlift.experts"].token_routes
+
+    def predict(compute, other, moved, chosen, step, *rates):
+        return 1.0 + 1e-6 * sum(moved[i] for i in chosen), [0.0] * len(compute)
+
+    monkeypatch.setattr(sys.modules["weightlift.forecast"], "predict", predict)
+    info = analyse(model)
+    one = _expert_bytes(model)
+    budget = info.total_bytes - 2 * EXPERTS * one // 3
+    plan = weightlift.plan(model, device="cpu", budget=budget, checkpoint=tmp_path / "ckpt", reps=2)
+    (routes,) = seen
+    offloaded = [i for i in plan.offloaded if find_experts(model.model.layers[i])]
+    assert offloaded and plan.expert_cache > 0 and plan.mmap is False and plan.device_bytes <= budget
+    slots = plan.pool_bytes - plan.expert_cache_bytes
+    assert plan.expert_cache == min(EXPERTS * len(offloaded), (budget - plan.resident_bytes - slots) // one)
+    assert plan.expert_cache_bytes == plan.expert_cache * one
+    # this file's replay, over the same tokens: per layer, the share of its experts the cache holds
+    trace = [(layer, sorted(e for _, _, e in keys)) for layer, keys in routes if layer in offloaded]
+    held: OrderedDict = OrderedDict()
+    per: dict = {}
+    for layer, chosen in trace:
+        keys = [(layer, e) for e in chosen]
+        found = [k for k in keys if k in held]
+        for k in found:
+            held.move_to_end(k)
+        for k in keys:
+            if k not in held:
+                if len(held) == plan.expert_cache:
+                    del held[next(x for x in held if x not in keys)]
+                held[k] = None
+        sought, hit = per.get(layer, (0, 0))
+        per[layer] = (sought + len(keys), hit + len(found))
+    dense = 0 if plan.params == ["experts"] else info.nbytes[offloaded[0]] - EXPERTS * one  # experts only: none
+    for i in offloaded:
+        routed = TOP_K * one  # a decode token's experts (random routers choose 2 distinct)
+        sought, hit = per[i]
+        assert plan.moved("decode")[i] == dense + routed - round(hit / sought * routed)
+    assert plan.expert_cache_hit_rate == sum(h for _, h in per.values()) / sum(s for s, _ in per.values())
+    assert "device expert cache" in plan.summary(), plan.summary()
+    again = weightlift.Plan.from_json(plan.to_json())
+    assert again == plan and again.config().expert_cache == plan.expert_cache
+    ids = prompt()
+    ref = run(model, ids)
+    with weightlift.offload(model, device="cpu", plan=again) as handle:
+        out = run(model, ids)
+        report = handle.report()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert report.resident_bytes + report.pool_bytes == plan.device_bytes
+    assert report.experts.cache_entries == plan.expert_cache and report.experts.cached > 0

@@ -74,9 +74,32 @@ class ExpertCache:
             return spare[0]
         return min(spare, key=lambda k: self._uses[k])  # min keeps the first (least recent) of equal counts
 
+    def use(self, keys: list[Hashable]) -> tuple[list[tuple[Hashable, int]], list[tuple[Hashable, int]]]:
+        """One stack forward uses ``keys``: ``(found, placed)``, the ``(key, entry)`` of those it holds
+        (marked used), and the entries just given to the others (evicting by the policy, the forward's own
+        keys last). Copies out of the found entries must be issued before copies into the placed ones."""
+        found = [(k, at) for k in keys if (at := self.entry(k)) is not None]
+        held = {k for k, _ in found}
+        keep = set(keys)
+        placed = [(k, at) for k in keys if k not in held and (at := self.place(k, keep)) is not None]
+        return found, placed
+
     def held(self) -> list[Hashable]:
         """The keys cached, least recently used first."""
         return list(self._where)
+
+
+def replay(forwards: list[tuple[Hashable, list[Hashable]]], entries: int, policy: str = "lru"
+           ) -> dict[Hashable, tuple[int, int]]:  # fmt: skip
+    """What a cache of ``entries`` would find over ``forwards``, stack forwards in order, each ``(layer,
+    keys it uses)``: per layer, ``(looked for, found)`` (for the planner, from the sample's tokens)."""
+    cache = ExpertCache(entries, 0, torch.device("cpu"), policy)
+    out: dict[Hashable, tuple[int, int]] = {}
+    for layer, keys in forwards:
+        found, _ = cache.use(keys)
+        sought, hit = out.get(layer, (0, 0))
+        out[layer] = (sought + len(keys), hit + len(found))
+    return out
 
 
 def entries_for(config, units: dict, layers: dict, where: str, model_config: object = None) -> tuple[int, int]:
@@ -110,3 +133,29 @@ def entries_for(config, units: dict, layers: dict, where: str, model_config: obj
             f"give it at least {need} (expert_cache={need}, or '{format_size(need * entry_bytes)}'), or None"
         )
     return entries, entry_bytes
+
+
+def predicted(routes: list[tuple[int, list]], chosen: list[int], spare: int, entry_bytes: int, minimum: int,
+              keys: int, moved: list[int], dense: list[int], memo: dict | None = None
+              ) -> tuple[int, list[int], float | None]:  # fmt: skip
+    """For the planner: the cache that ``spare`` bytes of the budget hold (at most ``keys`` entries, the
+    experts of the ``chosen`` offloaded layers; none below ``minimum``, a token's top-k), and what each layer
+    then moves per decode token: ``moved`` less the share of its experts' bytes (``moved - dense``) the cache
+    is predicted to hold, replayed over ``routes`` (`experts.token_routes` of the sample's tokens).
+    Returns ``(entries, moved per layer, predicted share found)``; ``memo`` keeps replays across calls."""
+    entries = min(keys, spare // entry_bytes) if entry_bytes > 0 and spare > 0 else 0
+    if entries < max(minimum, 1):
+        return 0, list(moved), None
+    inside = set(chosen)
+    key = (tuple(sorted(inside)), entries)
+    stats = memo.get(key) if memo is not None else None
+    if stats is None:
+        stats = replay([(layer, k) for layer, k in routes if layer in inside], entries)
+        if memo is not None:
+            memo[key] = stats
+    out = list(moved)
+    for layer, (sought, found) in stats.items():
+        if sought:
+            out[layer] = moved[layer] - round(found / sought * max(0, moved[layer] - dense[layer]))
+    sought = sum(s for s, _ in stats.values())
+    return entries, out, sum(f for _, f in stats.values()) / sought if sought else None

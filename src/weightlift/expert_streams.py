@@ -215,25 +215,13 @@ class ExpertStreams:
                 offset += b - a
             return out
 
-        into: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for e in cached:
-            at = cache.entry((position, s, e))
-            assert at is not None
-            into += pairs(e, at, True)
-            c.cached += 1
+        found, placed = cache.use([(position, s, e) for e in chosen])
+        wanted = set(cached)  # the others found are in the slot already
+        into = [pair for (_, _, e), at in found if e in wanted for pair in pairs(e, at, True)]
+        c.cached += len(wanted)
         c.cached_bytes += sum(d.numel() for d, _ in into)
-        mover.copy_now(position, into)  # issued before any entry is given to another expert below
-        keep = {(position, s, e) for e in chosen}
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for e in chosen:
-            key = (position, s, e)
-            if e in cached:
-                continue
-            if cache.entry(key) is None:
-                at = cache.place(key, keep)
-                if at is not None:
-                    out += pairs(e, at, False)
-        mover.copy_now(position, out)
+        mover.copy_now(position, into)  # issued before any entry given to another expert is filled
+        mover.copy_now(position, [pair for (_, _, e), at in placed for pair in pairs(e, at, False)])
 
     def route(self, position: int, s: int, hidden: torch.Tensor | None, index: torch.Tensor | None) -> None:
         """Stack ``s`` of ``position`` is about to compute on ``hidden`` with the expert indices ``index``

@@ -175,43 +175,70 @@ def expert_bytes(layer: nn.Module, stack: ExpertStack) -> int:
     return sum(t.numel() * t.element_size() for t in module[0].parameters())
 
 
-def routed_bytes(layers: Sequence[nn.Module], nbytes: Sequence[int], run: Callable[[], object]) -> list[int] | None:
-    """Bytes each layer moves per forward of ``run`` at expert granularity (for the planner): its dense
-    part plus the experts that forward's tokens choose (every expert where more than half are chosen).
-    ``nbytes``: each layer's whole size. None when no layer has experts. Runs ``run`` once."""
+def _routing(layers: Sequence[nn.Module], run: Callable[[], object]) -> tuple[list[list[ExpertStack]], dict]:
+    """Each layer's expert stacks, and what one run of ``run`` chose per ``(layer, stack)``: the rows of
+    expert indices of each call (fused), or the set of experts called (a ModuleList: no rows, ``None``)."""
     stacks = [find_experts(layer) for layer in layers]
-    if not any(stacks):
-        return None
-    chosen: dict[tuple[int, int], set[int]] = {}
+    chosen: dict[tuple[int, int], list] = {}
     handles = []
     for i, (layer, found) in enumerate(zip(layers, stacks)):
         for s, stack in enumerate(found):
             module = layer.get_submodule(stack.path)
 
-            def seen(module, args, kwargs, key=(i, s), count=stack.count):
+            def seen(module, args, kwargs, key=(i, s)):
                 index = routing_of(args, kwargs)
-                picked = range(count) if index is None else {e for e in index.reshape(-1).tolist() if 0 <= e < count}
-                chosen.setdefault(key, set()).update(picked)
+                chosen.setdefault(key, []).append(None if index is None else index.reshape(-1, index.shape[-1])
+                                                  .tolist())  # fmt: skip
 
             if stack.fused:
                 handles.append(module.register_forward_pre_hook(seen, with_kwargs=True))
             else:
                 for e, expert in enumerate(module):
                     handles.append(expert.register_forward_pre_hook(
-                        lambda m, a, k, key=(i, s), e=e: chosen.setdefault(key, set()).add(e), with_kwargs=True))
+                        lambda m, a, k, key=(i, s), e=e: chosen.setdefault(key, []).append([[e]]), with_kwargs=True))
     try:
         with torch.inference_mode():
             run()
     finally:
         for h in handles:
             h.remove()
+    return stacks, chosen
+
+
+def routed_bytes(layers: Sequence[nn.Module], nbytes: Sequence[int], run: Callable[[], object]) -> list[int] | None:
+    """Bytes each layer moves per forward of ``run`` at expert granularity (for the planner): its dense
+    part plus the experts that forward's tokens choose (every expert where more than half are chosen).
+    ``nbytes``: each layer's whole size. None when no layer has experts. Runs ``run`` once."""
+    stacks, chosen = _routing(layers, run)
+    if not any(stacks):
+        return None
     out = []
     for i, (layer, found) in enumerate(zip(layers, stacks)):
         moved = nbytes[i]
         for s, stack in enumerate(found):
-            n = len(chosen.get((i, s), ()))
+            calls = chosen.get((i, s), [])
+            picked = set(range(stack.count)) if any(c is None for c in calls) else \
+                {e for rows in calls for row in rows for e in row if 0 <= e < stack.count}  # fmt: skip
+            n = len(picked)
             moved -= expert_bytes(layer, stack) * (stack.count - (stack.count if n > WHOLE_AT * stack.count else n))
         out.append(max(moved, 0))
+    return out
+
+
+def token_routes(layers: Sequence[nn.Module], run: Callable[[], object]) -> list[tuple[int, list[tuple]]]:
+    """The expert stack forwards decoding ``run``'s tokens one at a time would make, read from one run: for
+    each token, for each layer in order, ``(layer, [(layer, stack, expert) ...])`` of the experts its row
+    chose (the device expert cache's keys, for `expert_cache.replay`). Fused stacks only: a ModuleList's
+    calls do not say which token chose what."""
+    stacks, chosen = _routing(layers, run)
+    rows = {key: [row for rows in calls if rows is not None for row in rows] for key, calls in chosen.items()
+            if stacks[key[0]][key[1]].fused}  # fmt: skip
+    tokens = max((len(r) for r in rows.values()), default=0)
+    out = []
+    for t in range(tokens):
+        for (i, s), r in sorted(rows.items()):
+            if t < len(r):
+                out.append((i, [(i, s, e) for e in sorted(set(r[t])) if 0 <= e < stacks[i][s].count]))
     return out
 
 

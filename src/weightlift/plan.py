@@ -33,7 +33,8 @@ from .apply import apply
 from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size, resolve_device
 from .errors import OffloadError
-from .experts import find_experts, routed_bytes
+from .expert_cache import predicted as cached_moves
+from .experts import expert_bytes, find_experts, routed_bytes, token_routes, top_k_of
 from .measure import (
     analyse,
     available_ram,
@@ -180,6 +181,7 @@ def plan(
     elif not all(t.device == dev for t in (*model.parameters(), *model.buffers())):
         probe = apply(model, dev, OffloadConfig(layers=tuple(info.stacks), prefetch_step=0))
     moved: dict[str, list[int]] = {}  # MoE layers: what each workload's tokens make them move
+    routes: list = []  # the sample's tokens, one at a time, as the expert cache would see them
     try:
         for _ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
             for name, run in runners.items():
@@ -191,6 +193,8 @@ def plan(
                 found = routed_bytes(info.layers, info.nbytes, run)
                 if found is not None:
                     moved[name] = found
+        if moved and not (cpu and in_place):  # layers go through slots: a device expert cache may pay
+            routes = token_routes(info.layers, runners["prefill" if "prefill" in runners else goal])
     finally:
         if probe is not None:
             probe.remove()
@@ -229,6 +233,7 @@ def plan(
     parts = [_Part((), info.nbytes, info.data_bytes, moved)]
     if offloading and moved:  # MoE layers: their experts alone may be offloaded too, the dense parts resident
         parts += _experts_only(model, info, layers, adapters, moved)
+    cache = _CacheTerms.of(model, info) if routes else None
     best: tuple | None = None
     minimum = None
     for part in parts:  # whole layers first: experts only must be predicted 2% faster to win
@@ -244,13 +249,20 @@ def plan(
                         continue
                     rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
                     carried = part.moved.get(goal, part.nbytes)  # each layer's bytes a forward of `goal` moves
+                    entries, hit = 0, None
+                    if cache is not None and part.moved:  # what is left of the budget holds experts
+                        entries, carried, hit = cache.predict(routes, chosen, budget - need, part, carried)
                     predicted, _ = forecast.predict(compute, other, carried, chosen, step, rate, fault)
                     if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
-                        best = (predicted, need, chosen, step, src, resident, pool, host, rate, part)
+                        held = entries * (cache.entry_bytes if cache else 0)
+                        best = (predicted, need + held, chosen, step, src, resident, pool + held, host, rate, part,
+                                (entries, held, hit, carried))  # fmt: skip
     if best is None:
         _too_small(model, budget, host_budget, minimum or 0)
-    predicted, need, chosen, step, src, resident, pool, host, rate, part = best
-    moved = part.moved
+    predicted, need, chosen, step, src, resident, pool, host, rate, part, (entries, held, hit, carried) = best
+    moved = dict(part.moved)
+    if entries:
+        moved[goal] = carried
     result = Plan(
         model=type(model).__name__, fingerprint=fingerprint(model), device=str(dev), budget=budget,
         host_budget=host_budget, stacks=info.stacks, layer_names=info.names, layer_bytes=part.nbytes,
@@ -261,7 +273,11 @@ def plan(
         copy_bytes_per_s=rate if chosen else 0.0, serial_s_per_byte=fault if chosen else 0.0,
         workloads={name: Workload(name, c, o) for name, (c, o) in measured.items()}, goal=goal,
         moved_bytes=moved if chosen else {}, params=list(part.params) if chosen else [],
+        expert_cache=entries if chosen else 0, expert_cache_bytes=held if chosen else 0,
+        expert_cache_hit_rate=hit if chosen else None,
     )  # fmt: skip
+    if result.expert_cache and cpu:
+        result.mmap = False  # a cache needs slots: layers are read into them (they could not be mapped anyway)
     for w in result.workloads.values():
         w.predicted_s, w.wait_s = result.predict(w.compute_s, w.other_s, w.name)
         exposed = sum(w.wait_s) + sum(result.serial_s(i, w.name) for i in result.offloaded)
@@ -279,6 +295,43 @@ class _Part:
     nbytes: list[int]
     data_bytes: list[int]
     moved: dict[str, list[int]]
+
+
+@dataclass
+class _CacheTerms:
+    """What sizing a device expert cache needs of the model: an entry's bytes (its largest expert), and per
+    layer of the stack list its experts' bytes, count and top-k."""
+
+    entry_bytes: int
+    expert_total: list[int]  # per layer: bytes of all its experts
+    count: list[int]  # per layer: its experts, all stacks
+    top_k: list[int]  # per layer: the experts one token uses (1 where unknown)
+    memo: dict
+
+    @classmethod
+    def of(cls, model: nn.Module, info: Any) -> _CacheTerms | None:
+        stacks = [find_experts(layer) for layer in info.layers]
+        sizes = [[expert_bytes(layer, s) for s in found] for layer, found in zip(info.layers, stacks)]
+        if not any(sizes):
+            return None
+        config = getattr(model, "config", None)
+        return cls(
+            max(b for per in sizes for b in per),
+            [sum(b * s.count for b, s in zip(per, found)) for per, found in zip(sizes, stacks)],
+            [sum(s.count for s in found) for found in stacks],
+            [max([top_k_of(layer, s, config) or 1 for s in found], default=1)
+             for layer, found in zip(info.layers, stacks)],
+            {},
+        )  # fmt: skip
+
+    def predict(self, routes: list, chosen: list[int], spare: int, part: _Part, carried: list[int]
+                ) -> tuple[int, list[int], float | None]:  # fmt: skip
+        """The cache ``spare`` bytes hold for the ``chosen`` layers, and what they move then
+        (`expert_cache.predicted`)."""
+        dense = [max(0, b - e) for b, e in zip(part.nbytes, self.expert_total)]
+        moe = [i for i in chosen if self.count[i]]
+        return cached_moves(routes, moe, spare, self.entry_bytes, max((self.top_k[i] for i in moe), default=1),
+                            sum(self.count[i] for i in moe), carried, dense, self.memo)  # fmt: skip
 
 
 def _experts_only(model: nn.Module, info: Any, layers: Any, adapters: Sequence, moved: dict[str, list[int]]

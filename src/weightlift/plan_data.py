@@ -16,7 +16,8 @@ from . import forecast
 from .config import OffloadConfig, format_size
 from .errors import OffloadError
 
-PLAN_VERSION = 1  # of the plan's JSON form: raise it when a field changes meaning, is added or goes
+PLAN_VERSION = 1  # of the plan's JSON form: raise it when a field changes meaning or goes (one added with a
+# default that keeps the old behaviour reads the same: plans without it still load)
 
 
 @dataclass
@@ -62,6 +63,12 @@ class Plan:
     # what of each offloaded layer is offloaded (`OffloadConfig.params`): empty, all of it; ["experts"]: a
     # MoE layer's experts only, its dense part (attention, norms, router, shared experts) resident
     params: list[str] = field(default_factory=list)
+    # the device expert cache (`OffloadConfig.expert_cache`): its entries (0: none), bytes (in ``pool_bytes``),
+    # and the share of the experts decode tokens choose it is predicted to hold (replayed over the sample's
+    # tokens; ``moved_bytes`` of the goal is net of it)
+    expert_cache: int = 0
+    expert_cache_bytes: int = 0
+    expert_cache_hit_rate: float | None = None
     version: int = PLAN_VERSION  # of this form; a plan saved before the field existed is version 1
 
     # -- derived
@@ -89,6 +96,7 @@ class Plan:
             host_budget=self.host_budget if self.source != "host" else None,
             mmap=self.mmap,
             params=tuple(self.params),
+            expert_cache=self.expert_cache or None,
         )
 
     def moved(self, workload: str | None = None) -> list[int]:
@@ -165,6 +173,11 @@ class Plan:
                 part = sum(self.moved(name)[i] for i in self.offloaded)
                 head.append(f"expert level: a {name} forward moves {format_size(part)} of the {format_size(whole)} "
                             "offloaded (dense parts + the experts its tokens chose)")  # fmt: skip
+        if self.expert_cache and self.offloaded:
+            rate = self.expert_cache_hit_rate
+            head.append(f"device expert cache: {self.expert_cache} experts ({format_size(self.expert_cache_bytes)}), "
+                        + (f"predicted to hold {rate:.0%} of the experts a {self.goal} token chooses (replayed over "
+                           "the sample's tokens)" if rate is not None else "no hit rate predicted"))  # fmt: skip
         for w in self.workloads.values():
             head.append(f"predicted {w.name}: {w.predicted_s * 1e3:.2f} ms per forward ({w.bound}-bound) = "
                         + " + ".join(f"{ms:.2f} ms {what}" for what, ms in self.terms(w)))  # fmt: skip
