@@ -285,8 +285,10 @@ def moe_record(device: torch.device, new_tokens: int, reps: int, *, layers: int 
     resident = timed_decode(model, ids, new_tokens, reps, clock)
     record["resident_decode_tokens_per_s"] = resident["decode_tokens_per_s"]
     model.to("cpu")
-    for name, experts_mode in (("whole layers", None), ("expert level", "auto")):
-        config = weightlift.OffloadConfig(prefetch_step=2, experts=experts_mode)
+    quarter = layers * experts // 4  # a device expert cache of a quarter of all experts
+    for name, experts_mode, cache in (("whole layers", None, None), ("expert level", "auto", None),
+                                      ("expert level, cache 25%", "auto", quarter)):  # fmt: skip
+        config = weightlift.OffloadConfig(prefetch_step=2, experts=experts_mode, expert_cache=cache)
         with weightlift.offload(model, device=device, config=config) as handle:
             run = timed_decode(model, ids, new_tokens, reps, clock, report=handle.report)
             before, after = run["before"], run["after"]
@@ -294,8 +296,13 @@ def moe_record(device: torch.device, new_tokens: int, reps: int, *, layers: int 
         record[name] = {"decode_tokens_per_s": run["decode_tokens_per_s"], "bytes_moved_per_token": moved / new_tokens,
                         "tokens_equal": bool(torch.equal(run["tokens"].cpu(), resident["tokens"].cpu())),
                         "exposed_copy_seconds": after.exposed_copy_seconds - before.exposed_copy_seconds}  # fmt: skip
+        if cache:
+            e, b = after.experts, before.experts
+            record[name]["cache_hit_rate"] = (e.cached - b.cached) / max(e.sought - b.sought, 1)
     whole, level = record["whole layers"], record["expert level"]
     record["expert_vs_whole"] = level["decode_tokens_per_s"] / whole["decode_tokens_per_s"]
+    record["cache_vs_expert_level"] = (record["expert level, cache 25%"]["decode_tokens_per_s"]
+                                       / level["decode_tokens_per_s"])  # fmt: skip
     return record
 
 
@@ -304,12 +311,15 @@ def moe_lines(record: dict) -> list[str]:
     if "error" in record:
         return [f"{head}: ERROR {record['error']}"]
     lines = [f"{head}: resident {record['resident_decode_tokens_per_s']:.1f} tok/s"]
-    for name in ("whole layers", "expert level"):
+    for name in ("whole layers", "expert level", "expert level, cache 25%"):
         r = record[name]
         lines.append(f"  {name}: {r['decode_tokens_per_s']:.1f} tok/s, {r['bytes_moved_per_token'] / 2**20:.1f} MiB "
                      f"moved per new token (prefill included), tokens equal to resident: "
                      f"{'yes' if r['tokens_equal'] else 'NO'}")  # fmt: skip
     lines.append(f"  expert level / whole layers: {record['expert_vs_whole']:.2f}x decode tokens/s")
+    cached = record["expert level, cache 25%"]
+    lines.append(f"  cache 25% / expert level: {record['cache_vs_expert_level']:.2f}x decode tokens/s, hit rate "
+                 f"{cached['cache_hit_rate']:.0%}")
     return lines
 
 

@@ -25,8 +25,7 @@ TIERS = {
     "disk read": dict(source="disk", mmap=False, prefetch_step=1),
     "checkpoint": dict(source="checkpoint", mmap=False, prefetch_step=1),
 }
-CASES = [(f, "host") for f in FAMILIES]
-CASES += [(f, t) for f in ("qwen2_moe", "gpt_oss") for t in ("disk read", "checkpoint")]
+CASES = [(f, t) for t in TIERS for f in FAMILIES]
 
 
 def _how(tier: str, model, tmp_path) -> dict:

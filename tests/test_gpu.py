@@ -326,3 +326,25 @@ def test_gpu_moe_experts_stream_expert_by_expert(tmp_path, source, lookahead):
         e = handle.report().experts
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
     assert e.stacks == LAYERS and e.experts == LAYERS * EXPERTS and e.misses > 0 and TOP_K == 2
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+def test_gpu_moe_expert_cache_is_bitwise_and_finds_repeated_experts(tmp_path, source):
+    """The device expert cache on a real device: slots poisoned, a cache small enough to evict, bitwise."""
+    from test_experts import _poison_slots, moe
+
+    dev = _device()
+    model = moe("qwen3_moe")
+    ids = prompt().to(dev)
+    model.to(dev)
+    ref_logits, ref_tokens = run(model, ids)
+    model.to("cpu")
+    how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
+    config = OffloadConfig(prefetch_step=1, expert_cache=12, expert_lookahead="previous", **how)
+    with weightlift.offload(model, device=dev, config=config) as handle:
+        assert handle.experts.cache.buffer.device.type == dev.type
+        _poison_slots(handle)
+        logits, tokens = run(model, ids)
+        e = handle.report().experts
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert e.cached > 0 and e.evictions > 0
