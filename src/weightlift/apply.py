@@ -138,7 +138,8 @@ class _MappedMover:
     def slot(self, p: int) -> torch.Tensor:
         raise AssertionError("a mapped file has no slots: `apply` refuses an expert cache there")
 
-    copy_now = slot
+    def copy_now(self, p: int, pairs: list) -> None:
+        raise AssertionError("a mapped file has no slots: `apply` refuses an expert cache there")
 
 
 def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:

@@ -91,8 +91,8 @@ class ExpertStreams:
     def __init__(self, units: dict[int, LayerExperts], modules: dict[int, nn.Module], lookahead: str | None,
                  routers: dict[int, list[torch.Tensor | None]] | None = None,
                  detected: bool = True, cache: ExpertCache | None = None) -> None:  # fmt: skip
-        self.units = units
-        self.cache = cache  # the device expert cache, or None  # offloaded position -> its units
+        self.units = units  # offloaded position -> its units
+        self.cache = cache  # the device expert cache, or None
         self.detected = detected  # stacks found by `find_experts` (not named): their forward is checked each call
         self.modules = modules  # offloaded position -> the layer module
         self.lookahead = lookahead
