@@ -119,8 +119,8 @@ def leaves(t: torch.Tensor) -> list[torch.Tensor]:
     """Independent of weightlift: the plain tensors holding ``t``'s bytes, itself or for a wrapper subclass
     (torchao, quanto, bitsandbytes' tensors) the inner tensors it flattens to, recursively."""
     if is_traceable_wrapper_subclass(t):
-        attrs, _ = t.__tensor_flatten__()
-        return [leaf for a in attrs if (inner := getattr(t, a)) is not None for leaf in leaves(inner)]
+        attrs, _ = t.__tensor_flatten__()  # inner objects that are not tensors (a DTensor's DeviceMesh) hold none
+        return [leaf for a in attrs if isinstance(inner := getattr(t, a), torch.Tensor) for leaf in leaves(inner)]
     return [t]
 
 

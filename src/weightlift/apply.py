@@ -14,6 +14,7 @@ from .adapters import BUILTIN_ADAPTERS, Adapter
 from .checkpoint import CheckpointFiles, CheckpointIndex
 from .config import OffloadConfig, format_size
 from .disk import DiskMaster, open_cache
+from .distributed import cache_suffix, group_of
 from .engine import StagedEngine, StagingRing, StreamEngine, ThreadEngine, Transfer
 from .errors import OffloadError
 from .expert_cache import ExpertCache, entries_for
@@ -172,6 +173,12 @@ def apply(
     the config is known, the device resolved). ``plan``, the `Plan` it came from, is kept on the handle.
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work."""
     refuse_offloaded(model)
+    group = group_of(model)  # a tensor-parallel rank's shard: (rank, world size), else None
+    if group is not None and config.source == "checkpoint":
+        raise OffloadError(
+            "`source`='checkpoint' with DTensor shards: reading each rank's slice of the checkpoint is not built yet; "
+            "stream the shards from host RAM (source='host') or from a layer cache per rank (source='disk')"
+        )
     stacks = find_stacks(model, config.layers)
     stack_name = "+".join(name for name, _ in stacks)
     names, layers = layer_list(stacks)
@@ -230,7 +237,8 @@ def apply(
         materialized = not any(e.tensor.is_meta for es in entries.values() for e in es)
         if config.source == "disk":
             every = every_layout(model, names, layers, config, adapters, layouts)
-            cache = open_cache(folder, stack_name, layouts, materialized, every, type(model).__name__)
+            cache = open_cache(folder, stack_name, layouts, materialized, every, type(model).__name__,
+                               cache_suffix(group))
             del every  # the layers not offloaded stay resident; their layouts were needed for the write only
         else:
             cache = CheckpointFiles.open(CheckpointIndex(folder, model), names, layouts)

@@ -362,10 +362,11 @@ class DiskMaster:
         self.cache.read_into(self.index, buffer, ranges)
 
 
-def cache_path(folder: Path, stack: str, every: dict[int, Layout]) -> Path:
+def cache_path(folder: Path, stack: str, every: dict[int, Layout], suffix: str = "") -> Path:
     """The model's one cache file in ``folder``: named after its stack and the layouts of ``every`` layer
-    that can be offloaded, whichever of them a plan offloads."""
-    return folder / f"weightlift-{fingerprint(stack, manifest_of(every))}.safetensors"
+    that can be offloaded, whichever of them a plan offloads (``suffix``: a tensor-parallel rank's, see
+    `distributed.cache_suffix`; its shard's layouts can be another rank's too)."""
+    return folder / f"weightlift-{fingerprint(stack, manifest_of(every))}{suffix}.safetensors"
 
 
 def _other_version(path: Path) -> str | None:
@@ -407,7 +408,7 @@ def temporaries(path: Path) -> list[Path]:
 
 def open_cache(
     folder: Path, stack: str, layouts: dict[int, Layout], materialized: bool,
-    every: dict[int, Layout] | None = None, model: str = "",
+    every: dict[int, Layout] | None = None, model: str = "", suffix: str = "",
 ) -> LayerCache:  # fmt: skip
     """The model's cache in ``folder``, holding ``every`` layer that can be offloaded (default: just
     ``layouts``, the offloaded ones). Reused when its offloaded layers hold the same bytes (only those are
@@ -415,7 +416,7 @@ def open_cache(
     memory), refused when damaged or foreign. Written under the cache's lock (`locks`): a second process
     waits, then reuses what the first wrote; the temporaries of writes that died are removed."""
     every = layouts if every is None else every
-    path = cache_path(folder, stack, every)
+    path = cache_path(folder, stack, every, suffix)
     cache, _ = _reusable(path, layouts, materialized)
     if cache is None:
         with locks.writing(path) as alone:

@@ -10,7 +10,8 @@ from torch import nn
 
 from .adapters import Adapter
 from .apply import apply, move_to, refuse_offloaded
-from .config import OffloadConfig, resolve_device
+from .config import OffloadConfig, parse_size, resolve_device
+from .distributed import agree, group_of
 from .errors import OffloadError
 from .hooks import OffloadHandle
 from .inventory import unique_bytes
@@ -75,6 +76,13 @@ def offload(
         raise OffloadError(f"`config` must be a weightlift.OffloadConfig, got {type(config).__name__}")
     dev = resolve_device(device)
     refuse_offloaded(model)  # before planning, which would run the offloaded model
+    group = group_of(model)  # tensor parallel: every rank must say the same (a collective, on every rank)
+    if budget is not None:
+        agree("budget", parse_size(budget, name="budget"), group)
+    elif plan is not None:
+        agree("plan", plan.config() if isinstance(plan, Plan) else type(plan).__name__, group)
+    else:
+        agree("config", config, group)
     if budget is not None:
         plan = make_plan(model, device=dev, budget=budget, adapters=adapters)
     if plan is not None:

@@ -32,6 +32,7 @@ from . import forecast
 from .apply import apply
 from .checkpoint import CheckpointIndex, mappable
 from .config import OffloadConfig, format_size, parse_size, resolve_device
+from .distributed import group_of, slowest, world_size
 from .errors import OffloadError
 from .expert_cache import predicted as cached_moves
 from .experts import expert_bytes, find_experts, routed_bytes, token_routes, top_k_of
@@ -282,6 +283,9 @@ def plan(
         w.predicted_s, w.wait_s = result.predict(w.compute_s, w.other_s, w.name)
         exposed = sum(w.wait_s) + sum(result.serial_s(i, w.name) for i in result.offloaded)
         w.bound = "link" if exposed > 0.5 * (w.predicted_s - exposed) else "compute"
+    group = group_of(model)
+    result.world_size = world_size(group)
+    result = slowest(result, group)  # tensor parallel: every rank uses the plan of the slowest prediction
     log.info("weightlift plan:\n%s", result)
     return result
 
@@ -373,4 +377,10 @@ def check_plan(plan_: Plan, model: nn.Module, device: torch.device) -> None:
     if planned != device:
         raise OffloadError(
             f"`plan` was made for device {plan_.device}, not {device}: pass device={plan_.device!r} or plan again"
+        )
+    ranks = world_size(group_of(model))
+    if plan_.world_size != ranks:
+        raise OffloadError(
+            f"`plan` was made for {plan_.world_size} tensor-parallel rank(s), and this model is sharded over {ranks}: "
+            "make the plan again under this world size"
         )

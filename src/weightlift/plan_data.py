@@ -69,6 +69,7 @@ class Plan:
     expert_cache: int = 0
     expert_cache_bytes: int = 0
     expert_cache_hit_rate: float | None = None
+    world_size: int = 1  # tensor parallel: the ranks it was made for (`distributed.slowest`: one plan for all)
     version: int = PLAN_VERSION  # of this form; a plan saved before the field existed is version 1
 
     # -- derived

@@ -57,7 +57,8 @@ def _flatten(name: str, tensor: torch.Tensor) -> tuple[list[torch.Tensor], Calla
     """Leaves of a traceable wrapper subclass (recursively) and a function rebuilding it from new leaves.
 
     The function keeps only the structure (attribute names, leaf counts, the children's rebuild functions,
-    class, ``ctx``, size and stride), never a tensor: `Parts.build` outlives the original leaves, which
+    class, ``ctx``, size and stride, and inner objects that are not tensors, as torch 2.13's DTensor flattens
+    its DeviceMesh), never a weight: `Parts.build` outlives the original leaves, which
     must be freed once the offloaded copy is installed. ``ctx`` is non-tensor metadata by the
     ``__tensor_flatten__`` contract (the compiler treats it as a constant)."""
     if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
@@ -69,7 +70,11 @@ def _flatten(name: str, tensor: torch.Tensor) -> tuple[list[torch.Tensor], Calla
     rebuilds: list[Callable] = []
     counts: list[int] = []
     for attr in attrs:
-        child_leaves, child_rebuild = _flatten(f"{name}.{attr}", getattr(tensor, attr))
+        value = getattr(tensor, attr)
+        if not isinstance(value, torch.Tensor):  # an opaque inner object (a DTensor's DeviceMesh): kept as it is
+            leaves, rebuilds, counts = leaves, [*rebuilds, lambda _, value=value: value], [*counts, 0]
+            continue
+        child_leaves, child_rebuild = _flatten(f"{name}.{attr}", value)
         leaves += child_leaves
         rebuilds.append(child_rebuild)
         counts.append(len(child_leaves))

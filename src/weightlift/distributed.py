@@ -1,0 +1,99 @@
+"""Tensor-parallel models: each rank offloads its own shard (torch.distributed ``DTensor`` parameters).
+
+A ``DTensor`` parameter is taken apart like any tensor subclass (`weightlift.tensors`): its local shard is
+the leaf that streams through this rank's slots, while its DeviceMesh and placements stay as they were, so
+it is still a ``DTensor`` whose local tensor points into the slot. Budgets, reports and layer caches are per
+rank. What only the process group can say lives here:
+
+- `group_of`: ``(rank, world size)`` for a model holding ``DTensor`` shards (refused when no process group is
+  initialised), None for a model on one device;
+- `agree`: every rank passed the same setting (a config, a budget, a plan), checked by an all-gather;
+- `slowest`: the plans every rank made, gathered; all ranks use the one predicting the slowest forward, so
+  no rank runs a schedule its own measurements did not choose for the slowest rank.
+
+Every function here is a collective where the model is sharded: all ranks call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from torch import nn
+
+from .errors import OffloadError
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return None
+    return DTensor
+
+
+def group_of(model: nn.Module) -> tuple[int, int] | None:
+    """``(rank, world size)`` when ``model`` holds ``DTensor`` parameters or buffers, else None."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(t, dtensor) for t in (*model.parameters(), *model.buffers())):
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise OffloadError(
+            f"`model` ({type(model).__name__}) holds DTensor shards but no torch.distributed process group is "
+            "initialised: offload it on each rank while the group that sharded it is up (under torchrun, before "
+            "torch.distributed.destroy_process_group())"
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def agree(what: str, value: Any, group: tuple[int, int] | None) -> None:
+    """Every rank passed the same ``value`` for ``what`` (a dataclass is compared field by field, anything
+    else as its repr): else `OffloadError` on every rank, naming what differs and each rank's value. Nothing
+    to check for a model on one device (``group`` None)."""
+    if group is None:
+        return
+    if dataclasses.is_dataclass(value):
+        mine = {f.name: repr(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    else:
+        mine = {"": value if isinstance(value, str) else repr(value)}
+    seen = _gather(mine)
+    differ = [k for k in mine if len({s.get(k) for s in seen}) > 1]
+    if differ:
+        field = differ[0]
+        name = f"{what}.{field}" if field else what
+        values = "; ".join(f"rank {r}: {s.get(field)}" for r, s in enumerate(seen))
+        raise OffloadError(
+            f"`{name}` differs between ranks ({values}; this is rank {group[0]}): every rank of a "
+            f"tensor-parallel model must offload with the same {what}"
+        )
+
+
+def slowest(plan: Any, group: tuple[int, int] | None) -> Any:
+    """The plan every rank uses: of the plans the ranks made (each from its own measurements), the one that
+    predicts the slowest forward (ties: the lowest rank's). ``plan`` itself for a model on one device."""
+    if group is None:
+        return plan
+    plans = _gather(plan.to_json())
+    times = [json.loads(p)["workloads"][json.loads(p)["goal"]]["predicted_s"] for p in plans]
+    chosen = max(range(len(plans)), key=lambda r: (times[r], -r))
+    return type(plan).from_json(plans[chosen])
+
+
+def cache_suffix(group: tuple[int, int] | None) -> str:
+    """What a rank's layer cache file name carries: its rank and the world size (empty on one device)."""
+    return "" if group is None else f"-rank{group[0]}-of{group[1]}"
+
+
+def world_size(group: tuple[int, int] | None) -> int:
+    return 1 if group is None else group[1]

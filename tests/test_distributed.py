@@ -1,0 +1,126 @@
+"""Tensor parallelism (`weightlift.distributed`): each rank offloads its own DTensor shard.
+
+The multi-rank tests launch ``torchrun`` themselves (gloo on the CPU, with a timeout): `tp_worker.py` loads
+tiny models with ``tp_plan="auto"``, so every weight is a DTensor shard, and compares each offloaded run bit
+for bit with the same sharded model resident. The refusals that need no second rank run in this process,
+on a process group of one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import weightlift
+from conftest import refused
+from weightlift import OffloadConfig
+
+WORKER = Path(__file__).parent / "tp_worker.py"
+
+
+def _torchrun(tmp_path: Path, ranks: int, families: str, *extra: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(WORKER),
+           str(tmp_path), families, *extra]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _check_tiers(seen: list[dict], family: str, ranks: int) -> None:
+    for rank, mine in enumerate(seen):
+        m = mine[family]
+        assert mine["world"] == ranks and m["dtensor"] == "DTensor" and "Shard" in m["placements"]
+        for tier in ("host", "disk"):
+            t = m[tier]
+            assert t["equal"] and t["equal_after_remove"] and t["still_dtensor"], (rank, tier)
+            # this rank's memory: its resident shard plus its pool, and what it offloaded is its shard's rest
+            assert t["device_bytes"] == t["resident_bytes"] + t["pool_bytes"]
+            assert t["resident_bytes"] + t["offloaded_bytes"] == m["local_bytes"]
+        names = [f for f in m["disk"]["files"] if f.endswith(".safetensors")]
+        assert len(names) == ranks and all(any(n.endswith(f"-rank{r}-of{ranks}.safetensors") for n in names)
+                                           for r in range(ranks))  # fmt: skip
+    shards = {m[family]["local_bytes"] for m in seen}
+    assert len(shards) == 1  # even shards here: every rank holds the same bytes
+
+
+def test_two_ranks_offload_their_shards_bitwise_agree_on_one_plan_and_refuse_misuse(tmp_path):
+    seen = _torchrun(tmp_path, 2, "llama,qwen3", "--misuse")
+    for family in ("llama", "qwen3"):
+        _check_tiers(seen, family, 2)
+        plans = [m[family]["plan"] for m in seen]
+        # one plan for all: the same layers, step and tier, and the same prediction (each rank measured its own)
+        assert all(p["all"] == plans[0]["all"] for p in plans) and len({json.dumps(x) for x in plans[0]["all"]}) == 1
+        assert all(p["equal"] and p["fits"] and p["world_size"] == 2 for p in plans) and plans[0]["all"][0][0]
+        for rank, mine in enumerate(seen):
+            m = mine[family]
+            assert "`config.prefetch_step` differs between ranks (rank 0: 1; rank 1: 2" in m["configs_differ"]
+            assert f"this is rank {rank}" in m["configs_differ"] and m["hooks_after_refusal"] == 0
+            assert "made for 3 tensor-parallel rank(s)" in m["plan_for_another_world"]
+            assert "source='disk'" in m["checkpoint"]
+
+
+def test_four_ranks_offload_their_shards_bitwise(tmp_path):
+    _check_tiers(_torchrun(tmp_path, 4, "llama"), "llama", 4)
+
+
+class _Sharded(nn.Module):
+    """Blocks whose weights are DTensors on a mesh of one rank."""
+
+    def __init__(self, mesh) -> None:
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.mesh = mesh
+        self.layers = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(3))
+        for layer in self.layers:
+            layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        for layer in self.layers:
+            x = x + layer(DTensor.from_local(x, self.mesh, [Replicate()])).full_tensor()
+        return x
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_dtensor_shard_streams_on_one_rank_and_comes_back_a_dtensor(one_rank, tmp_path):
+    model = _Sharded(one_rank).eval()
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(x)
+    for config in (OffloadConfig(prefetch_step=1), OffloadConfig(source="disk", disk_path=tmp_path, prefetch_step=1)):
+        with weightlift.offload(model, device="cpu", config=config):
+            with torch.inference_mode():
+                out = model(x)
+        assert torch.equal(out, ref)
+        assert all(type(layer.weight).__name__ == "DTensor" for layer in model.layers)
+    assert [p.name for p in tmp_path.glob("weightlift-*-rank0-of1.safetensors")]
+
+
+def test_dtensor_shards_without_a_process_group_are_refused_untouched(one_rank):
+    import torch.distributed as dist
+
+    model = _Sharded(one_rank).eval()
+    dist.destroy_process_group()
+    with refused(model, "holds DTensor shards but no torch.distributed process group is initialised"):
+        weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1))

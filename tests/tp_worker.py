@@ -1,0 +1,126 @@
+"""One rank of a tensor-parallel run (launched by `test_distributed.py` under ``torchrun``, gloo on the CPU).
+
+Each family's tiny model is loaded with ``tp_plan="auto"`` (every weight a ``DTensor`` shard), run resident
+for the reference, then offloaded on this rank with the host tier, the disk tier and a plan; each result is
+compared bit for bit with the reference. What this rank saw is written as JSON to ``OUT/rank<R>.json``.
+
+    torchrun --nproc-per-node N tests/tp_worker.py OUT FAMILY[,FAMILY...] [--misuse]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+
+import transformers as tf
+
+import weightlift
+from weightlift import OffloadConfig, OffloadError
+
+VOCAB = 128
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    num_key_value_heads=4, num_hidden_layers=4, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=0),
+    "qwen3": lambda: tf.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    num_key_value_heads=4, num_hidden_layers=4, head_dim=16, bos_token_id=1,
+                                    eos_token_id=2, pad_token_id=0),
+}  # fmt: skip
+
+
+def run(model, ids, new_tokens: int = 8):
+    with torch.inference_mode():
+        logits = model(ids).logits
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    return logits, gen
+
+
+def local_bytes(model) -> int:
+    """This rank's bytes of every parameter and buffer: the local shard of each DTensor."""
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def main() -> None:
+    out, families, misuse = Path(sys.argv[1]), sys.argv[2].split(","), "--misuse" in sys.argv
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seen: dict = {"rank": rank, "world": world}
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    for family in families:
+        folder = out / f"model-{family}"
+        if rank == 0:
+            torch.manual_seed(0)
+            tf.AutoModelForCausalLM.from_config(CONFIGS[family]()).save_pretrained(folder)
+        dist.barrier()
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
+        weight = model.model.layers[0].mlp.down_proj.weight
+        mine: dict = {"dtensor": type(weight).__name__, "placements": str(weight.placements),
+                      "local_bytes": local_bytes(model)}  # fmt: skip
+        ref = run(model, ids)
+        tiers = {"host": OffloadConfig(prefetch_step=1),
+                 "disk": OffloadConfig(prefetch_step=1, source="disk", disk_path=out / f"cache-{family}")}  # fmt: skip
+        for tier, config in tiers.items():
+            with weightlift.offload(model, device="cpu", config=config) as handle:
+                got = run(model, ids)
+                report = handle.report()
+                shard = handle.layers[0].module.mlp.down_proj.weight
+                files = sorted(p.name for p in (out / f"cache-{family}").glob("weightlift-*")) if tier == "disk" else []
+            mine[tier] = {
+                "equal": bool(torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])),
+                "still_dtensor": type(shard).__name__ == "DTensor",
+                "device_bytes": report.device_bytes, "resident_bytes": report.resident_bytes,
+                "pool_bytes": report.pool_bytes, "offloaded_bytes": report.offloaded_bytes, "files": files,
+            }  # fmt: skip
+            after = run(model, ids)
+            mine[tier]["equal_after_remove"] = bool(torch.equal(after[0], ref[0]) and torch.equal(after[1], ref[1]))
+        if misuse:
+            try:  # each rank a different prefetch step
+                weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1 + rank))
+                mine["configs_differ"] = "not refused"
+            except OffloadError as e:
+                mine["configs_differ"] = str(e)
+            mine["hooks_after_refusal"] = sum(len(m._forward_pre_hooks) for m in model.modules())
+            budget = int(0.8 * local_bytes(model))
+            plan = weightlift.plan(model, device="cpu", budget=budget, disk_path=out / f"plan-{family}", reps=2)
+            plans: list = [None] * world
+            dist.all_gather_object(plans, [plan.offloaded, plan.prefetch_step, plan.source, plan.predicted_s])
+            with weightlift.offload(model, device="cpu", plan=plan) as handle:
+                got = run(model, ids)
+                fits = handle.report().device_bytes <= budget
+            mine["plan"] = {"all": plans, "world_size": plan.world_size, "fits": fits,
+                            "equal": bool(torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]))}  # fmt: skip
+            plan.world_size = world + 1
+            try:
+                weightlift.offload(model, device="cpu", plan=plan)
+                mine["plan_for_another_world"] = "not refused"
+            except OffloadError as e:
+                mine["plan_for_another_world"] = str(e)
+            try:
+                weightlift.offload(model, device="cpu", config=OffloadConfig(source="checkpoint", disk_path=folder))
+                mine["checkpoint"] = "not refused"
+            except OffloadError as e:
+                mine["checkpoint"] = str(e)
+        seen[family] = mine
+        del model
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
