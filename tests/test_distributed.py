@@ -109,9 +109,8 @@ def test_a_dtensor_shard_streams_on_one_rank_and_comes_back_a_dtensor(one_rank, 
     with torch.inference_mode():
         ref = model(x)
     for config in (OffloadConfig(prefetch_step=1), OffloadConfig(source="disk", disk_path=tmp_path, prefetch_step=1)):
-        with weightlift.offload(model, device="cpu", config=config):
-            with torch.inference_mode():
-                out = model(x)
+        with weightlift.offload(model, device="cpu", config=config), torch.inference_mode():
+            out = model(x)
         assert torch.equal(out, ref)
         assert all(type(layer.weight).__name__ == "DTensor" for layer in model.layers)
     assert [p.name for p in tmp_path.glob("weightlift-*-rank0-of1.safetensors")]

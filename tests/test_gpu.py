@@ -348,3 +348,16 @@ def test_gpu_moe_expert_cache_is_bitwise_and_finds_repeated_experts(tmp_path, so
         e = handle.report().experts
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
     assert e.cached > 0 and e.evictions > 0
+
+
+def test_gpu_two_ranks_offload_their_shards_over_nccl(tmp_path):
+    """Tensor parallel on two GPUs (NCCL): each rank streams its DTensor shard, bitwise (tests/tp_worker.py)."""
+    from test_distributed import _check_tiers, _torchrun
+
+    _device()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two accelerators (CUDA devices) for NCCL")
+    seen = _torchrun(tmp_path, 2, "llama,qwen3", "--cuda")
+    assert [m["device"] for m in seen] == ["cuda:0", "cuda:1"]
+    for family in ("llama", "qwen3"):
+        _check_tiers(seen, family, 2)

@@ -4,7 +4,9 @@ Each family's tiny model is loaded with ``tp_plan="auto"`` (every weight a ``DTe
 for the reference, then offloaded on this rank with the host tier, the disk tier and a plan; each result is
 compared bit for bit with the reference. What this rank saw is written as JSON to ``OUT/rank<R>.json``.
 
-    torchrun --nproc-per-node N tests/tp_worker.py OUT FAMILY[,FAMILY...] [--misuse]
+    torchrun --nproc-per-node N tests/tp_worker.py OUT FAMILY[,FAMILY...] [--misuse] [--cuda]
+
+``--cuda``: NCCL, each rank on its own GPU (``cuda:LOCAL_RANK``); else gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -56,10 +58,14 @@ def local_bytes(model) -> int:
 
 def main() -> None:
     out, families, misuse = Path(sys.argv[1]), sys.argv[2].split(","), "--misuse" in sys.argv
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dev = torch.device("cpu")
+    if "--cuda" in sys.argv:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    seen: dict = {"rank": rank, "world": world}
-    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    seen: dict = {"rank": rank, "world": world, "device": str(dev)}
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1)).to(dev)
     for family in families:
         folder = out / f"model-{family}"
         if rank == 0:
@@ -74,7 +80,7 @@ def main() -> None:
         tiers = {"host": OffloadConfig(prefetch_step=1),
                  "disk": OffloadConfig(prefetch_step=1, source="disk", disk_path=out / f"cache-{family}")}  # fmt: skip
         for tier, config in tiers.items():
-            with weightlift.offload(model, device="cpu", config=config) as handle:
+            with weightlift.offload(model, device=dev, config=config) as handle:
                 got = run(model, ids)
                 report = handle.report()
                 shard = handle.layers[0].module.mlp.down_proj.weight
