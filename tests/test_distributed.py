@@ -36,12 +36,15 @@ def _check_tiers(seen: list[dict], family: str, ranks: int) -> None:
     for rank, mine in enumerate(seen):
         m = mine[family]
         assert mine["world"] == ranks and m["dtensor"] == "DTensor" and "Shard" in m["placements"]
-        for tier in ("host", "disk"):
+        for tier in ("host", "disk", "checkpoint"):
             t = m[tier]
             assert t["equal"] and t["equal_after_remove"] and t["still_dtensor"], (rank, tier)
             # this rank's memory: its resident shard plus its pool, and what it offloaded is its shard's rest
             assert t["device_bytes"] == t["resident_bytes"] + t["pool_bytes"]
             assert t["resident_bytes"] + t["offloaded_bytes"] == m["local_bytes"]
+        # from the checkpoint a rank reads its own slices only: one forward reads each offloaded layer once
+        ckpt = m["checkpoint"]
+        assert 0.9 * ckpt["offloaded_bytes"] <= ckpt["read_one_forward"] <= 1.1 * ckpt["offloaded_bytes"], ckpt
         names = [f for f in m["disk"]["files"] if f.endswith(".safetensors")]
         assert len(names) == ranks and all(any(n.endswith(f"-rank{r}-of{ranks}.safetensors") for n in names)
                                            for r in range(ranks))  # fmt: skip
@@ -62,7 +65,6 @@ def test_two_ranks_offload_their_shards_bitwise_agree_on_one_plan_and_refuse_mis
             assert "`config.prefetch_step` differs between ranks (rank 0: 1; rank 1: 2" in m["configs_differ"]
             assert f"this is rank {rank}" in m["configs_differ"] and m["hooks_after_refusal"] == 0
             assert "made for 3 tensor-parallel rank(s)" in m["plan_for_another_world"]
-            assert "source='disk'" in m["checkpoint"]
 
 
 def test_four_ranks_offload_their_shards_bitwise(tmp_path):
@@ -123,3 +125,23 @@ def test_dtensor_shards_without_a_process_group_are_refused_untouched(one_rank):
     dist.destroy_process_group()
     with refused(model, "holds DTensor shards but no torch.distributed process group is initialised"):
         weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1))
+
+
+@pytest.mark.parametrize(
+    "shape, offsets, sizes, runs",
+    [((8, 6), (4, 0), (4, 6), 1), ((8, 6), (0, 3), (8, 3), 8), ((4, 6, 2), (0, 2, 0), (4, 2, 2), 4),
+     ((4, 6, 2), (1, 0, 0), (2, 6, 2), 1), ((5,), (2,), (3,), 1), ((8, 6), (0, 0), (8, 6), 1)],
+    ids=["rows", "columns", "middle dim", "first dim of 3", "1-D", "whole"],
+)  # fmt: skip
+def test_a_shards_byte_runs_are_its_block_of_the_stored_tensor(shape, offsets, sizes, runs):
+    """What a rank reads of a checkpoint tensor: the runs, gathered, are the block torch slices out."""
+    from weightlift.distributed import runs_of
+
+    whole = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+    block = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].contiguous()
+    raw = whole.reshape(-1).view(torch.uint8)
+    found = runs_of(list(shape), list(offsets), list(sizes), 4)
+    gathered = torch.empty(block.numel() * 4, dtype=torch.uint8)
+    for offset, n, at in found:
+        gathered[at : at + n] = raw[offset : offset + n]
+    assert len(found) == runs and torch.equal(gathered.view(torch.float32).reshape(block.shape), block)

@@ -74,9 +74,10 @@ def test_demo_prints_identical_answers_and_the_report(smollm2_converted):
 
 
 def test_smollm2_compiled_offloaded_equals_compiled_resident(smollm2):
-    """torch.compile (inductor) of the real model cut to its first 3 layers (all 30 took a minute of the suite; compiling 3 takes a third of that),
-    offloaded, adds no graph break and gives the compiled resident model's logits bit for bit. Not fullgraph:
-    breaks are counted, so that any break transformers itself takes would be compared rather than raised."""
+    """torch.compile (inductor) of the real model cut to its first 3 layers (all 30 took a minute of the
+    suite; 3 take a third of that), offloaded, adds no graph break and gives the compiled resident model's
+    logits bit for bit. Not fullgraph: breaks are counted, so that any break transformers itself takes
+    would be compared rather than raised."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 

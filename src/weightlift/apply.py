@@ -174,11 +174,6 @@ def apply(
     Raises `OffloadError`, leaving the model as it was, for anything that cannot work."""
     refuse_offloaded(model)
     group = group_of(model)  # a tensor-parallel rank's shard: (rank, world size), else None
-    if group is not None and config.source == "checkpoint":
-        raise OffloadError(
-            "`source`='checkpoint' with DTensor shards: reading each rank's slice of the checkpoint is not built yet; "
-            "stream the shards from host RAM (source='host') or from a layer cache per rank (source='disk')"
-        )
     stacks = find_stacks(model, config.layers)
     stack_name = "+".join(name for name, _ in stacks)
     names, layers = layer_list(stacks)

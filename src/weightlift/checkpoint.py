@@ -10,6 +10,7 @@ layer cache (``source="disk"``) for them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import mmap
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import conversion
+from .distributed import is_dtensor, shard_runs
 from .errors import OffloadError
 from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .storage import Entry, Layout
@@ -231,7 +233,8 @@ class CheckpointFiles:
         for position, layout in layouts.items():
             for entry in layout.entries:
                 name = f"{names[position]}.{entry.qualname}"
-                if entry.parts.kind != "plain":
+                sharded = is_dtensor(entry.tensor)  # a tensor-parallel rank's shard: its slice of the stored tensor
+                if entry.parts.kind != "plain" and not sharded:
                     raise OffloadError(
                         f"`{name}` is a {entry.parts.kind}, which checkpoints store under other names: offload it "
                         "from a layer cache with source='disk'"
@@ -244,10 +247,22 @@ class CheckpointFiles:
                     )
                 (spec,), (slot_offset,) = entry.specs, entry.offsets
                 where = found.pieces[0].file
-                if found.dtype != spec.dtype or list(found.shape) != list(spec.shape):
+                whole = entry.tensor.shape if sharded else spec.shape
+                if sharded:
+                    if len(found.pieces) != 1:
+                        raise OffloadError(
+                            f"`{name}` is a DTensor shard of a tensor transformers builds from several checkpoint "
+                            "tensors: reading a rank's slice of that is not built; use source='disk' (a layer cache "
+                            "per rank) or source='host'"
+                        )
+                    (stored,) = found.pieces
+                    runs = shard_runs(entry.tensor)
+                    found = dataclasses.replace(found, pieces=tuple(
+                        Piece(stored.file, stored.offset + offset, n, at) for offset, n, at in runs))
+                if found.dtype != spec.dtype or list(found.shape) != list(whole):
                     raise OffloadError(
                         f"`{name}` in `{where}` is {found.stored} {tuple(found.shape)}, the model's is "
-                        f"{spec.dtype} {tuple(spec.shape)}: load the model in the checkpoint's dtype, or use "
+                        f"{spec.dtype} {tuple(whole)}: load the model in the checkpoint's dtype, or use "
                         "source='disk' to write a layer cache of the weights in memory"
                     )
                 if not spec.is_contiguous():

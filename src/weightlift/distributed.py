@@ -17,7 +17,9 @@ Every function here is a collective where the model is sharded: all ranks call i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from typing import Any
 
 from torch import nn
@@ -88,6 +90,39 @@ def slowest(plan: Any, group: tuple[int, int] | None) -> Any:
     times = [json.loads(p)["workloads"][json.loads(p)["goal"]]["predicted_s"] for p in plans]
     chosen = max(range(len(plans)), key=lambda r: (times[r], -r))
     return type(plan).from_json(plans[chosen])
+
+
+def is_dtensor(tensor: object) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def shard_runs(tensor: Any) -> list[tuple[int, int, int]]:
+    """Where a DTensor's local shard lies in the whole tensor stored row-major (as a checkpoint holds it):
+    ``(byte offset in the whole tensor, nbytes, byte offset in the local shard)`` per contiguous run, so that
+    a rank reads its own slice and no byte of another rank's (`runs_of`)."""
+    (chunk,) = tensor.__create_chunk_list__()  # this rank's block: its offset and size in every dimension
+    return runs_of(list(tensor.shape), list(chunk.offsets), list(chunk.sizes), tensor.element_size())
+
+
+def runs_of(shape: list[int], offsets: list[int], sizes: list[int], item: int) -> list[tuple[int, int, int]]:
+    """The contiguous byte runs of the block ``offsets``/``sizes`` of a row-major tensor of ``shape``: one run
+    for a block of whole rows (a shard of the first dimension), one per row for a shard of the last."""
+    if not shape:
+        return [(0, item, 0)]
+    if math.prod(sizes) == 0:
+        return []
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    cut = max((d for d in range(len(shape)) if sizes[d] != shape[d]), default=-1)  # the last dimension split
+    if cut < 0:
+        return [(0, math.prod(shape) * item, 0)]
+    run = sizes[cut] * strides[cut] * item
+    out, at = [], 0
+    for index in itertools.product(*(range(o, o + n) for o, n in zip(offsets[:cut], sizes[:cut]))):
+        start = sum(i * st for i, st in zip(index, strides)) + offsets[cut] * strides[cut]
+        out.append((start * item, run, at))
+        at += run
+    return out
 
 
 def cache_suffix(group: tuple[int, int] | None) -> str:
