@@ -149,3 +149,37 @@ def test_a_shards_byte_runs_are_its_block_of_the_stored_tensor(shape, offsets, s
     for offset, n, at in found:
         gathered[at : at + n] = raw[offset : offset + n]
     assert len(found) == runs and torch.equal(gathered.view(torch.float32).reshape(block.shape), block)
+
+
+def test_generate_under_torchrun_prints_once_with_every_ranks_memory(tmp_path):
+    """``torchrun -m weightlift generate MODEL --budget``: each rank loads its shard, offloads it under the one
+    plan, and rank 0 alone prints the answer and every rank's memory for weights."""
+    import transformers as tf
+
+    from conftest import save_tokenizer
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=4, num_hidden_layers=4, bos_token_id=125, eos_token_id=127,
+                            pad_token_id=0)  # fmt: skip
+    model = tf.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "m")
+    save_tokenizer(tmp_path / "m", 128)
+    whole = sum(t.numel() * t.element_size() for t in model.parameters())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "weightlift",
+           "generate", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "--tokens", "6", "--budget", "200KiB",
+           "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)  # one JSON object: rank 1 printed nothing
+    assert result["new_tokens"] == 6 and result["text"].strip()
+    ranks = result["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["layers_offloaded"] == 4 and r["device_bytes"] <= 200 * 1024
+        assert r["device_bytes"] == r["resident_bytes"] + r["pool_bytes"]
+    # each rank holds half of the sharded weights (norms are whole on both): far less than the model
+    assert ranks[0]["resident_bytes"] + ranks[0]["offloaded_bytes"] < 0.6 * whole
+    names = sorted(p.name for p in (tmp_path / "cache").glob("weightlift-*.safetensors"))
+    assert len(names) == 2 and names[0].endswith("-rank0-of2.safetensors")
+    assert names[1].endswith("-rank1-of2.safetensors")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import cli_models as models
+from . import cli_tp
 from .cli_checks import check_budgets
 from .config import OffloadConfig, format_size
 from .errors import OffloadError
@@ -205,14 +206,20 @@ def generate(args: argparse.Namespace) -> int:
 
     saved = check_budgets(args)
     device = resolve_device(args.device)
-    folder = models.folder_of(args, stream=args.budget is not None or saved is not None)
+    ranks, rank = cli_tp.world(), 0
+    if ranks > 1:  # under torchrun: each rank its shard (tp_plan="auto"), one plan for all, rank 0 prints
+        device, rank = cli_tp.start(device)
+    folder = models.folder_of(args, stream=(args.budget is not None or saved is not None) and ranks == 1)
     with models.quiet():
         tokenizer = tokenizer_of(folder)
     if tokenizer is None:
         raise OffloadError(f"`MODEL`={args.model!r} has no tokenizer files: generate needs a tokenizer")
     ids = chat_ids(tokenizer, args.prompt)
     _check_vocab(args, folder, tokenizer, ids)
-    if args.budget is not None or saved is not None:
+    if ranks > 1:
+        model, handle = cli_tp.load(args, folder, device, saved)
+        plan = handle.plan if handle is not None else None
+    elif args.budget is not None or saved is not None:
         model, handle = models.stream(args, device, saved, folder)
         plan = handle.plan
     else:
@@ -220,7 +227,7 @@ def generate(args: argparse.Namespace) -> int:
         model.to(device)
     ids = ids.to(device)
     inner = None
-    if not args.json:
+    if not args.json and rank == 0:
         from transformers import TextStreamer
 
         inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -238,13 +245,18 @@ def generate(args: argparse.Namespace) -> int:
         report = handle.report() if handle is not None else None
     first = streamer.at - start if streamer.at is not None else None
     new = out[0, ids.shape[1]:]
-    held = report.device_bytes if report is not None else sum(
-        t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # fmt: skip
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
+    held = report.device_bytes if report is not None else sum(t.numel() * t.element_size() for t in local)
     summary = {"model": args.model, "device": str(device), "new_tokens": int(new.numel()),
                "tokens_per_s": new.numel() / seconds, "time_to_first_token_s": first, "weights_bytes": held,
                "layers_offloaded": report.layers_offloaded if report else 0}  # fmt: skip
     if report is not None and report.experts is not None:
         summary["experts"] = report.to_dict()["experts"]
+    if ranks > 1:
+        summary["ranks"] = cli_tp.summary(rank, report, model, peak_rss_bytes())
+        cli_tp.finish()
+        if rank != 0:
+            return 0
     if args.json:
         extra = {"peak_rss_bytes": peak_rss_bytes(), "plan": None}
         if plan is not None:
@@ -256,6 +268,9 @@ def generate(args: argparse.Namespace) -> int:
         print(f"\n[{summary['new_tokens']} tokens, {ttft}{summary['tokens_per_s']:.1f} tokens/s, weights in "
               f"{'RAM' if device.type == 'cpu' else device}: {format_size(held)}, "
               f"{summary['layers_offloaded']} layers offloaded]", file=sys.stderr)  # fmt: skip
+        for r in summary.get("ranks", []):
+            print(f"[rank {r['rank']}: weights {format_size(r['device_bytes'])}, {r['layers_offloaded']} layers "
+                  f"offloaded, peak RSS {format_size(r['peak_rss_bytes'])}]", file=sys.stderr)  # fmt: skip
     return 0
 
 
