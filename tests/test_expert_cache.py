@@ -252,30 +252,6 @@ def test_lru_and_lfu_evict_differently():
     assert cache.held() == ["A", "C"]
 
 
-@pytest.mark.parametrize("lookahead", [None, "previous"])
-@pytest.mark.parametrize("source", ["host", "disk"])
-def test_cache_copies_on_the_accelerator_path_pass_the_ordering_checker(monkeypatch, tmp_path, source, lookahead):
-    import simdevice
-
-    sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005, read_delay=0.001)
-    try:
-        model = moe("qwen3_moe")
-        ids = prompt()
-        ref = run(model, ids)
-        how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
-        config = OffloadConfig(prefetch_step=1, expert_lookahead=lookahead, expert_cache=TOP_K + 1, **how)
-        with weightlift.offload(model, device="cpu", config=config) as handle:
-            assert handle.streams is not None  # the accelerator engines, on the simulated device
-            sim.watch(handle)
-            out = run(model, ids)
-            e = handle.report().experts
-        sim.assert_clean()
-    finally:
-        sim.close()
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-    assert sim.counts["expert_reads"] == LAYERS * 9 and e.cached > 0 and e.evictions > 0
-
-
 @pytest.mark.parametrize("bug", ["wrong entry", "never filled"])
 def test_the_checker_reports_experts_copied_from_the_wrong_cache_entry(monkeypatch, bug):
     import simdevice

@@ -304,9 +304,13 @@ def test_detection_ignores_dense_layers_and_keeps_shared_experts_dense():
     assert find_experts(tiny("llama").model.layers[0]) == []
 
 
+@pytest.mark.parametrize("cache", [None, TOP_K + 1], ids=["no cache", "expert cache"])
 @pytest.mark.parametrize("lookahead", [None, "previous"])
 @pytest.mark.parametrize("source", ["host", "disk"])
-def test_expert_loads_on_the_accelerator_path_pass_the_ordering_checker(monkeypatch, tmp_path, source, lookahead):
+def test_expert_loads_on_the_accelerator_path_pass_the_ordering_checker(monkeypatch, tmp_path, source, lookahead,
+                                                                        cache):  # fmt: skip
+    """With a device expert cache (`weightlift.expert_cache`) too, small enough to evict: its copies into and
+    out of slots are followed by byte range (the checker carries what a device buffer holds)."""
     import simdevice
 
     sim = simdevice.install(monkeypatch, copy_delay=0.001, compute_lag=0.0005, read_delay=0.001)
@@ -315,7 +319,7 @@ def test_expert_loads_on_the_accelerator_path_pass_the_ordering_checker(monkeypa
         ids = prompt()
         ref_logits, ref_tokens = run(model, ids)
         how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
-        config = OffloadConfig(prefetch_step=1, expert_lookahead=lookahead, **how)
+        config = OffloadConfig(prefetch_step=1, expert_lookahead=lookahead, expert_cache=cache, **how)
         with weightlift.offload(model, device="cpu", config=config) as handle:
             assert handle.streams is not None  # the accelerator engines, on the simulated device
             sim.watch(handle)
@@ -328,6 +332,8 @@ def test_expert_loads_on_the_accelerator_path_pass_the_ordering_checker(monkeypa
     assert sim.counts["expert_reads"] == LAYERS * 9 and e.misses > 0  # every expert stack's forward was checked
     if lookahead:
         assert e.predicted_used > 0
+    if cache:
+        assert e.cached > 0 and e.evictions > 0
 
 
 def test_the_checker_reports_experts_read_before_they_are_moved(monkeypatch):

@@ -307,17 +307,26 @@ def test_gpu_plan_sends_layers_to_disk_when_the_host_budget_is_short(tmp_path):
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize("source", ["host", "disk"])
-@pytest.mark.parametrize("lookahead", [None, "previous"])
-def test_gpu_moe_experts_stream_expert_by_expert(tmp_path, source, lookahead):
-    from test_experts import EXPERTS, LAYERS, TOP_K, _poison_slots, moe
+def _moe_and_reference():
+    """The tiny Qwen3-MoE of test_experts, its prompt on the device, and its resident outputs there; the
+    model is given back on the CPU, to be offloaded."""
+    from test_experts import moe
 
     dev = _device()
     model = moe("qwen3_moe")
     ids = prompt().to(dev)
     model.to(dev)
-    ref_logits, ref_tokens = run(model, ids)
+    ref = run(model, ids)
     model.to("cpu")
+    return dev, model, ids, ref
+
+
+@pytest.mark.parametrize("source", ["host", "disk"])
+@pytest.mark.parametrize("lookahead", [None, "previous"])
+def test_gpu_moe_experts_stream_expert_by_expert(tmp_path, source, lookahead):
+    from test_experts import EXPERTS, LAYERS, TOP_K, _poison_slots
+
+    dev, model, ids, (ref_logits, ref_tokens) = _moe_and_reference()
     how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
     config = OffloadConfig(prefetch_step=1, expert_lookahead=lookahead, **how)
     with weightlift.offload(model, device=dev, config=config) as handle:
@@ -331,14 +340,9 @@ def test_gpu_moe_experts_stream_expert_by_expert(tmp_path, source, lookahead):
 @pytest.mark.parametrize("source", ["host", "disk"])
 def test_gpu_moe_expert_cache_is_bitwise_and_finds_repeated_experts(tmp_path, source):
     """The device expert cache on a real device: slots poisoned, a cache small enough to evict, bitwise."""
-    from test_experts import _poison_slots, moe
+    from test_experts import _poison_slots
 
-    dev = _device()
-    model = moe("qwen3_moe")
-    ids = prompt().to(dev)
-    model.to(dev)
-    ref_logits, ref_tokens = run(model, ids)
-    model.to("cpu")
+    dev, model, ids, (ref_logits, ref_tokens) = _moe_and_reference()
     how = dict(source="disk", disk_path=tmp_path) if source == "disk" else {}
     config = OffloadConfig(prefetch_step=1, expert_cache=12, expert_lookahead="previous", **how)
     with weightlift.offload(model, device=dev, config=config) as handle:

@@ -363,9 +363,8 @@ class DiskMaster:
 
 
 def cache_path(folder: Path, stack: str, every: dict[int, Layout], suffix: str = "") -> Path:
-    """The model's one cache file in ``folder``: named after its stack and the layouts of ``every`` layer
-    that can be offloaded, whichever of them a plan offloads (``suffix``: a tensor-parallel rank's, see
-    `distributed.cache_suffix`; its shard's layouts can be another rank's too)."""
+    """The model's one cache file in ``folder``, named after its stack and the layouts of ``every`` layer that
+    can be offloaded, whichever a plan offloads (``suffix``: a tensor-parallel rank's, `distributed`)."""
     return folder / f"weightlift-{fingerprint(stack, manifest_of(every))}{suffix}.safetensors"
 
 
