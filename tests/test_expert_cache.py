@@ -225,18 +225,6 @@ def test_refusals_name_the_minimum_and_leave_the_model_untouched(tmp_path, build
     _cache_refusal(build, tmp_path, match, **kwargs)
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [(dict(expert_cache=0), "`expert_cache` must be"), (dict(expert_cache=True), "`expert_cache` must be"),
-     (dict(expert_cache=2.5), "`expert_cache` must be"), (dict(expert_cache="lots"), "`expert_cache`='lots' is not"),
-     (dict(expert_cache=4, experts=None), "`experts`=None moves whole layers"),
-     (dict(expert_cache_policy="fifo"), "`expert_cache_policy` must be")],
-)  # fmt: skip
-def test_bad_cache_settings_are_refused(kwargs, match):
-    with pytest.raises(OffloadError, match=match):
-        OffloadConfig(**kwargs)
-
-
 def test_lru_and_lfu_evict_differently():
     """Entries for A (used three times) and B (once); C needs one: lru evicts A (least recent), lfu B."""
     for policy, evicted in (("lru", "A"), ("lfu", "B")):

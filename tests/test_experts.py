@@ -289,7 +289,11 @@ def test_refusals_leave_the_model_untouched(build, experts, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(experts=3), "`experts` must be"), (dict(experts=("",)), "`experts` must be"),
-     (dict(expert_lookahead="next"), "`expert_lookahead` must be")],
+     (dict(expert_lookahead="next"), "`expert_lookahead` must be"),
+     (dict(expert_cache=0), "`expert_cache` must be"), (dict(expert_cache=True), "`expert_cache` must be"),
+     (dict(expert_cache=2.5), "`expert_cache` must be"), (dict(expert_cache="lots"), "`expert_cache`='lots' is not"),
+     (dict(expert_cache=4, experts=None), "`experts`=None moves whole layers"),
+     (dict(expert_cache_policy="fifo"), "`expert_cache_policy` must be")],
 )  # fmt: skip
 def test_bad_expert_settings_are_refused(kwargs, message):
     with pytest.raises(OffloadError, match=message):
