@@ -16,7 +16,7 @@ import torch
 import weightlift
 from conftest import assert_refused, prompt, run, tiny
 from test_experts import EXPERTS, FAMILIES, LAYERS, TOP_K, ListModel, _expert_bytes, _poison_slots, moe
-from weightlift import OffloadConfig, OffloadError
+from weightlift import OffloadConfig
 from weightlift.expert_cache import ExpertCache
 from weightlift.experts import WHOLE_AT, find_experts, routing_of
 
