@@ -37,9 +37,10 @@ def _check_tiers(seen: list[dict], family: str, ranks: int) -> None:
     for rank, mine in enumerate(seen):
         m = mine[family]
         assert mine["world"] == ranks and m["dtensor"] == "DTensor" and "Shard" in m["placements"]
-        if moe:  # streamed expert by expert on each rank; its per-expert checkpoint tensors are fused on load
+        if moe:  # streamed expert by expert on each rank; transformers packs its gate_up_proj per rank, so a
+            # shard is no block of the checkpoint's fused tensor: refused, naming the layer cache
             assert m["host"]["experts_routed"] > 0 and m["disk"]["experts_routed"] > 0
-            assert "builds from several checkpoint tensors" in m["checkpoint"]["refused"]
+            assert "packs some fused tensors per rank" in m["checkpoint"]["refused"]
         for tier in ("host", "disk") if moe else ("host", "disk", "checkpoint"):
             t = m[tier]
             assert t["equal"] and t["equal_after_remove"] and t["still_dtensor"], (rank, tier)
@@ -56,19 +57,39 @@ def _check_tiers(seen: list[dict], family: str, ranks: int) -> None:
     assert len(shards) == 1  # even shards here: every rank holds the same bytes
 
 
-def test_two_ranks_offload_their_shards_bitwise_agree_on_one_plan_and_refuse_misuse(tmp_path):
-    seen = _torchrun(tmp_path, 2, "llama,qwen3,qwen3_moe", "--misuse")
+def test_two_ranks_offload_their_shards_bitwise_agree_on_one_plan_refuse_misuse_and_run_the_cli(tmp_path):
+    seen = _torchrun(tmp_path, 2, "llama,qwen3,qwen3_moe", "--misuse", "--cli")
     for family in ("llama", "qwen3", "qwen3_moe"):
         _check_tiers(seen, family, 2)
-        plans = [m[family]["plan"] for m in seen]
-        # one plan for all: the same layers, step and tier, and the same prediction (each rank measured its own)
-        assert all(p["all"] == plans[0]["all"] for p in plans) and len({json.dumps(x) for x in plans[0]["all"]}) == 1
-        assert all(p["equal"] and p["fits"] and p["world_size"] == 2 for p in plans) and plans[0]["all"][0][0]
-        for rank, mine in enumerate(seen):
-            m = mine[family]
-            assert "`config.prefetch_step` differs between ranks (rank 0: 1; rank 1: 2" in m["configs_differ"]
-            assert f"this is rank {rank}" in m["configs_differ"] and m["hooks_after_refusal"] == 0
-            assert "made for 3 tensor-parallel rank(s)" in m["plan_for_another_world"]
+    _check_cli(tmp_path)
+    plans = [m["llama"]["plan"] for m in seen]  # the refusals and the plan: on the first family
+    # one plan for all: the same layers, step and tier, and the same prediction (each rank measured its own)
+    assert all(p["all"] == plans[0]["all"] for p in plans) and len({json.dumps(x) for x in plans[0]["all"]}) == 1
+    assert all(p["equal"] and p["fits"] and p["world_size"] == 2 for p in plans) and plans[0]["all"][0][0]
+    for rank, mine in enumerate(seen):
+        m = mine["llama"]
+        assert "`config.prefetch_step` differs between ranks (rank 0: 1; rank 1: 2" in m["configs_differ"]
+        assert f"this is rank {rank}" in m["configs_differ"] and m["hooks_after_refusal"] == 0
+        assert "made for 3 tensor-parallel rank(s)" in m["plan_for_another_world"]
+
+
+def _check_cli(out: Path) -> None:
+    """``weightlift generate MODEL --budget`` on 2 ranks (`tp_worker.cli`): each rank loads its shard, offloads
+    it under the one plan, and rank 0 alone prints the answer and every rank's memory for weights."""
+    zero, one = (json.loads((out / f"cli{r}.json").read_text()) for r in (0, 1))
+    assert zero["code"] == 0 and one["code"] == 0 and one["printed"] == ""  # rank 1 printed nothing
+    result = json.loads(zero["printed"])
+    assert result["new_tokens"] == 6 and result["text"].strip()
+    ranks = result["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["layers_offloaded"] == 4 and r["device_bytes"] <= 200 * 1024
+        assert r["device_bytes"] == r["resident_bytes"] + r["pool_bytes"]
+    whole = json.loads((out / "rank0.json").read_text())["llama"]["local_bytes"]  # a rank's shard of that model
+    assert ranks[0]["resident_bytes"] + ranks[0]["offloaded_bytes"] == whole
+    names = sorted(p.name for p in (out / "cli-cache").glob("weightlift-*.safetensors"))
+    assert len(names) == 2 and names[0].endswith("-rank0-of2.safetensors")
+    assert names[1].endswith("-rank1-of2.safetensors")
 
 
 def test_four_ranks_offload_their_shards_bitwise(tmp_path):
@@ -151,35 +172,23 @@ def test_a_shards_byte_runs_are_its_block_of_the_stored_tensor(shape, offsets, s
     assert len(found) == runs and torch.equal(gathered.view(torch.float32).reshape(block.shape), block)
 
 
-def test_generate_under_torchrun_prints_once_with_every_ranks_memory(tmp_path):
-    """``torchrun -m weightlift generate MODEL --budget``: each rank loads its shard, offloads it under the one
-    plan, and rank 0 alone prints the answer and every rank's memory for weights."""
-    import transformers as tf
+def test_a_shard_of_a_tensor_built_from_several_stored_ones_reads_its_block_from_each():
+    """A fused tensor held by several stored tensors (per-expert checkpoint tensors, say) at scattered file
+    offsets: the shard's pieces (`checkpoint._sliced`) gather exactly its block."""
+    from weightlift.checkpoint import Piece, _sliced
+    from weightlift.distributed import runs_of
 
-    from conftest import save_tokenizer
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                            num_key_value_heads=4, num_hidden_layers=4, bos_token_id=125, eos_token_id=127,
-                            pad_token_id=0)  # fmt: skip
-    model = tf.LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "m")
-    save_tokenizer(tmp_path / "m", 128)
-    whole = sum(t.numel() * t.element_size() for t in model.parameters())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "weightlift",
-           "generate", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "--tokens", "6", "--budget", "200KiB",
-           "--device", "cpu", "--json", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout)  # one JSON object: rank 1 printed nothing
-    assert result["new_tokens"] == 6 and result["text"].strip()
-    ranks = result["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    for r in ranks:
-        assert r["layers_offloaded"] == 4 and r["device_bytes"] <= 200 * 1024
-        assert r["device_bytes"] == r["resident_bytes"] + r["pool_bytes"]
-    # each rank holds half of the sharded weights (norms are whole on both): far less than the model
-    assert ranks[0]["resident_bytes"] + ranks[0]["offloaded_bytes"] < 0.6 * whole
-    names = sorted(p.name for p in (tmp_path / "cache").glob("weightlift-*.safetensors"))
-    assert len(names) == 2 and names[0].endswith("-rank0-of2.safetensors")
-    assert names[1].endswith("-rank1-of2.safetensors")
+    shape, offsets, sizes = (4, 6, 8), (0, 0, 4), (4, 6, 4)  # experts x rows x columns, the last dim split in two
+    whole = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+    raw = whole.reshape(-1).view(torch.uint8)
+    per = raw.numel() // 4  # four stored tensors, one per expert, written to the "file" in another order
+    order = [2, 0, 3, 1]
+    file = torch.cat([raw[e * per : (e + 1) * per] for e in order])
+    pieces = [Piece(None, order.index(e) * per, per, e * per) for e in range(4)]
+    block = whole[:, :, 4:].contiguous()
+    gathered = torch.empty(block.numel() * 4, dtype=torch.uint8)
+    found = _sliced(pieces, runs_of(list(shape), list(offsets), list(sizes), 4))
+    for p in found:
+        gathered[p.at : p.at + p.nbytes] = file[p.offset : p.offset + p.nbytes]
+    assert sum(p.nbytes for p in found) == block.numel() * 4
+    assert torch.equal(gathered.view(torch.float32).reshape(block.shape), block)

@@ -4,8 +4,10 @@ Each family's tiny model is loaded with ``tp_plan="auto"`` (every weight a ``DTe
 for the reference, then offloaded on this rank with the host tier, the disk tier and a plan; each result is
 compared bit for bit with the reference. What this rank saw is written as JSON to ``OUT/rank<R>.json``.
 
-    torchrun --nproc-per-node N tests/tp_worker.py OUT FAMILY[,FAMILY...] [--misuse] [--cuda]
+    torchrun --nproc-per-node N tests/tp_worker.py OUT FAMILY[,FAMILY...] [--misuse] [--cli] [--cuda]
 
+``--misuse``: also the refusals and a plan, for the first family. ``--cli``: last, ``weightlift generate
+--budget`` in this process group (`weightlift.cli_tp`), rank 0's output kept in ``OUT/cli.json``.
 ``--cuda``: NCCL, each rank on its own GPU (``cuda:LOCAL_RANK``); else gloo on the CPU.
 """
 
@@ -119,7 +121,7 @@ def main() -> None:
             }  # fmt: skip
             after = run(model, ids)
             mine[tier]["equal_after_remove"] = bool(torch.equal(after[0], ref[0]) and torch.equal(after[1], ref[1]))
-        if misuse:
+        if misuse and family == families[0]:
             try:  # each rank a different prefetch step
                 weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=1 + rank))
                 mine["configs_differ"] = "not refused"
@@ -144,8 +146,35 @@ def main() -> None:
         seen[family] = mine
         del model
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    if "--cli" in sys.argv:
+        cli(out, rank)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def cli(out: Path, rank: int) -> None:
+    """``weightlift generate MODEL --budget --json`` on every rank of this group (it ends the group): rank 0
+    prints the answer and every rank's memory, the others print nothing."""
+    import contextlib
+    import io
+
+    from conftest import save_tokenizer
+    from weightlift.cli import main as weightlift_main
+
+    folder = out / "cli-model"
+    if rank == 0:
+        torch.manual_seed(0)
+        config = CONFIGS["llama"]()
+        config.bos_token_id, config.eos_token_id = VOCAB - 2, VOCAB - 1
+        tf.LlamaForCausalLM(config).save_pretrained(folder)
+        save_tokenizer(folder, VOCAB)
     dist.barrier()
-    dist.destroy_process_group()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = weightlift_main(["generate", str(folder), "--prompt", "w1 w2 w3", "--tokens", "6", "--budget", "200KiB",
+                                "--device", "cpu", "--json", "--cache-dir", str(out / "cli-cache")])  # fmt: skip
+    (out / f"cli{rank}.json").write_text(json.dumps({"code": code, "printed": printed.getvalue()}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ layer cache (``source="disk"``) for them.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -191,6 +192,23 @@ class CheckpointIndex:
         return out
 
 
+def _sliced(pieces: Sequence[Piece], runs: list[tuple[int, int, int]]) -> tuple[Piece, ...]:
+    """The pieces of a tensor-parallel rank's shard: each of its runs (`distributed.shard_runs`: bytes of the
+    whole tensor -> bytes of the shard) cut out of the ``pieces`` that hold the whole tensor."""
+    ordered = sorted(pieces, key=lambda p: p.at)
+    starts = [p.at for p in ordered]
+    out = []
+    for offset, n, local in runs:
+        i = max(bisect.bisect_right(starts, offset) - 1, 0)
+        while i < len(ordered) and ordered[i].at < offset + n:
+            p = ordered[i]
+            lo, hi = max(offset, p.at), min(offset + n, p.at + p.nbytes)
+            if lo < hi:
+                out.append(Piece(p.file, p.offset + lo - p.at, hi - lo, local + lo - offset))
+            i += 1
+    return tuple(out)
+
+
 @dataclass
 class _Read:
     file: int  # index into CheckpointFiles.files
@@ -248,17 +266,8 @@ class CheckpointFiles:
                 (spec,), (slot_offset,) = entry.specs, entry.offsets
                 where = found.pieces[0].file
                 whole = entry.tensor.shape if sharded else spec.shape
-                if sharded:
-                    if len(found.pieces) != 1:
-                        raise OffloadError(
-                            f"`{name}` is a DTensor shard of a tensor transformers builds from several checkpoint "
-                            "tensors: reading a rank's slice of that is not built; use source='disk' (a layer cache "
-                            "per rank) or source='host'"
-                        )
-                    (stored,) = found.pieces
-                    runs = shard_runs(entry.tensor)
-                    found = dataclasses.replace(found, pieces=tuple(
-                        Piece(stored.file, stored.offset + offset, n, at) for offset, n, at in runs))
+                if sharded:  # only this rank's block of the tensor, however many stored tensors hold it
+                    found = dataclasses.replace(found, pieces=_sliced(found.pieces, shard_runs(entry.tensor)))
                 if found.dtype != spec.dtype or list(found.shape) != list(whole):
                     raise OffloadError(
                         f"`{name}` in `{where}` is {found.stored} {tuple(found.shape)}, the model's is "
@@ -303,6 +312,13 @@ class CheckpointFiles:
                 if not torch.equal(
                     true.reshape(-1).view(torch.uint8), torch.frombuffer(host_bytes(mine), dtype=torch.uint8)
                 ):
+                    if is_dtensor(entry.tensor):
+                        raise OffloadError(
+                            f"`{entry.qualname}` of layer {index}: this rank's shard is not the block of the "
+                            f"checkpoint's tensor in `{self.path}` that its DTensor placement names (transformers "
+                            "packs some fused tensors per rank, as gate_up_proj): use source='disk' (a layer cache "
+                            "per rank)"
+                        )
                     raise OffloadError(
                         f"`{entry.qualname}` of layer {index} differs from the checkpoint in `{self.path}`: the model "
                         "changed after loading; use source='disk' to write a layer cache of the weights in memory"
