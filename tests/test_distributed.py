@@ -93,7 +93,9 @@ def _check_cli(out: Path) -> None:
 
 
 def test_four_ranks_offload_their_shards_bitwise(tmp_path):
-    _check_tiers(_torchrun(tmp_path, 4, "llama"), "llama", 4)
+    seen = _torchrun(tmp_path, 4, "llama,qwen3")
+    for family in ("llama", "qwen3"):
+        _check_tiers(seen, family, 4)
 
 
 class _Sharded(nn.Module):

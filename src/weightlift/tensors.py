@@ -72,7 +72,8 @@ def _flatten(name: str, tensor: torch.Tensor) -> tuple[list[torch.Tensor], Calla
     for attr in attrs:
         value = getattr(tensor, attr)
         if not isinstance(value, torch.Tensor):  # an opaque inner object (a DTensor's DeviceMesh): kept as it is
-            leaves, rebuilds, counts = leaves, [*rebuilds, lambda _, value=value: value], [*counts, 0]
+            rebuilds.append(lambda _, value=value: value)
+            counts.append(0)
             continue
         child_leaves, child_rebuild = _flatten(f"{name}.{attr}", value)
         leaves += child_leaves
