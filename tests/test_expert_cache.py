@@ -15,7 +15,7 @@ import torch
 
 import weightlift
 from conftest import assert_refused, prompt, run, tiny
-from test_experts import EXPERTS, FAMILIES, LAYERS, TOP_K, ListModel, _expert_bytes, _poison_slots, moe
+from test_experts import EXPERTS, FAMILIES, LAYERS, TOP_K, ListModel, _expert_bytes, _poison_slots, moe, tier_config
 from weightlift import OffloadConfig
 from weightlift.expert_cache import ExpertCache
 from weightlift.experts import WHOLE_AT, find_experts, routing_of
@@ -28,23 +28,13 @@ TIERS = {
 CASES = [(f, t) for t in TIERS for f in FAMILIES]
 
 
-def _how(tier: str, model, tmp_path) -> dict:
-    how = dict(TIERS[tier])
-    if how.get("source") == "disk":
-        how["disk_path"] = tmp_path
-    elif how.get("source") == "checkpoint":
-        model.save_pretrained(tmp_path / "ckpt")
-        how["disk_path"] = tmp_path / "ckpt"
-    return how
-
-
 @pytest.mark.parametrize("family, tier", CASES, ids=[f"{f}-{t}" for f, t in CASES])
 def test_families_and_tiers_are_bitwise_through_a_cache_small_enough_to_evict(tmp_path, family, tier):
     model = moe(family)
     ids = prompt()
     ref_logits, ref_tokens = run(model, ids)
     lookahead = (None, "previous", "router")[CASES.index((family, tier)) % 3]
-    config = OffloadConfig(**_how(tier, model, tmp_path), expert_lookahead=lookahead, expert_cache=12)
+    config = OffloadConfig(**tier_config(TIERS[tier], model, tmp_path), expert_lookahead=lookahead, expert_cache=12)
     with weightlift.offload(model, device="cpu", config=config) as handle:
         _poison_slots(handle)
         logits, tokens = run(model, ids)

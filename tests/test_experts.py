@@ -80,18 +80,25 @@ TIERS = {
 LOOKAHEAD = [None, "previous", "router"]
 
 
+def tier_config(how: dict, model: nn.Module, tmp_path) -> dict:
+    """The config keywords of a tier of `TIERS` (or alike), with its folder: a disk tier's cache folder, or
+    the model saved by ``save_pretrained`` for the checkpoint tier."""
+    how = dict(how)
+    if how.get("source") == "disk":
+        how["disk_path"] = tmp_path
+    elif how.get("source") == "checkpoint":
+        model.save_pretrained(tmp_path / "ckpt")
+        how["disk_path"] = tmp_path / "ckpt"
+    return how
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tier", list(TIERS))
 def test_families_and_tiers_are_bitwise(tmp_path, family, tier):
     model = moe(family)
     ids = prompt()
     ref_logits, ref_tokens = run(model, ids)
-    how = dict(TIERS[tier])
-    if how.get("source") == "disk":
-        how["disk_path"] = tmp_path
-    elif how.get("source") == "checkpoint":
-        model.save_pretrained(tmp_path / "ckpt")
-        how["disk_path"] = tmp_path / "ckpt"
+    how = tier_config(TIERS[tier], model, tmp_path)
     lookahead = LOOKAHEAD[(FAMILIES.index(family) + list(TIERS).index(tier)) % 3]
     with weightlift.offload(model, device="cpu", config=OffloadConfig(**how, expert_lookahead=lookahead)) as handle:
         if handle.pool.slots:
