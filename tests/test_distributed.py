@@ -176,9 +176,9 @@ def test_a_shards_byte_runs_are_its_block_of_the_stored_tensor(shape, offsets, s
 
 def test_a_shard_of_a_tensor_built_from_several_stored_ones_reads_its_block_from_each():
     """A fused tensor held by several stored tensors (per-expert checkpoint tensors, say) at scattered file
-    offsets: the shard's pieces (`checkpoint._sliced`) gather exactly its block."""
-    from weightlift.checkpoint import Piece, _sliced
-    from weightlift.distributed import runs_of
+    offsets: the shard's pieces (`distributed.cut_pieces`) gather exactly its block."""
+    from weightlift.checkpoint import Piece
+    from weightlift.distributed import cut_pieces, runs_of
 
     shape, offsets, sizes = (4, 6, 8), (0, 0, 4), (4, 6, 4)  # experts x rows x columns, the last dim split in two
     whole = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
@@ -189,7 +189,7 @@ def test_a_shard_of_a_tensor_built_from_several_stored_ones_reads_its_block_from
     pieces = [Piece(None, order.index(e) * per, per, e * per) for e in range(4)]
     block = whole[:, :, 4:].contiguous()
     gathered = torch.empty(block.numel() * 4, dtype=torch.uint8)
-    found = _sliced(pieces, runs_of(list(shape), list(offsets), list(sizes), 4))
+    found = cut_pieces(pieces, runs_of(list(shape), list(offsets), list(sizes), 4))
     for p in found:
         gathered[p.at : p.at + p.nbytes] = file[p.offset : p.offset + p.nbytes]
     assert sum(p.nbytes for p in found) == block.numel() * 4

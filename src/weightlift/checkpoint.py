@@ -10,7 +10,6 @@ layer cache (``source="disk"``) for them.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import math
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from . import conversion
-from .distributed import is_dtensor, shard_runs
+from .distributed import is_dtensor, shard_pieces
 from .errors import OffloadError
 from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .storage import Entry, Layout
@@ -192,23 +191,6 @@ class CheckpointIndex:
         return out
 
 
-def _sliced(pieces: Sequence[Piece], runs: list[tuple[int, int, int]]) -> tuple[Piece, ...]:
-    """The pieces of a tensor-parallel rank's shard: each of its runs (`distributed.shard_runs`: bytes of the
-    whole tensor -> bytes of the shard) cut out of the ``pieces`` that hold the whole tensor."""
-    ordered = sorted(pieces, key=lambda p: p.at)
-    starts = [p.at for p in ordered]
-    out = []
-    for offset, n, local in runs:
-        i = max(bisect.bisect_right(starts, offset) - 1, 0)
-        while i < len(ordered) and ordered[i].at < offset + n:
-            p = ordered[i]
-            lo, hi = max(offset, p.at), min(offset + n, p.at + p.nbytes)
-            if lo < hi:
-                out.append(Piece(p.file, p.offset + lo - p.at, hi - lo, local + lo - offset))
-            i += 1
-    return tuple(out)
-
-
 @dataclass
 class _Read:
     file: int  # index into CheckpointFiles.files
@@ -267,7 +249,7 @@ class CheckpointFiles:
                 where = found.pieces[0].file
                 whole = entry.tensor.shape if sharded else spec.shape
                 if sharded:  # only this rank's block of the tensor, however many stored tensors hold it
-                    found = dataclasses.replace(found, pieces=_sliced(found.pieces, shard_runs(entry.tensor)))
+                    found = dataclasses.replace(found, pieces=shard_pieces(entry.tensor, found.pieces))
                 if found.dtype != spec.dtype or list(found.shape) != list(whole):
                     raise OffloadError(
                         f"`{name}` in `{where}` is {found.stored} {tuple(found.shape)}, the model's is "

@@ -253,7 +253,7 @@ def generate(args: argparse.Namespace) -> int:
     if report is not None and report.experts is not None:
         summary["experts"] = report.to_dict()["experts"]
     if ranks > 1:
-        summary["ranks"] = cli_tp.summary(rank, report, model, peak_rss_bytes())
+        summary["ranks"] = cli_tp.summary(rank, report, held, peak_rss_bytes())
         cli_tp.finish()
         if rank != 0:
             return 0

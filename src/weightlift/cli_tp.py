@@ -57,18 +57,14 @@ def load(args: argparse.Namespace, folder: Path, device: torch.device, saved=Non
     return model, weightlift.offload(model, device=device, plan=saved)
 
 
-def summary(rank: int, report, model, peak_rss: int) -> list[dict]:
-    """Every rank's memory for weights (gathered): device bytes, and with offloading what of them."""
+def summary(rank: int, report, held: int, peak_rss: int) -> list[dict]:
+    """Every rank's memory for weights (gathered): ``held`` device bytes, and with offloading what of them."""
     import torch.distributed as dist
 
+    mine = {"rank": rank, "device_bytes": held, "layers_offloaded": 0, "peak_rss_bytes": peak_rss}
     if report is not None:
-        mine = {"rank": rank, "device_bytes": report.device_bytes, "resident_bytes": report.resident_bytes,
-                "pool_bytes": report.pool_bytes, "offloaded_bytes": report.offloaded_bytes,
-                "layers_offloaded": report.layers_offloaded}  # fmt: skip
-    else:
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
-        mine = {"rank": rank, "device_bytes": sum(t.numel() * t.element_size() for t in local), "layers_offloaded": 0}
-    mine["peak_rss_bytes"] = peak_rss
+        mine.update(resident_bytes=report.resident_bytes, pool_bytes=report.pool_bytes,
+                    offloaded_bytes=report.offloaded_bytes, layers_offloaded=report.layers_offloaded)  # fmt: skip
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return out

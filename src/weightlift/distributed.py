@@ -16,10 +16,12 @@ Every function here is a collective where the model is sharded: all ranks call i
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -37,8 +39,7 @@ def _dtensor_type() -> type | None:
 
 def group_of(model: nn.Module) -> tuple[int, int] | None:
     """``(rank, world size)`` when ``model`` holds ``DTensor`` parameters or buffers, else None."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(t, dtensor) for t in (*model.parameters(), *model.buffers())):
+    if not any(is_dtensor(t) for t in (*model.parameters(), *model.buffers())):
         return None
     import torch.distributed as dist
 
@@ -86,10 +87,10 @@ def slowest(plan: Any, group: tuple[int, int] | None) -> Any:
     predicts the slowest forward (ties: the lowest rank's). ``plan`` itself for a model on one device."""
     if group is None:
         return plan
-    plans = _gather(plan.to_json())
-    times = [json.loads(p)["workloads"][json.loads(p)["goal"]]["predicted_s"] for p in plans]
+    plans = [json.loads(p) for p in _gather(plan.to_json())]
+    times = [p["workloads"][p["goal"]]["predicted_s"] for p in plans]
     chosen = max(range(len(plans)), key=lambda r: (times[r], -r))
-    return type(plan).from_json(plans[chosen])
+    return type(plan).from_dict(plans[chosen])
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -103,6 +104,30 @@ def shard_runs(tensor: Any) -> list[tuple[int, int, int]]:
     a rank reads its own slice and no byte of another rank's (`runs_of`)."""
     (chunk,) = tensor.__create_chunk_list__()  # this rank's block: its offset and size in every dimension
     return runs_of(list(tensor.shape), list(chunk.offsets), list(chunk.sizes), tensor.element_size())
+
+
+def shard_pieces(tensor: Any, pieces: Sequence[Any]) -> tuple[Any, ...]:
+    """The pieces of a DTensor's local shard, cut out of the ``pieces`` that hold the whole tensor in a
+    checkpoint (`checkpoint.Piece`), however many stored tensors they come from (`cut_pieces`)."""
+    return cut_pieces(pieces, shard_runs(tensor))
+
+
+def cut_pieces(pieces: Sequence[Any], runs: list[tuple[int, int, int]]) -> tuple[Any, ...]:
+    """``runs`` (`runs_of`: bytes of the whole tensor -> bytes of the block) cut out of ``pieces`` (each with
+    ``file``, ``offset`` in it, ``nbytes``, and ``at`` in the whole tensor's bytes); each new piece's ``at``
+    is in the block's bytes."""
+    ordered = sorted(pieces, key=lambda p: p.at)
+    starts = [p.at for p in ordered]
+    out = []
+    for offset, n, local in runs:
+        i = max(bisect.bisect_right(starts, offset) - 1, 0)
+        while i < len(ordered) and ordered[i].at < offset + n:
+            p = ordered[i]
+            lo, hi = max(offset, p.at), min(offset + n, p.at + p.nbytes)
+            if lo < hi:
+                out.append(dataclasses.replace(p, offset=p.offset + lo - p.at, nbytes=hi - lo, at=local + lo - offset))
+            i += 1
+    return tuple(out)
 
 
 def runs_of(shape: list[int], offsets: list[int], sizes: list[int], item: int) -> list[tuple[int, int, int]]:
