@@ -271,11 +271,39 @@ def has_accelerator() -> bool:
     return torch.accelerator.is_available()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fake-accelerator", choices=["sync", "deferred"], default=None,
+        help="run on the fake accelerator (tests/fakeaccel): the gpu tests run on it, in this mode",
+    )  # fmt: skip
+
+
+def pytest_configure(config):
+    mode = config.getoption("--fake-accelerator")
+    if mode is not None:
+        import fakeaccel
+
+        fakeaccel.enable(mode)
+
+
+def pytest_report_header(config):
+    import fakeaccel
+
+    if fakeaccel.enabled():
+        return f"fake accelerator: {fakeaccel.mode()} mode, built or loaded in {fakeaccel.build_seconds:.1f} s"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs an accelerator (run on a GPU machine)")
+    import fakeaccel
+
+    skip = pytest.mark.skip(reason="needs an accelerator (run on a GPU machine, or pass --fake-accelerator)")
+    skip_fake = pytest.mark.skip(reason="needs the fake accelerator (pass --fake-accelerator=deferred or sync)")
     for item in items:
         if "gpu" in item.keywords and not has_accelerator():
             item.add_marker(skip)
+        if "fakeaccel" in item.keywords and not fakeaccel.enabled():
+            item.add_marker(skip_fake)
 
 
 def save_tokenizer(folder, vocab_size: int) -> None:

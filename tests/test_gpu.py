@@ -64,9 +64,10 @@ def test_gpu_state_dict_and_remove_from_a_model_that_started_on_the_gpu():
     ref, _ = run(model, ids)
     snap = snapshot(model)
     with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)):
-        for key, (value, *_rest) in snap.items():
-            if key in model.state_dict():
-                assert torch.equal(model.state_dict()[key].to(dev), value)
+        state = model.state_dict()
+        for key, (value, *_rest) in snap.items():  # `snapshot` keeps each tensor's leaves: one for plain ones
+            if key in state:
+                assert torch.equal(state[key].to(dev), value[0])
         assert torch.equal(run(model, ids)[0], ref)
     assert_same(model, snap)
 
@@ -88,7 +89,12 @@ def test_gpu_quantized_formats(fmt):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
         model.to(torch.bfloat16)
-        quantize_(model.model.layers, Int4WeightOnlyConfig(group_size=32) if fmt == "int4" else Int8WeightOnlyConfig())
+        if fmt == "int4" and dev.type != "cuda":
+            pytest.skip(f"torchao's int4 weight-only packs for CUDA only; this accelerator is {dev.type}")
+        try:
+            quantize_(model.model.layers, Int4WeightOnlyConfig(group_size=32) if fmt == "int4" else Int8WeightOnlyConfig())
+        except ImportError as err:  # int4 on CUDA imports the mslk kernels (PyPI has only a placeholder)
+            pytest.skip(f"torchao {fmt} on this accelerator needs a package missing here: {err}"[:300])
     ids = prompt().to(dev)
     ref = run(model, ids)
     with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)) as handle:
@@ -178,7 +184,7 @@ def test_gpu_quantized_model_on_the_device_frees_its_original_weights(tmp_path, 
 
 def _cuda() -> torch.device:
     if not torch.cuda.is_available():
-        pytest.skip("CUDA graphs need CUDA")
+        pytest.skip("CUDA graphs need CUDA; this accelerator is not CUDA")
     return torch.device("cuda", torch.cuda.current_device())
 
 
