@@ -107,16 +107,19 @@ std::map<std::pair<DeviceIndex, c10::StreamId>, Queue> queues;
 
 Queue& queue(DeviceIndex d, c10::StreamId s) { return queues[{d, s}]; }
 
-// Run the items of stream (d, s) up to and including seq `upto`.
-void flush(DeviceIndex d, c10::StreamId s, uint64_t upto = UINT64_MAX) {
-  std::lock_guard<std::recursive_mutex> g(mu);
+// Run the items of stream (d, s) up to and including seq `upto`. The items run are handed to `ran_items`,
+// to be destroyed only once `mu` is let go: the tensors they hold may be a Python object's, whose
+// destruction takes the GIL, and a thread holding the GIL may be waiting for `mu`.
+void flush_locked(DeviceIndex d, c10::StreamId s, uint64_t upto, std::vector<Item>& ran_items) {
   auto it = queues.find({d, s});
   if (it == queues.end()) return;
   auto& items = it->second.items;
   bool any = false;
+  c10::InferenceMode inference;  // host aliases made under inference mode are inference tensors
   while (!items.empty() && items.front().seq <= upto) {
-    Item item = std::move(items.front());
+    ran_items.push_back(std::move(items.front()));
     items.pop_front();
+    Item& item = ran_items.back();
     if (item.run) {
       item.run();
       ++ran;
@@ -130,15 +133,23 @@ void flush(DeviceIndex d, c10::StreamId s, uint64_t upto = UINT64_MAX) {
   if (any) ++flushes;
 }
 
+void flush(DeviceIndex d, c10::StreamId s, uint64_t upto = UINT64_MAX) {
+  std::vector<Item> ran_items;  // destroyed after the lock is let go
+  std::lock_guard<std::recursive_mutex> g(mu);
+  flush_locked(d, s, upto, ran_items);
+}
+
 void flush_device(DeviceIndex d) {
+  std::vector<Item> ran_items;
   std::lock_guard<std::recursive_mutex> g(mu);
   for (auto& [key, q] : queues)
-    if (key.first == d) flush(d, key.second);
+    if (key.first == d) flush_locked(d, key.second, UINT64_MAX, ran_items);
 }
 
 void flush_all() {
+  std::vector<Item> ran_items;
   std::lock_guard<std::recursive_mutex> g(mu);
-  for (auto& [key, q] : queues) flush(key.first, key.second);
+  for (auto& [key, q] : queues) flush_locked(key.first, key.second, UINT64_MAX, ran_items);
 }
 
 void flush_current(DeviceIndex d) { flush(d, tl_stream[d]); }
@@ -350,9 +361,12 @@ struct Guard final : c10::impl::DeviceGuardImplInterface {
     return !state || state->done;
   }
   void synchronizeEvent(void* e) const override {
-    std::lock_guard<std::recursive_mutex> g(mu);
     if (e == nullptr) return;
-    auto state = *static_cast<std::shared_ptr<EventState>*>(e);
+    std::shared_ptr<EventState> state;
+    {
+      std::lock_guard<std::recursive_mutex> g(mu);
+      state = *static_cast<std::shared_ptr<EventState>*>(e);
+    }
     if (state && !state->done) flush(state->device, state->stream, state->seq);
   }
   bool queryStream(const Stream& s) const override {
