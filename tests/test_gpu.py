@@ -91,8 +91,9 @@ def test_gpu_quantized_formats(fmt):
         model.to(torch.bfloat16)
         if fmt == "int4" and dev.type != "cuda":
             pytest.skip(f"torchao's int4 weight-only packs for CUDA only; this accelerator is {dev.type}")
+        config = Int4WeightOnlyConfig(group_size=32) if fmt == "int4" else Int8WeightOnlyConfig()
         try:
-            quantize_(model.model.layers, Int4WeightOnlyConfig(group_size=32) if fmt == "int4" else Int8WeightOnlyConfig())
+            quantize_(model.model.layers, config)
         except ImportError as err:  # int4 on CUDA imports the mslk kernels (PyPI has only a placeholder)
             pytest.skip(f"torchao {fmt} on this accelerator needs a package missing here: {err}"[:300])
     ids = prompt().to(dev)

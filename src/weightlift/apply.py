@@ -27,6 +27,7 @@ from .pool import DevicePool, HostArena
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import HostMaster, Layout
 from .streams import streams_for
+from .tensors import relocation
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +148,9 @@ def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.d
     """Move resident tensors to ``dev`` in place, recording where they were for `remove()`."""
     for t in tensors:
         if t.device != dev:
+            install = relocation(t, dev)
             handle.moved.append((t, t.device))
-            moved = t.to(dev)
-            if type(t) in (torch.Tensor, nn.Parameter):
-                t.data = moved
-            else:
-                new = nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
-                torch.utils.swap_tensors(t, new)
+            install()
 
 
 def refuse_offloaded(model: nn.Module) -> None:

@@ -7,7 +7,7 @@ model is recognised as offloaded by finding them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from .report import DeviceClock, OffloadReport, Timeline
 from .schedule import Prefetcher
 from .storage import HostMaster
 from .streams import Streams
+from .tensors import relocation
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +393,21 @@ class OffloadHandle:
                     if not any(e is r for r in layer.replaced)]  # fmt: skip
         return out
 
+    def _moved_back(self) -> list[Callable[[], None]]:
+        """The resident tensors `offload` moved to the device, each copied back to where it was (not yet in
+        place: `tensors.relocation`)."""
+        out = []
+        for tensor, device in self.moved:
+            try:
+                out.append(relocation(tensor, device))
+            except Exception as err:  # whatever failed, the model stays as it is
+                raise OffloadError(
+                    f"cannot remove the offloading: a resident {type(tensor).__name__} of shape {tuple(tensor.shape)} "
+                    f"could not be moved back to `{device}` ({type(err).__name__}: {err}); the model is still "
+                    "offloaded and working: free memory there and call remove() again"
+                ) from err
+        return out
+
     @torch.inference_mode(False)  # the restored tensors are normal tensors, as they were
     def remove(self) -> None:
         """Undo everything: hooks gone, every tensor back on its device with its original bytes, each in
@@ -402,6 +418,7 @@ class OffloadHandle:
         if self.engine is not None:
             self.engine.synchronize()  # every copy has landed
         restored = self._restored()  # first: a read that fails here leaves the handle as it was, still working
+        moved_back = self._moved_back()  # likewise: every copy back made before anything is put in place
         self.graphs.close()
         if self.engine is not None:
             self.engine.close()
@@ -419,8 +436,8 @@ class OffloadHandle:
             put_back(layer)
         for entry, leaves in restored:
             entry.parts.install(entry.tensor, leaves)
-        for tensor, device in self.moved:
-            tensor.data = tensor.data.to(device)
+        for install in moved_back:
+            install()
         if self.cache is not None:
             self.cache.close()
         self.layers, self.moved, self.pool, self.engine, self.cache, self.ring = [], [], None, None, None, None

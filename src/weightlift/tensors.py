@@ -215,3 +215,21 @@ def typed_view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.T
         raise AssertionError(f"misaligned view: byte {start} for itemsize {itemsize}")
     out = torch.empty(0, dtype=like.dtype, device=buffer.device)
     return out.set_(buffer.untyped_storage(), start // itemsize, like.shape, like.stride())
+
+
+def relocation(tensor: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """Moving ``tensor`` (a parameter or buffer of any type) to ``device`` in place, in two steps: its copy
+    on ``device`` is made now (this can fail, and then nothing has changed); the call returned puts the
+    copy in place. Plain tensors and parameters take ``.data =``; any other type (a tensor subclass, whose
+    dispatch may not know ``.data =`` across devices: torchao's) is swapped whole with
+    `torch.utils.swap_tensors`, a parameter staying a parameter. One mechanism for both directions:
+    `offload` moving resident tensors to the device, `remove` moving them back."""
+    moved = tensor.to(device)
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+
+        def install() -> None:
+            tensor.data = moved
+
+        return install
+    new = torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else moved
+    return lambda: torch.utils.swap_tensors(tensor, new)
