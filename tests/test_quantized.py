@@ -432,8 +432,8 @@ class GGUFLinear(nn.Module):
     def forward(self, x):
         from gguf import quants
 
-        w = quants.dequantize(self.weight.detach().numpy(), self.weight.quant_type)
-        return x @ torch.from_numpy(w.reshape(self.shape)).to(x.dtype).T
+        w = quants.dequantize(self.weight.detach().cpu().numpy(), self.weight.quant_type)  # numpy: on the CPU
+        return x @ torch.from_numpy(w.reshape(self.shape)).to(x.device, x.dtype).T
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])

@@ -147,8 +147,8 @@ def collect(model: nn.Module, names: list[str], layers: list[nn.Module], config:
             f"`params`={config.params!r} matches no parameter of the offloaded layers; names inside a layer "
             f"look like {[q for q, *_ in tensors_of(layers[0], with_attributes=False)][:4]}"
         )
-    resident = {}
-    for _, t, _ in tensors_of(model, with_attributes=False):
+    resident = {}  # quantization state held in attributes too (HQQ's `meta`): it goes to the device as well
+    for _, t, _ in tensors_of(model):
         if id(t) not in chosen:
             resident[id(t)] = t
     return entries, list(resident.values())

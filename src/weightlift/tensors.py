@@ -220,16 +220,22 @@ def typed_view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.T
 def relocation(tensor: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """Moving ``tensor`` (a parameter or buffer of any type) to ``device`` in place, in two steps: its copy
     on ``device`` is made now (this can fail, and then nothing has changed); the call returned puts the
-    copy in place. Plain tensors and parameters take ``.data =``; any other type (a tensor subclass, whose
-    dispatch may not know ``.data =`` across devices: torchao's) is swapped whole with
-    `torch.utils.swap_tensors`, a parameter staying a parameter. One mechanism for both directions:
-    `offload` moving resident tensors to the device, `remove` moving them back."""
-    moved = tensor.to(device)
-    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+    copy in place. As `take_apart` moves bytes: a wrapper subclass (torchao, quanto: their dispatch may not
+    know ``.data =`` across devices) is copied with its own ``to`` and swapped in whole with
+    `torch.utils.swap_tensors`, a parameter staying a parameter; any other tensor, a subclass over a
+    storage of its own included (bitsandbytes, GGUF), keeps its object, class and attributes and takes
+    the copied bytes with ``.data =`` (its own ``to`` may do more: bitsandbytes' int8 ``to`` drops the
+    scales its first forward moved to the module; the quantization state it keeps in attributes is moved
+    as tensors of their own). One mechanism for both ways: `offload` moving resident tensors to the
+    device, `remove` moving them back."""
+    if not is_traceable_wrapper_subclass(tensor):
+        moved = tensor.data.to(device)
 
         def install() -> None:
             tensor.data = moved
 
         return install
-    new = torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else moved
+    moved = tensor.to(device)
+    rewrap = isinstance(tensor, torch.nn.Parameter) and not isinstance(moved, torch.nn.Parameter)
+    new = torch.nn.Parameter(moved, tensor.requires_grad) if rewrap else moved
     return lambda: torch.utils.swap_tensors(tensor, new)

@@ -26,6 +26,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <ATen/native/Resize.h>
+#include <ATen/native/transformers/attention.h>
 #include <ATen/ops/_reshape_alias_native.h>
 #include <ATen/ops/as_strided_native.h>
 #include <ATen/ops/resize_native.h>
@@ -551,6 +552,24 @@ at::Tensor histc(const at::Tensor& self, int64_t bins, const at::Scalar& min, co
   host_alias(out).copy_(counts);
   return out;
 }
+
+// Attention picks its kernel through a stub that has no entry for a backend like this one, which sends it
+// to the decomposed "math" path; the CPU's choice keeps the numbers the CPU's (its kernels run here).
+int64_t sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& mask, double dropout, bool causal, std::optional<double> scale,
+                   bool gqa) {
+  std::optional<at::Tensor> host_mask;
+  if (mask && mask->defined()) host_mask = on_device(*mask) ? host_alias(*mask) : *mask;
+  return at::_fused_sdp_choice(host_alias(q), host_alias(k), host_alias(v), host_mask, dropout, causal, scale, gqa);
+}
+
+}  // namespace fakeaccel
+
+namespace at::native {
+REGISTER_PRIVATEUSE1_DISPATCH(_fused_sdp_choice_stub, &fakeaccel::sdp_choice)
+}  // namespace at::native
+
+namespace fakeaccel {
 
 // ---------------------------------------------------------------------------------------------------
 // everything else: the CPU kernel, on the same bytes, once its tensors are known to share one device
