@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import weightlift
-from conftest import assert_same, prompt, run, snapshot, tiny
+from conftest import assert_same, prompt, refused, run, snapshot, tiny
 from test_offload import Stack
 from weightlift import OffloadConfig
 
@@ -181,3 +181,16 @@ def test_a_model_given_back_by_remove_is_on_its_original_devices(fake):
         assert {p.device.type for p in model.parameters()} == {dev.type}
         run(model, prompt().to(dev), new_tokens=1)
     assert_same(model, snap)
+
+
+def test_a_device_too_small_for_the_offloading_is_refused_and_the_model_is_as_it_was(fake):
+    """A device whose free memory holds neither the resident weights and the pool: `OffloadError` naming
+    the device and the fix (a budget), the model untouched and no device memory left held."""
+    dev = torch.accelerator.current_accelerator()
+    model = tiny("llama", layers=8)
+    torch.accelerator.synchronize()
+    before = torch.accelerator.memory_allocated(dev)
+    fake.set_capacity(before + 300 * 1024)  # the pool alone (3 slots of ~160 KiB) does not fit
+    with refused(model, r"`device`='fakeaccel:0' ran out of memory while offloading .*pass a `budget`"):
+        weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2))
+    assert torch.accelerator.memory_allocated(dev) == before

@@ -153,6 +153,16 @@ def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.d
             install()
 
 
+def _out_of_memory(dev: torch.device, err: BaseException, pool_bytes: int) -> OffloadError:
+    """What to say when the device had no room for the resident weights and the pool (the model is back)."""
+    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OffloadError(
+        f"`device`={str(dev)!r} ran out of memory while offloading ({said[:300]}); the resident weights need room "
+        f"beside a pool of {format_size(pool_bytes)}: pass a `budget` and weightlift plans what fits "
+        "(resident weights and pool), or offload more layers and lower `prefetch_step`; the model is as it was"
+    )
+
+
 def refuse_offloaded(model: nn.Module) -> None:
     """`OffloadError` for a model that is offloaded already (its handle must be removed first)."""
     if is_offloaded(model):
@@ -319,8 +329,10 @@ def apply(
             hook = LayerHook(prefetcher, position, layer, handle.timeline, handle.graphs, handle.occupancy)
             handle.install_hooks(layer, hook)
         prefetcher.prime()
-    except BaseException:
+    except BaseException as err:
         handle.remove()
+        if isinstance(err, torch.OutOfMemoryError):
+            raise _out_of_memory(dev, err, pool_bytes) from err
         raise
     report = handle.report()
     log.info(
