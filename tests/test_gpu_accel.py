@@ -206,30 +206,30 @@ def test_gpu_forwards_after_an_exception_mid_forward_are_right(failing, step):
 
 @gpu
 def test_gpu_second_device_leaves_the_current_device_alone():
-    """Offloaded to cuda:1 while cuda:0 is current: the current device is still 0 after offload(), after a
-    forward and after remove(), and the output equals the model resident on cuda:1."""
-    _cuda()
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs two CUDA devices; this machine has {torch.cuda.device_count()}")
-    target = torch.device("cuda", 1)
-    torch.cuda.set_device(0)
+    """Offloaded to device 1 while device 0 is current: the current device is still 0 after offload(), after
+    a forward and after remove(), and the output equals the model resident on device 1."""
+    acc = torch.accelerator
+    if acc.device_count() < 2:
+        pytest.skip(f"needs two accelerator devices; this machine has {acc.device_count()}")
+    target = torch.device(acc.current_accelerator().type, 1)
+    acc.set_device_index(0)
     try:
         model = tiny("llama")
         ids = prompt().to(target)
         model.to(target)
         ref_logits, ref_tokens = run(model, ids)
         model.to("cpu")
-        assert torch.cuda.current_device() == 0
+        assert acc.current_device_index() == 0
         handle = weightlift.offload(model, device=target, config=OffloadConfig(prefetch_step=2))
-        assert torch.cuda.current_device() == 0, "after offload()"
+        assert acc.current_device_index() == 0, "after offload()"
         logits, tokens = run(model, ids)
-        torch.cuda.synchronize(target)
-        assert torch.cuda.current_device() == 0, "after a forward"
+        acc.synchronize(target)
+        assert acc.current_device_index() == 0, "after a forward"
         assert handle.report().device == str(target)
         handle.remove()
-        assert torch.cuda.current_device() == 0, "after remove()"
+        assert acc.current_device_index() == 0, "after remove()"
     finally:
-        torch.cuda.set_device(0)
+        acc.set_device_index(0)
     assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
 
 
@@ -245,32 +245,32 @@ def test_gpu_device_memory_of_an_offloaded_forward_is_resident_plus_pool_plus_ac
     held anywhere else on the device (a second copy, a grown pool) would exceed it by a layer or more."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dev = _cuda()
+    dev = torch.accelerator.current_accelerator()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**BIG_LLAMA, "num_hidden_layers": 8})).eval()
     ids = prompt().to(dev)
     model.to(dev)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
+    torch.accelerator.synchronize()
+    base = torch.accelerator.memory_allocated(dev)
+    torch.accelerator.reset_peak_memory_stats(dev)
     with torch.inference_mode():
         ref = model(ids).logits
-    torch.cuda.synchronize()
-    activations = torch.cuda.max_memory_allocated(dev) - base
+    torch.accelerator.synchronize()
+    activations = torch.accelerator.max_memory_allocated(dev) - base
     model.to("cpu")
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated(dev)
+    torch.accelerator.synchronize()
+    before = torch.accelerator.memory_allocated(dev)
     with weightlift.offload(model, device=dev, config=OffloadConfig(prefetch_step=2)) as handle:
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated(dev) - before
+        torch.accelerator.synchronize()
+        held = torch.accelerator.memory_allocated(dev) - before
         report = handle.report()
         weights = report.resident_bytes + report.pool_bytes
         assert report.pool_bytes <= held <= weights + MiB, (held, report.resident_bytes, report.pool_bytes)
-        torch.cuda.reset_peak_memory_stats(dev)
+        torch.accelerator.reset_peak_memory_stats(dev)
         with torch.inference_mode():
             out = model(ids).logits
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(dev)
+        torch.accelerator.synchronize()
+        peak = torch.accelerator.max_memory_allocated(dev)
     assert peak - before - activations <= weights + MiB, (peak - before, activations, weights)
     assert report.pool_bytes < report.offloaded_bytes / 2  # the bound above is tighter than "all weights"
     assert torch.equal(out, ref)
