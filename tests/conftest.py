@@ -290,12 +290,14 @@ def pytest_configure(config):
         torch._dynamo.config.disable = True
 
 
-def pytest_report_header(config):
+def pytest_terminal_summary(terminalreporter):
     import fakeaccel
 
     if fakeaccel.enabled():
-        return f"fake accelerator: {fakeaccel.mode()} mode, built or loaded in {fakeaccel.build_seconds:.1f} s"
-    return None
+        terminalreporter.write_line(
+            f"fake accelerator: {fakeaccel.mode()} mode, built (or its cached build loaded) in "
+            f"{fakeaccel.build_seconds:.1f} s"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
