@@ -450,10 +450,11 @@ at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, std::op
 at::Tensor host_alias(const at::Tensor& t, std::unordered_map<c10::StorageImpl*, c10::Storage>* seen = nullptr) {
   const c10::Storage& storage = t.storage();
   c10::Storage alias;
-  auto found = seen ? seen->find(storage.unsafeGetStorageImpl()) : decltype(seen->end()){};
-  if (seen && found != seen->end()) {
-    alias = found->second;
-  } else {
+  if (seen != nullptr) {
+    auto found = seen->find(storage.unsafeGetStorageImpl());
+    if (found != seen->end()) alias = found->second;
+  }
+  if (!alias) {
     auto* keep = new c10::Storage(storage);
     c10::DataPtr ptr(storage.mutable_data(), keep, [](void* ctx) { delete static_cast<c10::Storage*>(ctx); },
                      Device(DeviceType::CPU));
