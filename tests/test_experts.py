@@ -756,3 +756,75 @@ def test_capturing_a_graph_of_expert_level_layers_is_refused_naming_the_fix(monk
                 assert torch.equal(model(ids).logits, ref)
     finally:
         sim.close()
+
+
+def _read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (the kernel's count, /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+def _drop_page_cache(folder) -> None:
+    """The page cache of every file under ``folder`` emptied (written back first, so nothing is dirty)."""
+    import os
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _dense_first(family: str) -> nn.Module:
+    """A MoE whose first layer is dense, with experts of 192 KiB (many pages each)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=6, intermediate_size=256, num_experts_per_tok=2, moe_intermediate_size=128)
+    if family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(**common, num_experts=16, head_dim=32, mlp_only_layers=[0])
+    else:
+        config = tf.DeepseekV3Config(**common, n_routed_experts=16, n_shared_experts=1, n_group=2, topk_group=1,
+                                     first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                                     qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)  # fmt: skip
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("tier", ["disk mapped"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_cold_decode_token_reads_the_dense_parts_and_its_experts_from_disk(tmp_path, family, tier):
+    """Asked of the kernel: with the page cache emptied before each decode token, the bytes read from storage
+    (/proc/self/io) are the offloaded layers' dense parts plus the top-k experts of each MoE layer, counted by
+    hand from the model's parameters, within 1.15x. A dense first layer used to set the kernel's read-ahead
+    going through nearly every expert of the layers after it (4.7x and 3.8x here before `read_exactly`). The
+    checkpoint tier still reads 1.4-1.7x (issue 26), read into slots about 1.2x: not asserted yet."""
+    model = _dense_first(family)
+    moe_layers = [layer for layer in model.model.layers if find_experts(layer)]
+    assert 0 < len(moe_layers) < len(model.model.layers)  # a dense first layer
+    stack = next(s for layer in moe_layers for s in find_experts(layer))
+    expert = sum(p[0].numel() * p.element_size() for p in moe_layers[0].get_submodule(stack.path).parameters())
+    layers_bytes = sum(t.numel() * t.element_size() for t in (*model.model.layers.parameters(),
+                                                               *model.model.layers.buffers()))  # fmt: skip
+    all_experts = len(moe_layers) * stack.count * expert
+    needed = layers_bytes - all_experts + len(moe_layers) * 2 * expert  # dense parts + top-2 of each MoE layer
+    folder = tmp_path / "files"
+    if tier == "checkpoint mapped":
+        model.save_pretrained(folder, max_shard_size="4MB")
+        config = OffloadConfig(source="checkpoint", disk_path=str(folder), prefetch_step=1)
+    else:
+        config = OffloadConfig(source="disk", disk_path=str(folder), prefetch_step=1)
+    ids = prompt()
+    reads = []
+    with weightlift.offload(model, device="cpu", config=config) as handle, torch.inference_mode():
+        assert handle.report().layers_offloaded == len(model.model.layers)
+        out = model(ids, use_cache=True)
+        for _ in range(4):
+            _drop_page_cache(folder)
+            before = _read_bytes()
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+            reads.append(_read_bytes() - before)
+    read = sorted(reads)[1]
+    assert 0.9 * needed <= read <= 1.15 * needed, (read / needed, read, needed, all_experts)

@@ -300,6 +300,8 @@ def apply(
         if mapping is not None:
             handle.engine = None
             indices, timeline = schedule.offloaded, handle.timeline
+            for p in range(len(indices) if units else 0):  # a MoE: what a token needs is asked for, no more
+                mapping.read_exactly(indices[p])
             named = [layer.name for layer in handle.layers]
             dense = experts.dense if experts is not None else lambda p: None
 

@@ -107,6 +107,11 @@ class Stamped:
             self.fd = -1
 
 
+# What one MADV_WILLNEED call reads at most, from the kernel's side: the larger of the device's read-ahead
+# window and its largest IO. Asking for more in one call reads only the start; larger chunks are cut there.
+WILLNEED_CHUNK = 128 * 1024
+
+
 class MappedFile:
     """One file mapped privately (copy-on-write), as a uint8 tensor, with page-granular advice."""
 
@@ -115,9 +120,14 @@ class MappedFile:
         self._mm = mmap.mmap(file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
 
-    def advise(self, advice: int, start: int, length: int) -> None:
+    def advise(self, advice: int, start: int, length: int, chunk: int | None = None) -> None:
+        """madvise over the pages of ``[start, start + length)``, in calls of at most ``chunk`` bytes if given
+        (the kernel reads at most one read-ahead window for each MADV_WILLNEED call)."""
         begin = start - start % PAGE
-        self._mm.madvise(advice, begin, min(round_up(start + length) - begin, len(self._mm) - begin))
+        end = min(round_up(start + length), len(self._mm))
+        step = chunk or max(end - begin, 1)
+        for at in range(begin, end, step):
+            self._mm.madvise(advice, at, min(step, end - at))
 
     def close(self) -> None:
         self.bytes = None
