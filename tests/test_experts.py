@@ -793,14 +793,15 @@ def _dense_first(family: str) -> nn.Module:
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("tier", ["disk mapped"])
+@pytest.mark.parametrize("tier", ["disk mapped", "disk read into slots", "checkpoint"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_a_cold_decode_token_reads_the_dense_parts_and_its_experts_from_disk(tmp_path, family, tier):
     """Asked of the kernel: with the page cache emptied before each decode token, the bytes read from storage
     (/proc/self/io) are the offloaded layers' dense parts plus the top-k experts of each MoE layer, counted by
     hand from the model's parameters, within 1.15x. A dense first layer used to set the kernel's read-ahead
-    going through nearly every expert of the layers after it (4.7x and 3.8x here before `read_exactly`). The
-    checkpoint tier still reads 1.4-1.7x (issue 26), read into slots about 1.2x: not asserted yet."""
+    going through nearly every expert of the layers after it (4.7x and 3.8x here on the mapped tier), and
+    the sequential read-ahead of reads into slots read the experts beside each chosen one (1.5-1.9x read
+    into slots and from a checkpoint), before `read_exactly`."""
     model = _dense_first(family)
     moe_layers = [layer for layer in model.model.layers if find_experts(layer)]
     assert 0 < len(moe_layers) < len(model.model.layers)  # a dense first layer
@@ -811,20 +812,22 @@ def test_a_cold_decode_token_reads_the_dense_parts_and_its_experts_from_disk(tmp
     all_experts = len(moe_layers) * stack.count * expert
     needed = layers_bytes - all_experts + len(moe_layers) * 2 * expert  # dense parts + top-2 of each MoE layer
     folder = tmp_path / "files"
-    if tier == "checkpoint mapped":
+    if tier == "checkpoint":  # experts stored one tensor each and fused on load: read into slots
         model.save_pretrained(folder, max_shard_size="4MB")
         config = OffloadConfig(source="checkpoint", disk_path=str(folder), prefetch_step=1)
     else:
-        config = OffloadConfig(source="disk", disk_path=str(folder), prefetch_step=1)
-    ids = prompt()
-    reads = []
+        config = OffloadConfig(source="disk", disk_path=str(folder), prefetch_step=1, mmap=tier == "disk mapped")
+    ids, tokens = prompt(), 4
     with weightlift.offload(model, device="cpu", config=config) as handle, torch.inference_mode():
         assert handle.report().layers_offloaded == len(model.model.layers)
         out = model(ids, use_cache=True)
-        for _ in range(4):
+        read = 0
+        for _ in range(tokens):  # summed: a read-ahead into a slot may cross into the next token
             _drop_page_cache(folder)
             before = _read_bytes()
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
-            reads.append(_read_bytes() - before)
-    read = sorted(reads)[1]
-    assert 0.9 * needed <= read <= 1.15 * needed, (read / needed, read, needed, all_experts)
+            read += _read_bytes() - before
+    print(f"{family}, {tier}: a cold decode token read {read / tokens / needed:.2f}x its dense parts and experts")
+    # at least 0.8x: the reads are really from storage (a slot filled ahead for the next token is read
+    # before its window, so a token may count a little less)
+    assert 0.8 * tokens * needed <= read <= 1.15 * tokens * needed, (read / tokens / needed, needed, all_experts)

@@ -255,6 +255,10 @@ def apply(
     handle.cache = cache
     try:
         mapping = cache.map() if mapped else None  # None: a checkpoint that cannot be mapped is read instead
+        if units and cache is not None:  # a MoE's files: what a token chose is asked for, the kernel reads no more
+            cache.read_exactly()
+            for index in schedule.offloaded if mapping is not None else ():
+                mapping.read_exactly(index)
         handle.pool = DevicePool(0 if mapping else schedule.n_slots, slot_bytes, dev)
         handle.mapped_window = slot_bytes if mapping else 0
         move_to(handle, resident, dev)
@@ -300,8 +304,6 @@ def apply(
         if mapping is not None:
             handle.engine = None
             indices, timeline = schedule.offloaded, handle.timeline
-            for p in range(len(indices) if units else 0):  # a MoE: what a token needs is asked for, no more
-                mapping.read_exactly(indices[p])
             named = [layer.name for layer in handle.layers]
             dense = experts.dense if experts is not None else lambda p: None
 

@@ -306,6 +306,10 @@ class CheckpointFiles:
                         "changed after loading; use source='disk' to write a layer cache of the weights in memory"
                     )
 
+    def read_exactly(self) -> None:
+        for f in self.files:
+            f.read_exactly()
+
     def map(self) -> CheckpointMapping | None:
         """Map the checkpoint's files to compute on them in place; None when a tensor is not aligned in its file
         (`alignment`), or is built of several pieces (then layers are read into slots instead)."""

@@ -179,6 +179,9 @@ class LayerCache:
             self.mapping = None
         self.file.close()
 
+    def read_exactly(self) -> None:
+        self.file.read_exactly()
+
     def map(self) -> Mapping:
         """Map the file (private, copy-on-write) so layers can be read in place, with no copy."""
         self.mapping = Mapping(self)
