@@ -106,6 +106,8 @@ def main() -> None:
                 before = read_chars()
                 with torch.inference_mode():
                     model(ids)  # one forward reads every offloaded layer once (the first, for the next forward)
+                if handle.engine is not None:  # that read runs on the read-ahead thread: let it finish
+                    handle.engine.synchronize()
                 read = read_chars() - before
                 held = handle.layers[0].module.mlp
                 shard = held.experts.down_proj if hasattr(held, "experts") else held.down_proj.weight
