@@ -216,14 +216,10 @@ class Mapping:
         self.mapped.advise(mmap.MADV_DONTNEED, layer.offset, layer.nbytes)
 
     def read_exactly(self, index: int) -> None:
-        """Layer ``index`` is read only as asked: a page fault in it reads that page alone (MADV_RANDOM), and
-        ``willneed`` asks for its ranges one read-ahead window per call, so that all of each is read (one
-        call reads at most a window). `apply` does this for every offloaded layer of a model with experts:
-        there the kernel's read-ahead, set going by a dense layer's faults, read on through nearly every
-        expert of the layers after it (measured on a Qwen3-MoE and a DeepSeek-V3 whose first layer is dense:
-        4.7x and 3.8x what a cold token needs; within 1.15x with this, `tests/test_experts.py`). Dense
-        models keep the kernel's read-ahead, which their cold streaming needs (asked for a window at a
-        time, SmolLM2's cold decode token took about 2x as long)."""
+        """Layer ``index`` (of a MoE) is read only as asked: a fault reads its page alone (MADV_RANDOM) and
+        ``willneed`` asks a read-ahead window per call (one call reads at most one). Else a dense layer's
+        faults set the kernel reading on through the experts after it (a cold token read 3.8-4.7x its needs,
+        `tests/test_experts.py`). Dense models keep the read-ahead: without it they streamed 2x slower."""
         layer = self.cache.layers[index]
         self.mapped.advise(mmap.MADV_RANDOM, layer.offset, layer.nbytes)
         self.exact.add(index)
