@@ -153,15 +153,6 @@ def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.d
             install()
 
 
-def _read_exactly(cache: Any, mapping: Any, offloaded: Sequence[int]) -> None:
-    """A MoE's files (if it is offloaded to one): what a token chose is asked for, and the kernel reads no
-    more (`files.Stamped.read_exactly`, `disk.Mapping.read_exactly`)."""
-    if cache is not None:
-        cache.read_exactly()
-    for index in offloaded if mapping is not None else ():
-        mapping.read_exactly(index)
-
-
 def _out_of_memory(dev: torch.device, err: BaseException, pool_bytes: int) -> OffloadError:
     """What to say when the device had no room for the resident weights and the pool (the model is back)."""
     said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -264,8 +255,8 @@ def apply(
     handle.cache = cache
     try:
         mapping = cache.map() if mapped else None  # None: a checkpoint that cannot be mapped is read instead
-        if units:
-            _read_exactly(cache, mapping, schedule.offloaded)
+        if units and cache is not None:  # a MoE's files: what a token chose is asked for, the kernel reads no more
+            cache.read_exactly()
         handle.pool = DevicePool(0 if mapping else schedule.n_slots, slot_bytes, dev)
         handle.mapped_window = slot_bytes if mapping else 0
         move_to(handle, resident, dev)

@@ -25,7 +25,7 @@ from torch import nn
 from . import conversion
 from .distributed import is_dtensor, shard_pieces
 from .errors import OffloadError
-from .files import WILLNEED_CHUNK, MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
+from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
 from .storage import Entry, Layout
 from .tensors import typed_view
 
@@ -307,8 +307,11 @@ class CheckpointFiles:
                     )
 
     def read_exactly(self) -> None:
+        """As `disk.LayerCache.read_exactly`."""
         for f in self.files:
             f.read_exactly()
+        for m in self.mapping.files if self.mapping is not None else ():
+            m.read_exactly()
 
     def map(self) -> CheckpointMapping | None:
         """Map the checkpoint's files to compute on them in place; None when a tensor is not aligned in its file
@@ -335,7 +338,6 @@ class CheckpointMapping:
     def __init__(self, checkpoint: CheckpointFiles) -> None:
         self.checkpoint = checkpoint
         self.files = [MappedFile(f) for f in checkpoint.files]
-        self.exact: set[int] = set()  # layers read only as asked (`read_exactly`)
 
     def check(self) -> None:
         for f in self.checkpoint.files:
@@ -347,20 +349,14 @@ class CheckpointMapping:
         return [typed_view(self.files[r.file].bytes, r.offset, spec)]
 
     def _advise(self, advice: int, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
-        chunk = WILLNEED_CHUNK if advice == mmap.MADV_WILLNEED and index in self.exact else None
         for r, lo, hi in _within(self.checkpoint.reads[index], ranges):
-            self.files[r.file].advise(advice, r.offset + lo - r.slot_offset, hi - lo, chunk)
+            self.files[r.file].advise(advice, r.offset + lo - r.slot_offset, hi - lo)
 
     def willneed(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
         self._advise(mmap.MADV_WILLNEED, index, ranges)
 
     def release(self, index: int) -> None:
         self._advise(mmap.MADV_DONTNEED, index)
-
-    def read_exactly(self, index: int) -> None:
-        """As `disk.Mapping.read_exactly`."""
-        self._advise(mmap.MADV_RANDOM, index)
-        self.exact.add(index)
 
     def close(self) -> None:
         for f in self.files:

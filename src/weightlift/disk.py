@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import locks
 from .config import format_size
 from .errors import OffloadError
-from .files import WILLNEED_CHUNK, MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header, round_up
+from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header, round_up
 from .storage import Entry, Layout
 from .tensors import typed_view
 
@@ -180,7 +180,10 @@ class LayerCache:
         self.file.close()
 
     def read_exactly(self) -> None:
+        """Read only as asked, mapped or not (`files.Stamped.read_exactly`, `files.MappedFile.read_exactly`)."""
         self.file.read_exactly()
+        if self.mapping is not None:
+            self.mapping.mapped.read_exactly()
 
     def map(self) -> Mapping:
         """Map the file (private, copy-on-write) so layers can be read in place, with no copy."""
@@ -198,7 +201,6 @@ class Mapping:
         self.cache = cache
         self.mapped = MappedFile(cache.file)
         self.check = cache.file.check
-        self.exact: set[int] = set()  # layers read only as asked (`read_exactly`)
 
     def views(self, index: int, entry: Entry) -> list[torch.Tensor]:
         layer = self.cache.layers[index]
@@ -207,22 +209,12 @@ class Mapping:
     def willneed(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
         """Ask the kernel to read layer ``index`` ahead (or only the byte ranges ``ranges`` of its layout)."""
         layer = self.cache.layers[index]
-        chunk = WILLNEED_CHUNK if index in self.exact else None
         for a, b in ranges if ranges is not None else [(0, layer.nbytes)]:
-            self.mapped.advise(mmap.MADV_WILLNEED, layer.offset + a, b - a, chunk)
+            self.mapped.advise(mmap.MADV_WILLNEED, layer.offset + a, b - a)
 
     def release(self, index: int) -> None:
         layer = self.cache.layers[index]
         self.mapped.advise(mmap.MADV_DONTNEED, layer.offset, layer.nbytes)
-
-    def read_exactly(self, index: int) -> None:
-        """Layer ``index`` (of a MoE) is read only as asked: a fault reads its page alone (MADV_RANDOM) and
-        ``willneed`` asks a read-ahead window per call (one call reads at most one). Else a dense layer's
-        faults set the kernel reading on through the experts after it (a cold token read 3.8-4.7x its needs,
-        `tests/test_experts.py`). Dense models keep the read-ahead: without it they streamed 2x slower."""
-        layer = self.cache.layers[index]
-        self.mapped.advise(mmap.MADV_RANDOM, layer.offset, layer.nbytes)
-        self.exact.add(index)
 
     def close(self) -> None:
         self.mapped.close()

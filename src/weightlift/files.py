@@ -96,8 +96,9 @@ class Stamped:
 
     def read_exactly(self) -> None:
         """Reads of this file read what they ask for, no further (POSIX_FADV_RANDOM instead of the sequential
-        read-ahead it was opened with): for files read expert by expert, where the read-ahead after one
-        expert's bytes reads the experts next to it, which nobody chose."""
+        read-ahead it was opened with). For the files of a MoE, read expert by expert: the read-ahead after
+        one expert's bytes reads the experts beside it, which nobody chose (a cold decode token read 1.5-1.9x
+        its needs into slots, `tests/test_experts.py`)."""
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
@@ -126,13 +127,21 @@ class MappedFile:
         self.file = file
         self._mm = mmap.mmap(file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self._willneed_chunk: int | None = None  # MADV_WILLNEED in calls of at most this many bytes
 
-    def advise(self, advice: int, start: int, length: int, chunk: int | None = None) -> None:
-        """madvise over the pages of ``[start, start + length)``, in calls of at most ``chunk`` bytes if given
-        (the kernel reads at most one read-ahead window for each MADV_WILLNEED call)."""
+    def read_exactly(self) -> None:
+        """Pages are read only as asked: a fault reads its page alone (MADV_RANDOM), and MADV_WILLNEED is asked
+        a read-ahead window per call, so that all of a range is read. For the files of a MoE: otherwise a
+        dense layer's faults set the kernel reading on through the experts after it (a cold decode token read
+        3.8-4.7x its needs on the mapped tier, `tests/test_experts.py`). Dense models keep the read-ahead:
+        without it, SmolLM2's cold decode token took 2x as long."""
+        self._mm.madvise(mmap.MADV_RANDOM)
+        self._willneed_chunk = WILLNEED_CHUNK
+
+    def advise(self, advice: int, start: int, length: int) -> None:
         begin = start - start % PAGE
         end = min(round_up(start + length), len(self._mm))
-        step = chunk or max(end - begin, 1)
+        step = (self._willneed_chunk if advice == mmap.MADV_WILLNEED else None) or max(end - begin, 1)
         for at in range(begin, end, step):
             self._mm.madvise(advice, at, min(step, end - at))
 
