@@ -58,7 +58,7 @@ def test_checkpoint_in_memory_model_equals_resident(tmp_path, family, shard, map
     with weightlift.offload(model, device="cpu", config=_ckpt(tmp_path, mmap=mapped)) as handle:
         out = run(model, ids)
         assert handle.report().source == str(tmp_path) + (" (mapped)" if in_place else "")
-        assert handle.report().slots == (1 if in_place else 3)
+        assert handle.report().slots == (5 if in_place else 3)  # mapped: every layer stays mapped (RAM to spare)
     assert_outputs_equal(out, ref)
     assert torch.equal(run(model, ids)[0], ref[0])
 

@@ -405,7 +405,7 @@ def test_half_precision_models(tmp_path, dtype, source):
     assert report.offloaded_bytes == sum(2 * p.numel() for p in model.model.layers.parameters())
     # by hand: the tensors of test_pool_bytes_derived_by_hand at 2 bytes each, the norms' 128 bytes padded
     slot = sum(_align(2 * n) for n in [64 * 64, 32 * 64, 32 * 64, 64 * 64, 128 * 64, 128 * 64, 64 * 128, 64, 64])
-    slots = 1 if source == "disk" else 3  # the mapped disk tier holds one layer's window
+    slots = 5 if source == "disk" else 3  # with RAM to spare the mapped disk tier keeps every layer mapped
     assert (report.slots, report.slot_bytes, report.pool_bytes) == (slots, slot, slots * slot)
     assert_same(model, snap)
 

@@ -22,12 +22,14 @@ from .expert_streams import ExpertStreams, Mover
 from .experts import LayerExperts, find_experts, nbytes_of
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .inventory import collect, every_layout, layer_list, leaves_of, tensors_of, unique_bytes
+from .machine import available_ram
 from .models import find_stacks
 from .pool import DevicePool, HostArena
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import HostMaster, Layout
 from .streams import streams_for
 from .tensors import relocation
+from .window import MappedWindow, margin
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,21 @@ class _MappedMover:
         raise AssertionError("a mapped file has no slots: `apply` refuses an expert cache there")
 
 
+def _window(config: OffloadConfig, sizes: list[int], plan: Any) -> MappedWindow:
+    """The mapped tier's window (`weightlift.window`): the smaller of ``host_budget`` and the pool of the plan
+    this came from, when either is known, else the RAM available now less a margin."""
+    given = [b for b in (config.host_budget, getattr(plan, "pool_bytes", None)) if b is not None]
+    limit, why = (min(given), "the budget") if given else (None, "the RAM available now")
+    if limit is None and (available := available_ram()) is not None:
+        limit = available - margin(available)
+    window = MappedWindow.within(sizes, limit)
+    log.info(
+        "weightlift: %d of %d mapped layers stay mapped once they ran (a %s window, from %s)", len(window.kept),
+        len(sizes), format_size(window.nbytes), why,
+    )  # fmt: skip
+    return window
+
+
 def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
     """Move resident tensors to ``dev`` in place, recording where they were for `remove()`."""
     for t in tensors:
@@ -258,7 +275,7 @@ def apply(
         if units and cache is not None:  # a MoE's files: what a token chose is asked for, the kernel reads no more
             cache.read_exactly()
         handle.pool = DevicePool(0 if mapping else schedule.n_slots, slot_bytes, dev)
-        handle.mapped_window = slot_bytes if mapping else 0
+        window = _window(config, [layouts[i].nbytes for i in schedule.offloaded], plan) if mapping else None
         move_to(handle, resident, dev)
         counted = []
         for t in resident:
@@ -317,6 +334,8 @@ def apply(
                 # a MoE layer's pages faulting in would read the disk's read-ahead window around them, most
                 # of it experts nobody chose; asked for once more, its dense part is read exactly
                 again=(lambda p: mapping.willneed(indices[p], dense(p)) if dense(p) else None) if experts else None,
+                window=window,
+                cached=lambda p: mapping.cached(indices[p]),
             )
             mover: Mover = _MappedMover(mapping, indices)
         else:

@@ -353,7 +353,14 @@ class CheckpointMapping:
             self.files[r.file].advise(advice, r.offset + lo - r.slot_offset, hi - lo)
 
     def willneed(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
-        self._advise(mmap.MADV_WILLNEED, index, ranges)
+        for r, lo, hi in _within(self.checkpoint.reads[index], ranges):
+            self.files[r.file].willneed(r.offset + lo - r.slot_offset, hi - lo)
+
+    def cached(self, index: int) -> float:
+        """The fraction of layer ``index``'s pages in the page cache now (by bytes, over its files)."""
+        spans = [(self.files[r.file], r.offset, r.nbytes) for r in self.checkpoint.reads[index]]
+        total = sum(n for _, _, n in spans)
+        return sum(f.cached(at, n) * n for f, at, n in spans) / total if total else 1.0
 
     def release(self, index: int) -> None:
         self._advise(mmap.MADV_DONTNEED, index)

@@ -66,6 +66,9 @@ def demo(args: argparse.Namespace) -> int:
             f"\n{where} held by weights: resident run {format_size(report.resident_bytes + report.offloaded_bytes)}, "
             f"offloaded run {format_size(held)}"
             + (" (on a CPU target with source=host the masters stay in RAM)" if source == "host" else "")
+            + (f" ({format_size(report.pool_bytes)} of it mapped from the page cache, which the kernel takes back when "
+               "memory is short; a budget holds less: `weightlift generate smollm2 --budget 200MiB`)"
+               if report.source.endswith("(mapped)") else "")
         )
     return 0 if same else 1
 
@@ -165,7 +168,7 @@ class _FirstToken:
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: VmHWM from /proc/self/status, else ``getrusage``."""
-    from .measure import proc_kib_field
+    from .machine import proc_kib_field
 
     found = proc_kib_field("/proc/self/status", "VmHWM")
     if found is not None:

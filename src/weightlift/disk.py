@@ -210,7 +210,12 @@ class Mapping:
         """Ask the kernel to read layer ``index`` ahead (or only the byte ranges ``ranges`` of its layout)."""
         layer = self.cache.layers[index]
         for a, b in ranges if ranges is not None else [(0, layer.nbytes)]:
-            self.mapped.advise(mmap.MADV_WILLNEED, layer.offset + a, b - a)
+            self.mapped.willneed(layer.offset + a, b - a)
+
+    def cached(self, index: int) -> float:
+        """The fraction of layer ``index``'s pages in the page cache now."""
+        layer = self.cache.layers[index]
+        return self.mapped.cached(layer.offset, layer.nbytes)
 
     def release(self, index: int) -> None:
         layer = self.cache.layers[index]

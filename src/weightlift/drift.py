@@ -54,9 +54,12 @@ class Holder:
     dtype: torch.dtype
     device: torch.device
 
+    def __post_init__(self) -> None:
+        self._held_in: dict = getattr(self.owner, self.table)  # the module's own table (the same dict for life)
+
     def moved(self) -> bool:
         """Whether the module holds another tensor there now, or this one with another dtype or device."""
-        held = getattr(self.owner, self.table).get(self.attr)
+        held = self._held_in.get(self.attr)
         return held is not self.entry.tensor or held.dtype != self.dtype or held.device != self.device
 
 

@@ -8,12 +8,15 @@ knows the other. ``PAGE``: the page size that mapped layers are aligned to.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
 import struct
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .dtypes import leaf_span
@@ -120,14 +123,49 @@ class Stamped:
 WILLNEED_CHUNK = 128 * 1024
 
 
+def _libc_mincore():
+    """libc's ``mincore``, or None where there is none (then every page counts as absent)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+_MINCORE = _libc_mincore()
+
+
 class MappedFile:
-    """One file mapped privately (copy-on-write), as a uint8 tensor, with page-granular advice."""
+    """One file mapped privately (copy-on-write), as a uint8 tensor, with page-granular advice.
+
+    ``advice_calls`` counts the madvise calls made, by advice (a test counts them: pages already in the page
+    cache are never advised to be read)."""
 
     def __init__(self, file: Stamped) -> None:
         self.file = file
         self._mm = mmap.mmap(file.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
         self._willneed_chunk: int | None = None  # MADV_WILLNEED in calls of at most this many bytes
+        self.advice_calls: Counter[int] = Counter()
+
+    def cached(self, start: int, length: int) -> float:
+        """The fraction of the pages of ``[start, start + length)`` that the page cache holds now (the kernel's
+        ``mincore``: one call, no page touched); 0.0 where it cannot be asked."""
+        begin = start - start % PAGE
+        end = min(round_up(start + length), len(self._mm))
+        if _MINCORE is None or end <= begin or self.bytes is None:
+            return 0.0
+        pages = np.zeros((end - begin + PAGE - 1) // PAGE, dtype=np.uint8)
+        if _MINCORE(self.bytes.data_ptr() + begin, end - begin, pages.ctypes.data) != 0:
+            return 0.0
+        return float(np.count_nonzero(pages & 1)) / len(pages)
+
+    def willneed(self, start: int, length: int) -> None:
+        """Have the kernel read ``[start, start + length)`` ahead, unless the page cache holds all of it (then
+        no call at all: on a warm page cache the advice itself cost a third of a SmolLM2 token)."""
+        if self.cached(start, length) < 1.0:
+            self.advise(mmap.MADV_WILLNEED, start, length)
 
     def read_exactly(self) -> None:
         """Pages are read only as asked: a fault reads its page alone (MADV_RANDOM), and MADV_WILLNEED is asked
@@ -144,6 +182,7 @@ class MappedFile:
         step = (self._willneed_chunk if advice == mmap.MADV_WILLNEED else None) or max(end - begin, 1)
         for at in range(begin, end, step):
             self._mm.madvise(advice, at, min(step, end - at))
+            self.advice_calls[advice] += 1
 
     def close(self) -> None:
         self.bytes = None

@@ -200,7 +200,6 @@ class OffloadHandle:
         self.occupancy = Occupancy(type(model).__name__)  # one thread at a time inside the offloaded layers
         self.arena: HostArena | None = None  # host memory of the masters (accelerator targets)
         self.ring: Any = None  # the host staging ring of a disk source on an accelerator
-        self.mapped_window = 0  # with a mapped cache: the bytes of mapped pages a layer holds while it runs
         self.plan: Any = None  # the `Plan` applied, if any
         self.experts: Any = None  # the `expert_streams.ExpertStreams` of MoE layers streamed expert by expert
         self.removed = False
@@ -342,18 +341,19 @@ class OffloadHandle:
         pool = self.pool
         experts_cache = self.experts.cache if self.experts is not None else None
         cache_bytes = experts_cache.nbytes if experts_cache is not None else 0  # the device expert cache
+        window = getattr(prefetcher, "window", None)  # the mapped tier's (`weightlift.window`)
         return OffloadReport(
             device=str(self.device),
             source=(
-                f"{self.cache.path}{' (mapped)' if self.mapped_window else ''}" if self.cache is not None else "host"
+                f"{self.cache.path}{' (mapped)' if window is not None else ''}" if self.cache is not None else "host"
             ),
             stack=self._stack,
             layers=self._n_layers,
             layers_offloaded=len(self.layers),
             offloaded_bytes=sum(layer.master.layout.data_bytes for layer in self.layers),
             resident_bytes=self.resident_bytes,
-            pool_bytes=(pool.nbytes if pool is not None else 0) + self.mapped_window + cache_bytes,
-            slots=(len(pool) if pool is not None else 0) + (1 if self.mapped_window else 0),
+            pool_bytes=(pool.nbytes if pool is not None else 0) + (window.nbytes if window else 0) + cache_bytes,
+            slots=(len(pool) if pool is not None else 0) + (window.layers if window else 0),
             slot_bytes=pool.slot_bytes if pool is not None else 0,
             host_bytes=(self.arena.nbytes if self.arena else 0) + (self.ring.nbytes if self.ring else 0),
             prefetch_step=self._step,
@@ -424,7 +424,6 @@ class OffloadHandle:
             self.engine.close()
         if self.prefetcher is not None:
             self._final = self.report()
-        self.mapped_window = 0
         if self.experts is not None:
             self.experts.remove()
         for guard in self._guarded.values():

@@ -185,22 +185,6 @@ def streamed_overhead(
     return _per_byte(mapped, resident, picks, info), {i: resident[i] for i in picks}
 
 
-def proc_kib_field(path: str, field: str) -> int | None:
-    """Bytes of a ``field: N kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``), or None."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def available_ram() -> int | None:
-    return proc_kib_field("/proc/meminfo", "MemAvailable")
-
-
 def language_model_workloads(model: nn.Module, device: torch.device, prompt_tokens: int = PROMPT_TOKENS):
     """Runners for a prefill of ``prompt_tokens`` and a decode step (with the prefill's KV cache) of a
     transformers-style language model, or None when the model does not look like one."""

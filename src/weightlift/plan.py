@@ -36,9 +36,9 @@ from .distributed import group_of, slowest, world_size
 from .errors import OffloadError
 from .expert_cache import predicted as cached_moves
 from .experts import expert_bytes, find_experts, routed_bytes, token_routes, top_k_of
+from .machine import available_ram
 from .measure import (
     analyse,
-    available_ram,
     disk_read_rate,
     h2d_bandwidth,
     mapped_overhead,

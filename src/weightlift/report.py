@@ -102,8 +102,9 @@ class OffloadReport:
 
     @property
     def saved_bytes(self) -> int:
-        """Device memory saved by offloading: offloaded weights minus the pool that replaces them."""
-        return self.offloaded_bytes - self.pool_bytes
+        """Device memory saved by offloading: offloaded weights minus the pool that replaces them (none when a
+        mapped window keeps every layer mapped: its page-aligned layout is a little larger than the weights)."""
+        return max(0, self.offloaded_bytes - self.pool_bytes)
 
     @property
     def device_bytes(self) -> int:
@@ -113,6 +114,13 @@ class OffloadReport:
     def _expert_cache(self) -> str:
         e = self.experts
         return f" + a cache of {e.cache_entries} experts, {format_size(e.cache_bytes)}" if e and e.cache_entries else ""
+
+    def _pool_row(self) -> tuple[str, str]:
+        if self.source.endswith("(mapped)"):
+            return ("mapped window", f"{format_size(self.pool_bytes)} ({self.slots} of {self.layers_offloaded} layers "
+                                     "stay mapped: page cache, which the kernel takes back when memory is short)")
+        return ("device pool", f"{format_size(self.pool_bytes)} ({self.slots} slots x {format_size(self.slot_bytes)}"
+                               f"{self._expert_cache()})")
 
     def to_dict(self) -> dict:
         out = {**asdict(self), "saved_bytes": self.saved_bytes, "device_bytes": self.device_bytes}
@@ -128,8 +136,7 @@ class OffloadReport:
             ("layer stack", f"{self.stack} ({self.layers_offloaded} of {self.layers} layers offloaded)"),
             ("offloaded weights", format_size(self.offloaded_bytes)),
             ("resident weights", format_size(self.resident_bytes)),
-            ("device pool", f"{format_size(self.pool_bytes)} ({self.slots} slots x {format_size(self.slot_bytes)}"
-                            f"{self._expert_cache()})"),
+            self._pool_row(),
             ("device memory saved", format_size(self.saved_bytes)),
             ("host RAM for masters", format_size(self.host_bytes)),
             ("prefetch", f"step {self.prefetch_step}: {self.copies} copies, "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OffloadError
+from .window import MappedWindow
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class Prefetcher:
 class MappedPrefetcher:
     """The run-time side of a mapped disk source: every layer is always addressable (its pages come from
     the page cache or fault in from disk), so nothing can be out of place. After layer ``k`` runs, its
-    pages are released and the layer ``step`` ahead is read ahead by the kernel."""
+    pages are given back unless the window keeps it (`weightlift.window`), and the layer ``step`` ahead is
+    read ahead by the kernel, unless it is a kept layer still mapped."""
 
     schedule: Schedule
     willneed: Callable[[int], None]
@@ -213,24 +215,38 @@ class MappedPrefetcher:
     check: Callable[[], None]  # refuses a file changed after setup before its pages are touched
     loaded: Callable[[int], None] | None = None  # told each time a position is read ahead (experts)
     again: Callable[[int], None] | None = None  # before a layer runs: asks for its read-ahead once more
+    window: MappedWindow | None = None  # which layers stay mapped after they run (None: none do)
+    cached: Callable[[int], float] = lambda p: 0.0  # the fraction of a position's pages in the page cache
     hits: int = 0
     misses: int = 0  # a layer ran whose read-ahead was not asked for (out of order, step 0, after an abort)
     copies: int = 0
     pending: set[int] = field(default_factory=set)  # read ahead, not run yet
+    _next: int = -1  # the position expected to run next (the files are checked at any other)
+
+    def __post_init__(self) -> None:
+        if self.window is None:
+            self.window = MappedWindow.within([0] * len(self.schedule.offloaded), None)
 
     def _ahead(self, position: int) -> None:
-        self.willneed(position)
+        if position not in self.window.held:  # a kept layer that ran is mapped: nothing to ask
+            self.willneed(position)
+            self.copies += 1
         self.pending.add(position)
-        self.copies += 1
         if self.loaded is not None:
             self.loaded(position)
+
+    def _give_back(self, position: int) -> None:
+        self.window.given_back(position)
+        self.release(position)
 
     def prime(self) -> None:
         for position in range(self.schedule.step):
             self._ahead(position)
 
     def before(self, position: int) -> None:
-        self.check()
+        if position != self._next:  # once per pass through the layers (each check is a system call per file)
+            self.check()
+        self._next = position + 1
         if position in self.pending:
             self.pending.discard(position)
             self.hits += 1
@@ -246,9 +262,13 @@ class MappedPrefetcher:
         self.check()
 
     def aborted(self, position: int, every_slot: bool = False) -> None:
-        self.release(position)
+        self._next = -1
+        self._give_back(position)
 
     def after(self, position: int, every_slot: bool = False) -> None:
-        self.release(position)
+        if not self.window.ran(position):
+            self.release(position)
+        for dropped in self.window.pressed(self.cached):
+            self.release(dropped)
         if self.schedule.step:
             self._ahead(self.schedule.ahead(position))
