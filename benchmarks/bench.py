@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -198,6 +199,115 @@ class Bench:
         self.peer(name, diffusers_group, ids, base, "diffusers group offloading (block, disk)",
                   self.work / f"diffusers-{name.split()[0]}")  # fmt: skip
 
+    def table(self, name: str, build, ids) -> None:
+        """Each CPU configuration warm (the page cache holds the files: the second generate of one setup) and
+        from a cold start (the page cache emptied after setup, before the one generate; ``cold rest``: the
+        decode tokens after the first), against resident measured before and after them, in this run."""
+        from weightlift.convert import convert_gguf
+        from weightlift.hf import load_streaming
+
+        model = build()
+        measure_decode(model, ids, self.tokens)  # warm-up
+        base = measure_decode(model, ids, self.tokens)
+        self.record(name, "resident (before)", base, baseline="itself")
+        folder = self.work / "table-cache"
+        saved = convert_gguf(smollm2_file(), cache_dir=self.work / "table-safetensors")  # a hub-like folder
+
+        def ours(threads=None, **kw):
+            def setup():
+                handle = weightlift.offload(model, device="cpu", config=weightlift.OffloadConfig(
+                    source="disk", disk_path=str(folder), prefetch_step=2, **kw))  # fmt: skip
+                torch.set_num_threads(threads or self.threads)
+
+                def close():
+                    handle.remove()
+                    torch.set_num_threads(self.threads)
+
+                return model, close, folder
+
+            return setup
+
+        def streaming():
+            streamed, handle = load_streaming(saved)
+            return streamed, handle.remove, saved
+
+        def diffusers(per_group):
+            def setup():
+                from diffusers.hooks import apply_group_offloading
+
+                peer = build()
+                peer.lm_head.weight = torch.nn.Parameter(peer.lm_head.weight.detach().clone())  # untied by hand
+                where = self.work / f"diffusers-{per_group}"
+                apply_group_offloading(peer, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=per_group,
+                                       offload_to_disk_path=str(where))  # fmt: skip
+                return peer, lambda: None, where
+
+            return setup
+
+        def accelerate_disk():
+            from accelerate import disk_offload
+
+            peer, where = build(), self.work / "accelerate"
+            disk_offload(peer, str(where), execution_device=torch.device("cpu"))
+            return peer, lambda: None, where
+
+        layers = len(model.model.layers)
+        rows = [("weightlift disk tier, mapped (mmap=True, the CPU default)", ours()),
+                ("weightlift disk tier, read into slots (mmap=False)", ours(mmap=False)),
+                ("weightlift disk tier, read into slots, a core left to the reader", ours(self.threads - 1 or 1,
+                                                                                          mmap=False)),
+                ("weightlift load_streaming (checkpoint tier, mapped)", streaming),
+                ("diffusers group offloading, per block (lm_head untied by hand)", diffusers(1)),
+                (f"diffusers group offloading, one group of {layers} blocks", diffusers(layers)),
+                ("accelerate disk_offload", accelerate_disk)]  # fmt: skip
+        measured = []
+        for label, setup in rows:
+            try:
+                runs = {}
+                for kind in ("warm", "cold"):
+                    target, close, files = setup()
+                    try:
+                        if kind == "warm":
+                            measure_decode(target, ids, 3)  # the page cache and the mapping filled
+                        else:
+                            evict(files)
+                        runs[kind] = measure_decode(target, ids, self.tokens)
+                    finally:
+                        close()
+            except Exception as err:  # a peer that cannot run this model is reported, not fatal
+                self.record(name, label, {}, error=f"{type(err).__name__}: {str(err).splitlines()[0]}"[:300])
+                continue
+            measured.append((label, runs))
+        after = measure_decode(model, ids, self.tokens)
+        self.record(name, "resident (after)", after, baseline="itself")
+        resident = (base["decode_tokens_per_s"] + after["decode_tokens_per_s"]) / 2
+        for label, runs in measured:
+            warm, cold = runs["warm"], runs["cold"]
+            self.record(name, label, warm, baseline="resident before and after, same run",
+                        warm_vs_resident=warm["decode_tokens_per_s"] / resident,
+                        cold_decode_tokens_per_s=cold["decode_tokens_per_s"],
+                        cold_rest_tokens_per_s=cold["decode_rest_tokens_per_s"],
+                        cold_rest_vs_warm=cold["decode_rest_tokens_per_s"] / warm["decode_tokens_per_s"],
+                        same_tokens=all(torch.equal(r["tokens"], base["tokens"]) for r in runs.values()))  # fmt: skip
+
+    def table_summary(self, name: str) -> str:
+        rows = [r for r in self.rows if r["model"] == name]
+        lines = [f"{name}, {self.machine['machine']}, torch {self.machine['torch']}, {self.threads} threads, "
+                 f"{self.tokens} tokens, decode tokens/s:", "",
+                 "| configuration | warm | warm / resident | cold | cold after the first token | same tokens |",
+                 "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['scenario']} | could not run: {r['error'][:80]} | | | | |")
+            elif r["scenario"].startswith("resident"):
+                lines.append(f"| {r['scenario']} | {r['decode_tokens_per_s']:.1f} | | | | reference |")
+            else:
+                lines.append(f"| {r['scenario']} | {r['decode_tokens_per_s']:.1f} | {r['warm_vs_resident']:.2f}x | "
+                             f"{r['cold_decode_tokens_per_s']:.1f} | {r['cold_rest_tokens_per_s']:.1f} "
+                             f"({r['cold_rest_vs_warm']:.2f}x warm) | {'yes' if r['same_tokens'] else 'NO'} |")
+        return "\n".join(lines) + "\n"
+
     def summary(self) -> str:
         lines = [f"Machine: {self.machine['machine']}, torch {self.machine['torch']}, {self.tokens} tokens per run.",
                  "", "| model | scenario | threads | prefill s | decode tok/s | slowdown | overlap eff. | link util. |",
@@ -245,12 +355,27 @@ def random_llama(layers: int, quant: str | None):
     return build
 
 
+def _append(rows: list[dict]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "bench.jsonl", "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="weightlift benchmarks (CPU)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="only the main rows")
+    parser.add_argument("--smollm2", action="store_true", help="only the SmolLM2 table")
     args = parser.parse_args()
-    bench = Bench(args.tokens, Path(tempfile.mkdtemp(prefix="weightlift-bench-")))
+    work = Path(tempfile.mkdtemp(prefix="weightlift-bench-"))
+    try:
+        run(args, Bench(args.tokens, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # every cache and copy this run wrote
+
+
+def run(args, bench: Bench) -> None:
     smollm2, tokenizer = load_gguf(smollm2_file())
     ids = chat_ids(tokenizer, PROMPT)
     first = [smollm2]  # the loaded model serves the weightlift rows; each peer loads its own
@@ -258,15 +383,20 @@ def main() -> None:
     def smollm2_model():
         return first.pop() if first else load_gguf(smollm2_file())[0]
 
+    table = "SmolLM2-135M fp32, every layer offloaded"
+    bench.table(table, smollm2_model, ids)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "smollm2.md").write_text(bench.table_summary(table))
+    print("\n" + bench.table_summary(table))
+    if args.smollm2:
+        _append(bench.rows)
+        return
     bench.all_scenarios("SmolLM2-135M fp32", smollm2_model, ids, quick=args.quick)
     random_ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))
     for quant in (None, "int8", "nf4"):
         name = f"random Llama 24x768 {quant or 'fp32'}"
         bench.all_scenarios(name, random_llama(24, quant), random_ids, quick=args.quick, budget_fraction=0.25)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "bench.jsonl", "a") as f:
-        for row in bench.rows:
-            f.write(json.dumps(row) + "\n")
+    _append(bench.rows)
     (RESULTS / "summary.md").write_text(bench.summary())
     print("\n" + bench.summary())
 

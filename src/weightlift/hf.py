@@ -74,7 +74,8 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_token=None) -> dict:
-    """Prefill seconds and decode tokens/s of a greedy continuation (KV cache), and the tokens.
+    """Prefill seconds and decode tokens/s of a greedy continuation (KV cache), and the tokens; also the
+    decode tokens/s after the first decode step (``decode_rest_tokens_per_s``: how a cold start recovers).
 
     ``before_token()`` runs untimed before each decode step (a benchmark evicting the page cache, say).
     """
@@ -82,16 +83,19 @@ def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_toke
     out = model(ids, use_cache=True)
     prefill = time.perf_counter() - start
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    generated, seconds = [nxt], 0.0
+    generated, steps = [nxt], []
     for _ in range(tokens - 1):
         if before_token is not None:
             before_token()
         start = time.perf_counter()
         out = model(nxt, past_key_values=past, use_cache=True)
-        seconds += time.perf_counter() - start
+        steps.append(time.perf_counter() - start)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         generated.append(nxt)
-    return {"prefill_s": prefill, "decode_tokens_per_s": (tokens - 1) / seconds, "tokens": torch.cat(generated, 1)}
+    rest = steps[1:]
+    return {"prefill_s": prefill, "decode_tokens_per_s": len(steps) / sum(steps),
+            "decode_rest_tokens_per_s": len(rest) / sum(rest) if rest else None,
+            "tokens": torch.cat(generated, 1)}  # fmt: skip
 
 
 def _model_path(name: str) -> Path:
