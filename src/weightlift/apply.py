@@ -22,14 +22,14 @@ from .expert_streams import ExpertStreams, Mover
 from .experts import LayerExperts, find_experts, nbytes_of
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .inventory import collect, every_layout, layer_list, leaves_of, tensors_of, unique_bytes
-from .machine import available_ram
+from .machine import available_ram, margin
 from .models import find_stacks
 from .pool import DevicePool, HostArena
 from .schedule import MappedPrefetcher, Prefetcher, make_schedule
 from .storage import HostMaster, Layout
 from .streams import streams_for
 from .tensors import relocation
-from .window import MappedWindow, margin
+from .window import MappedWindow
 
 log = logging.getLogger(__name__)
 

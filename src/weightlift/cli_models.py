@@ -8,12 +8,14 @@ import argparse
 import contextlib
 import io
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .config import format_size
 from .errors import OffloadError
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,61 @@ def load(args: argparse.Namespace):
         return model, tokenizer_of(folder)
 
 
-def stream(args: argparse.Namespace, device, saved=None, folder: Path | None = None, reuse: bool = True):
+def weights_bytes(folder: Path, dtype: torch.dtype | None) -> int:
+    """What the model of checkpoint ``folder`` holds in memory loaded in ``dtype`` (None: as saved), from its
+    safetensors headers (nothing read but them)."""
+    from .files import read_header
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        header, _ = read_header(path, "download or save the model again")
+        for name, entry in header.items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            begin, end = entry["data_offsets"]
+            floating = entry["dtype"] in ("F16", "BF16", "F32", "F64")
+            if dtype is not None and floating:
+                count = math.prod(entry["shape"])
+                total += count * torch.empty((), dtype=dtype).element_size()
+            else:
+                total += end - begin
+    return total
+
+
+def fitting_budget(args: argparse.Namespace, folder: Path, device, reserve) -> int | None:
+    """For a run given no ``--budget``: None when the weights and the run (``reserve``: its KV cache and
+    activations) fit in what this machine has now less a margin (`machine.free_memory`, `machine.margin`): it
+    runs resident. Else that figure, rounded down to a MiB (64 MiB from a GiB up: so that the next run finds the
+    plan this one saved), as the budget to stream within."""
+    from .machine import free_memory, margin
+
+    available, where = free_memory(device)
+    weights = weights_bytes(folder, dtype_of(args))
+    need = weights + reserve.nbytes
+    run = (f"weights {format_size(weights)} + KV cache {format_size(reserve.kv_cache_bytes)} for {reserve.tokens} "
+           f"tokens + activations {format_size(reserve.activation_bytes)}")  # fmt: skip
+    if available is None:
+        log.info("%s needs %s; the free memory of %s is unknown: loading it whole (pass --budget to stream it)",
+                 args.model, run, device)  # fmt: skip
+        return None
+    room = available - margin(available)
+    if need <= room:
+        log.info("%s fits: %s = %s of the %s of %s less a margin; it runs resident", args.model, run,
+                 format_size(need), format_size(room), where)  # fmt: skip
+        return None
+    step = 64 << 20 if room >= 1 << 30 else 1 << 20
+    budget = max(room, 0) // step * step
+    log.warning("weightlift: %s needs %s = %s, more than the %s of %s less a margin (%s): streaming it within "
+                "a budget of %s (pass --budget to choose another)", args.model, run, format_size(need),
+                format_size(available), where, format_size(available - room), format_size(budget))  # fmt: skip
+    return budget
+
+
+def stream(args: argparse.Namespace, device, saved=None, folder: Path | None = None, reuse: bool = True,
+           reserve=None):  # fmt: skip
     """The model with the layers a plan offloads streamed from its checkpoint, never read whole: the plan
     for ``--budget`` (measured here, or by an earlier run with ``reuse``: kept in the cache) or the saved
-    ``--plan``. ``(model, handle)``."""
+    ``--plan``. ``reserve``: what the run holds besides the weights, inside the budget. ``(model, handle)``."""
     from .cache import plan_key, save_plan, saved_plan
     from .hf import load_streaming
 
@@ -78,7 +131,8 @@ def stream(args: argparse.Namespace, device, saved=None, folder: Path | None = N
     host_budget = getattr(args, "host_budget", None)
     budget, key = None if saved is not None else args.budget, None
     if budget is not None:  # what an earlier run measured for this model, device and budget
-        key = plan_key(folder, device=device, budget=budget, host_budget=host_budget, dtype=dtype_of(args))
+        run = -(-reserve.nbytes // (16 << 20)) * (16 << 20) if reserve is not None else 0  # to 16 MiB, up
+        key = plan_key(folder, device=device, budget=budget, host_budget=host_budget, dtype=dtype_of(args), run=run)
         saved = saved_plan(args.cache_dir, key) if reuse else None
         if saved is not None:
             log.info("reusing the plan measured for --budget %s (`weightlift cache clear` removes it)", budget)
@@ -87,13 +141,13 @@ def stream(args: argparse.Namespace, device, saved=None, folder: Path | None = N
     with phase(f"{what}; the offloaded layers stream from {folder}"):
         try:
             model, handle = load_streaming(folder, budget=budget, host_budget=host_budget, plan=saved, device=device,
-                                           dtype=dtype_of(args))  # fmt: skip
+                                           dtype=dtype_of(args), reserve=reserve)  # fmt: skip
         except OffloadError:
             if key is None or budget is not None:
                 raise
             log.info("the saved plan no longer fits this model: planning again")  # a changed model
             model, handle = load_streaming(folder, budget=args.budget, host_budget=host_budget, device=device,
-                                           dtype=dtype_of(args))  # fmt: skip
+                                           dtype=dtype_of(args), reserve=reserve)  # fmt: skip
     if key is not None and budget is not None:
         save_plan(args.cache_dir, key, handle.plan)
     return model, handle

@@ -201,6 +201,17 @@ def _check_vocab(args: argparse.Namespace, folder: Path, tokenizer, ids: torch.T
                     len(tokenizer), vocab, vocab)  # fmt: skip
 
 
+def _footprint(folder, prompt_tokens: int, new_tokens: int, dtype):
+    """What generating ``new_tokens`` after a prompt holds besides the weights (`weightlift.footprint`)."""
+    from transformers import AutoConfig
+
+    from .footprint import RunFootprint
+
+    with models.quiet():
+        config = AutoConfig.from_pretrained(folder)
+    return RunFootprint.of(config, prompt_tokens, new_tokens, dtype)
+
+
 def generate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
@@ -219,11 +230,16 @@ def generate(args: argparse.Namespace) -> int:
         raise OffloadError(f"`MODEL`={args.model!r} has no tokenizer files: generate needs a tokenizer")
     ids = chat_ids(tokenizer, args.prompt)
     _check_vocab(args, folder, tokenizer, ids)
+    reserve = _footprint(folder, ids.shape[1], args.tokens, models.dtype_of(args))
+    if args.budget is None and saved is None and ranks == 1:  # plan for what this machine has, if it must
+        args.budget = models.fitting_budget(args, folder, device, reserve)
+        if args.budget is not None:
+            folder = models.folder_of(args, stream=True)
     if ranks > 1:
         model, handle = cli_tp.load(args, folder, device, saved)
         plan = handle.plan if handle is not None else None
     elif args.budget is not None or saved is not None:
-        model, handle = models.stream(args, device, saved, folder)
+        model, handle = models.stream(args, device, saved, folder, reserve=reserve)
         plan = handle.plan
     else:
         model, handle, plan = models.load_model(args, folder), None, None  # the tokenizer is loaded already

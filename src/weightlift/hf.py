@@ -234,6 +234,7 @@ def load_streaming(
     plan=None,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
+    reserve=None,
 ):
     """A transformers model from a safetensors checkpoint folder without ever holding its offloaded layers.
 
@@ -243,7 +244,8 @@ def load_streaming(
     checkpoint files in place (``source="checkpoint"``). Which layers: ``budget`` (plan for it: layers are
     measured streamed, see `weightlift.plan`'s ``checkpoint``), a saved ``plan``, or ``config`` (its other
     fields; the default offloads every layer). Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
-    parameters on the meta device. ``dtype`` must be the checkpoint's (the default).
+    parameters on the meta device. ``dtype`` must be the checkpoint's (the default). ``reserve``
+    (`weightlift.footprint.RunFootprint`): what the run will hold besides the weights, planned inside ``budget``.
     """
     from dataclasses import replace
 
@@ -262,7 +264,7 @@ def load_streaming(
     prefixes = tuple(f"{name}." for name in names)
     if budget is not None:
         log.info("weightlift: planning %s for a budget of %s", folder.name, budget)
-        plan = make_plan(model, device=dev, budget=budget, host_budget=host_budget, checkpoint=folder)
+        plan = make_plan(model, device=dev, budget=budget, host_budget=host_budget, checkpoint=folder, reserve=reserve)
     if plan is not None:
         config = plan.config()
     else:

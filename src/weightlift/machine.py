@@ -19,3 +19,23 @@ def available_ram() -> int | None:
     """The kernel's estimate of the RAM a new allocation can have without swapping (``MemAvailable``: free
     memory plus the page cache and slabs it can reclaim), or None where there is no ``/proc/meminfo``."""
     return proc_kib_field("/proc/meminfo", "MemAvailable")
+
+
+def margin(available: int) -> int:
+    """What a budget found from ``available`` memory leaves to everything else (the OS, other programs, the
+    allocator's slack): an eighth of it, at least 256 MiB and at most 2 GiB."""
+    return min(max(available // 8, 256 << 20), 2 << 30)
+
+
+def free_memory(device) -> tuple[int | None, str]:
+    """Memory a run on ``device`` (a `torch.device`) can have now, and where the figure comes from: on a CPU,
+    the kernel's ``MemAvailable``; on an accelerator, its free memory (``torch.cuda.mem_get_info`` or
+    ``torch.accelerator``'s counters). None when it cannot be told."""
+    import torch
+
+    if device.type == "cpu":
+        return available_ram(), "available RAM (MemAvailable)"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device}"
+    return None, f"free memory of {device}"

@@ -36,6 +36,7 @@ from .distributed import group_of, slowest, world_size
 from .errors import OffloadError
 from .expert_cache import predicted as cached_moves
 from .experts import expert_bytes, find_experts, routed_bytes, token_routes, top_k_of
+from .footprint import RunFootprint
 from .machine import available_ram
 from .measure import (
     analyse,
@@ -76,15 +77,23 @@ def fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- choosing
 
 
-def _too_small(model: nn.Module, budget: int, host_budget: int | None, minimum: int) -> None:
+def _too_small(
+    model: nn.Module, budget: int, host_budget: int | None, minimum: int, reserve: RunFootprint | None = None
+) -> None:
     what = f"`budget`={format_size(budget)}"
     if host_budget is not None:
         what += f" with `host_budget`={format_size(host_budget)}"
+    run = ""
+    if reserve is not None and reserve.nbytes:
+        run = (f" plus the run's {format_size(reserve.kv_cache_bytes)} of KV cache for {reserve.tokens} tokens and "
+               f"{format_size(reserve.activation_bytes)} of activations")  # fmt: skip
+        minimum += reserve.nbytes
     raise OffloadError(
         f"{what} is too small for {type(model).__name__}: the smallest plan needs {format_size(minimum)} "
         f"({minimum} bytes) of device memory (the weights outside the layers plus one slot of the largest "
-        "layer); raise the budget"
+        f"layer{run}); raise the budget"
         + (" or `host_budget` (or give `disk_path` so layers stream from disk)" if host_budget is not None else "")
+        + (" or ask for fewer tokens (`--tokens`) or a shorter prompt" if run else "")
     )
 
 
@@ -100,6 +109,7 @@ def plan(
     layers: str | Sequence[str] | None = None,
     adapters: Sequence = (),
     reps: int = 9,
+    reserve: RunFootprint | None = None,
 ) -> Plan:
     """Choose what to offload so the weights fit ``budget`` (device memory; on a CPU target, RAM) and a
     forward is predicted fastest; measure this machine and model to predict it. See the module docstring.
@@ -112,7 +122,9 @@ def plan(
     (``source="checkpoint"``) instead of a layer cache, and lets the layers be on the meta device (weights
     not loaded: the model was built empty and only the rest was read, see `weightlift.hf.load_streaming`):
     they are then measured streamed from the checkpoint, a few at a time read into memory, so planning
-    never holds more of them than ``budget``.
+    never holds more of them than ``budget``. ``reserve`` (`weightlift.footprint.RunFootprint`): what the run
+    holds besides the weights (its KV cache and activations), taken off ``budget`` before the weights are
+    planned, and stated in the plan.
     Raises `OffloadError` when no plan fits, stating the minimum budget. Measuring runs the model; on a CPU
     target a few layers are also offloaded for a moment (they come back bitwise equal, in new storage).
     """
@@ -125,6 +137,7 @@ def plan(
         )
     dev = resolve_device(device)
     budget = parse_size(budget, name="budget")
+    weights_budget = budget - (reserve.nbytes if reserve is not None else 0)  # what the weights may hold
     host_budget = None if host_budget is None else parse_size(host_budget, name="host_budget")
     ckpt = Path(checkpoint).expanduser() if checkpoint is not None else None
     if ckpt is None and any(t.is_meta for t in model.parameters()):
@@ -142,9 +155,9 @@ def plan(
                  for key in layer.state_dict(keep_vars=True)]  # fmt: skip
         in_place = all(loc is not None and mappable(loc) for loc in found)
     total = info.total_bytes
-    if budget < info.minimum_bytes:  # refused before measuring anything
-        _too_small(model, budget, host_budget, info.minimum_bytes)
-    offloading = total > budget  # else nothing is offloaded (an offloaded layer never predicts faster)
+    if weights_budget < info.minimum_bytes:  # refused before measuring anything
+        _too_small(model, budget, host_budget, info.minimum_bytes, reserve)
+    offloading = total > weights_budget  # else nothing is offloaded (an offloaded layer never predicts faster)
     runners = sample_workloads(model, sample, dev)
     goal = "decode" if "decode" in runners else next(iter(runners))
     folder = Path(disk_path).expanduser() if disk_path is not None else default_cache_dir()
@@ -201,7 +214,7 @@ def plan(
             probe.remove()
     if cpu and offloading and any(info.nbytes) and in_place:  # what computing on the mapped file adds per byte
         if empty:  # measured mapped: a few layers read into memory give what it added
-            room = budget - info.other_bytes
+            room = weights_budget - info.other_bytes
             fault, alone = streamed_overhead(model, info, runners[goal], measured[goal][0], index, room, reps)
             for name, (c, o) in measured.items():
                 c = [max(0.0, t - fault * b) for t, b in zip(c, info.nbytes)]
@@ -246,20 +259,20 @@ def plan(
                     resident, pool, host = memory(part, chosen, step, src)
                     need = resident + pool
                     minimum = need if minimum is None else min(minimum, need)
-                    if need > budget or (host_budget is not None and host > host_budget):
+                    if need > weights_budget or (host_budget is not None and host > host_budget):
                         continue
                     rate = copy_rate if src == "host" or cpu else 1 / (1 / copy_rate + 1 / staged_read)
                     carried = part.moved.get(goal, part.nbytes)  # each layer's bytes a forward of `goal` moves
                     entries, hit = 0, None
                     if cache is not None and part.moved:  # what is left of the budget holds experts
-                        entries, carried, hit = cache.predict(routes, chosen, budget - need, part, carried)
+                        entries, carried, hit = cache.predict(routes, chosen, weights_budget - need, part, carried)
                     predicted, _ = forecast.predict(compute, other, carried, chosen, step, rate, fault)
                     if best is None or predicted < best[0] * (1 - _TIE):  # ties: fewer layers, smaller step
                         held = entries * (cache.entry_bytes if cache else 0)
                         best = (predicted, need + held, chosen, step, src, resident, pool + held, host, rate, part,
                                 (entries, held, hit, carried))  # fmt: skip
     if best is None:
-        _too_small(model, budget, host_budget, minimum or 0)
+        _too_small(model, budget, host_budget, minimum or 0, reserve)
     predicted, need, chosen, step, src, resident, pool, host, rate, part, (entries, held, hit, carried) = best
     moved = dict(part.moved)
     if entries:
@@ -276,6 +289,8 @@ def plan(
         moved_bytes=moved if chosen else {}, params=list(part.params) if chosen else [],
         expert_cache=entries if chosen else 0, expert_cache_bytes=held if chosen else 0,
         expert_cache_hit_rate=hit if chosen else None,
+        kv_cache_bytes=reserve.kv_cache_bytes if reserve else 0,
+        activation_bytes=reserve.activation_bytes if reserve else 0, context_tokens=reserve.tokens if reserve else 0,
     )  # fmt: skip
     if result.expert_cache and cpu:
         result.mmap = False  # a cache needs slots: layers are read into them (they could not be mapped anyway)

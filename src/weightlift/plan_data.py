@@ -69,6 +69,11 @@ class Plan:
     expert_cache: int = 0
     expert_cache_bytes: int = 0
     expert_cache_hit_rate: float | None = None
+    # what the run holds besides the weights, taken off ``budget`` before the weights were planned
+    # (`weightlift.footprint`): the KV cache for ``context_tokens`` and the activations; 0 when not planned for
+    kv_cache_bytes: int = 0
+    activation_bytes: int = 0
+    context_tokens: int = 0
     world_size: int = 1  # tensor parallel: the ranks it was made for (`distributed.slowest`: one plan for all)
     version: int = PLAN_VERSION  # of this form; a plan saved before the field existed is version 1
 
@@ -168,6 +173,12 @@ class Plan:
             + (f" of {format_size(self.host_budget)}" if self.host_budget is not None else ""),
             f"link: {self.link}",
         ]
+        if self.kv_cache_bytes or self.activation_bytes:
+            run = self.kv_cache_bytes + self.activation_bytes
+            head[1:1] = [f"the run: KV cache {format_size(self.kv_cache_bytes)} for {self.context_tokens} tokens + "
+                         f"activations {format_size(self.activation_bytes)}; the weights' budget is what is left: "
+                         f"{format_size(self.budget - run)}; everything {format_size(self.device_bytes + run)} of "
+                         f"{format_size(self.budget)}"]  # fmt: skip
         if self.moved_bytes and self.offloaded:
             whole = sum(self.layer_bytes[i] for i in self.offloaded)
             for name in self.moved_bytes:

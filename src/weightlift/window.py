@@ -6,7 +6,7 @@ every token then faults every page in again: SmolLM2's decode step took 59 ms ma
 resident, 1,161 minor faults per token. So layers stay mapped as far as the window allows:
 
 - the window is ``host_budget`` when one is given, else the RAM the kernel says is available when the
-  model is offloaded, less a margin (`margin`);
+  model is offloaded, less a margin (`machine.margin`);
 - the first offloaded positions that fit in it, leaving room for the largest of the others, are *kept*:
   once they have run, their pages stay mapped and nothing is asked of the kernel for them again; the other
   positions stream as before (read ahead, given back after they run). A fixed set, not the least recently
@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 0.5  # how often one kept layer's pages are checked against the page cache
 LOST = 0.9  # a kept layer with less than this fraction of its pages in the page cache was taken back
-
-
-def margin(available: int) -> int:
-    """The RAM left to everything else when the window is sized from what is available: an eighth of it,
-    at least 256 MiB and at most 2 GiB."""
-    return min(max(available // 8, 256 << 20), 2 << 30)
 
 
 @dataclass
