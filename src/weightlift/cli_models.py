@@ -93,8 +93,8 @@ def weights_bytes(folder: Path, dtype: torch.dtype | None) -> int:
 def fitting_budget(args: argparse.Namespace, folder: Path, device, reserve) -> int | None:
     """For a run given no ``--budget``: None when the weights and the run (``reserve``: its KV cache and
     activations) fit in what this machine has now less a margin (`machine.free_memory`, `machine.margin`): it
-    runs resident. Else that figure, rounded down to a MiB (64 MiB from a GiB up: so that the next run finds the
-    plan this one saved), as the budget to stream within."""
+    runs resident. Else that figure, rounded down (to 64 MiB from a GiB up, to a MiB from 64 MiB: so that the
+    next run finds the plan this one saved), as the budget to stream within."""
     from .machine import free_memory, margin
 
     available, where = free_memory(device)
@@ -111,7 +111,7 @@ def fitting_budget(args: argparse.Namespace, folder: Path, device, reserve) -> i
         log.info("%s fits: %s = %s of the %s of %s less a margin; it runs resident", args.model, run,
                  format_size(need), format_size(room), where)  # fmt: skip
         return None
-    step = 64 << 20 if room >= 1 << 30 else 1 << 20
+    step = 64 << 20 if room >= 1 << 30 else 1 << 20 if room >= 64 << 20 else 64 << 10
     budget = max(room, 0) // step * step
     log.warning("weightlift: %s needs %s = %s, more than the %s of %s less a margin (%s): streaming it within "
                 "a budget of %s (pass --budget to choose another)", args.model, run, format_size(need),

@@ -280,7 +280,9 @@ def generate(args: argparse.Namespace) -> int:
         extra = {"peak_rss_bytes": peak_rss_bytes(), "plan": None}
         if plan is not None:
             predicted = {name: w.predicted_s for name, w in plan.workloads.items()}
-            extra["plan"] = {"summary": plan.summary(), "predicted_s_per_forward": predicted}
+            extra["plan"] = {"summary": plan.summary(), "predicted_s_per_forward": predicted, "budget": plan.budget,
+                             "device_bytes": plan.device_bytes, "kv_cache_bytes": plan.kv_cache_bytes,
+                             "activation_bytes": plan.activation_bytes}  # fmt: skip
         print(json.dumps({**summary, **extra, "text": tokenizer.decode(new, skip_special_tokens=True)}, indent=2))
     else:
         ttft = f"first token after {first:.2f} s, " if first is not None else ""

@@ -9,8 +9,8 @@ what is left after these two terms.
   half the KV cache again (a growing cache is concatenated into new memory, and the allocator keeps what
   it freed). Fitted to peaks measured with torch 2.13 on the CPU (glibc's allocator; Llama-shaped models,
   hidden 256-1024, intermediate 768-3072, 8-16 layers, prompts of 512-4096 tokens): the measured peak
-  above the loaded weights was 0.69-1.0 of these two terms (``tests/test_footprint.py``), so this is an
-  upper estimate, not a guess that may fall short.
+  above the loaded weights was 0.44-0.99 of these two terms, depending on the shape and on the allocator's
+  state (``tests/test_footprint.py``): an upper estimate, not a guess that may fall short.
 """
 
 from __future__ import annotations
