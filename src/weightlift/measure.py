@@ -234,12 +234,19 @@ def sample_workloads(model: nn.Module, sample: Any, device: torch.device) -> dic
     )
 
 
+# Measuring stops after this many seconds of runs (at least one after the warm-up): a 16 GB model streamed
+# from disk takes seconds per forward, and nine of them per workload and round made planning take minutes.
+MEASURE_SECONDS = 10.0
+
+
 def measure_layers(
-    layers: Sequence[nn.Module], run: Callable[[], Any], device: torch.device, reps: int = 5
-) -> tuple[list[float], float]:
+    layers: Sequence[nn.Module], run: Callable[[], Any], device: torch.device, reps: int = 5,
+    seconds: float = MEASURE_SECONDS,
+) -> tuple[list[float], float]:  # fmt: skip
     """Median compute seconds of each layer, and of the rest of the forward, over ``reps`` runs of ``run``
-    (after one warm-up). The clock of a layer starts after its other pre-hooks (a load by weightlift's
-    own hook, say) and that load counts neither as the layer's compute nor as the rest of the forward."""
+    (after one warm-up), or fewer once they took ``seconds``. The clock of a layer starts after its other
+    pre-hooks (a load by weightlift's own hook, say) and that load counts neither as the layer's compute nor
+    as the rest of the forward."""
     marks: dict[int, list[float]] = {}
     starts: dict[int, float] = {}
     loads: list[float] = []
@@ -270,7 +277,10 @@ def measure_layers(
             run()
             totals = []
             per_run: list[list[float]] = []
+            began = time.perf_counter()
             for _ in range(reps):
+                if per_run and time.perf_counter() - began > seconds:
+                    break
                 marks.clear()
                 loads.clear()
                 _sync(device)

@@ -39,6 +39,7 @@ from .experts import expert_bytes, find_experts, routed_bytes, token_routes, top
 from .footprint import RunFootprint
 from .machine import available_ram
 from .measure import (
+    MEASURE_SECONDS,
     analyse,
     disk_read_rate,
     h2d_bandwidth,
@@ -197,8 +198,10 @@ def plan(
     moved: dict[str, list[int]] = {}  # MoE layers: what each workload's tokens make them move
     routes: list = []  # the sample's tokens, one at a time, as the expert cache would see them
     try:
-        for _ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
+        for round_ in range(2):  # two rounds, interleaved; per workload the one with the faster forward counts
             for name, run in runners.items():
+                if round_ and sum(measured[name][0]) + measured[name][1] > MEASURE_SECONDS / reps:
+                    continue  # forwards this long are not disturbed by a burst of other work: one round will do
                 compute, other = measure_layers(info.layers, run, dev, reps)
                 if name not in measured or sum(compute) + other < sum(measured[name][0]) + measured[name][1]:
                     measured[name] = (compute, other)

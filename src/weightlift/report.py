@@ -102,9 +102,9 @@ class OffloadReport:
 
     @property
     def saved_bytes(self) -> int:
-        """Device memory saved by offloading: offloaded weights minus the pool that replaces them (none when a
-        mapped window keeps every layer mapped: its page-aligned layout is a little larger than the weights)."""
-        return max(0, self.offloaded_bytes - self.pool_bytes)
+        """Device memory saved by offloading: offloaded weights minus the pool that replaces them (below zero
+        when the pool holds more: a mapped window that keeps every layer, in its page-aligned layout, say)."""
+        return self.offloaded_bytes - self.pool_bytes
 
     @property
     def device_bytes(self) -> int:
