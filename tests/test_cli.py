@@ -477,8 +477,10 @@ def test_generate_summary_line_states_the_memory_held_by_weights(budget, folder,
     assert in_process(["generate", str(folder), "--prompt", "w5 w6 w7", "--tokens", "2", "--device", "cpu",
                        *extra]) == 0  # fmt: skip
     [line] = [line for line in capsys.readouterr().err.splitlines() if "tokens/s" in line]
-    found = re.fullmatch(r"\[2 tokens, first token after \d+\.\d\d s, \d+\.\d tokens/s, weights in RAM: "
-                         r"([\d.]+ (?:B|KiB|MiB|GiB)), (\d+) layers offloaded\]", line)  # fmt: skip
+    predicted = r" \(the plan predicted \d+\.\d\d\)" if budget else ""
+    found = re.fullmatch(r"\[2 tokens, first token after \d+\.\d\d s, \d+\.\d\d tokens/s after it" + predicted
+                         + r", \d+\.\d tokens/s in all, weights in RAM: ([\d.]+ (?:B|KiB|MiB|GiB)), (\d+) layers "
+                         r"offloaded\]", line)  # fmt: skip
     assert found, line
     if budget is None:
         expected, offloaded = _weights_bytes_by_hand(), 0

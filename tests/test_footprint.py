@@ -99,13 +99,13 @@ def _generate(folder, cache, available: int, monkeypatch, capsys) -> dict:
 
 def test_generate_without_a_budget_fits_the_memory_the_machine_has(folder, tmp_path, monkeypatch, capsys):
     """No --budget: with memory to spare the model runs resident; with the machine's available RAM (here told
-    by a stand-in for the kernel's MemAvailable) 256 MiB + 900 KiB, the margin leaves 900 KiB, rounded
+    by a stand-in for the kernel's MemAvailable) 512 MiB + 900 KiB, the margin leaves 900 KiB, rounded
     down to 64 KiB: the run fits in it, weights streamed, the same tokens."""
     from weightlift.machine import margin
 
     resident = _generate(folder, tmp_path, 64 << 30, monkeypatch, capsys)
     assert resident["layers_offloaded"] == 0 and resident["plan"] is None
-    short = (256 << 20) + (900 << 10)
+    short = (512 << 20) + (900 << 10)
     assert short - margin(short) == 900 << 10
     streamed = _generate(folder, tmp_path, short, monkeypatch, capsys)
     assert streamed["layers_offloaded"] > 0 and streamed["text"] == resident["text"]
@@ -118,7 +118,7 @@ def test_generate_without_a_budget_on_a_machine_too_small_is_one_line(folder, tm
     from weightlift import machine
     from weightlift.cli import main
 
-    monkeypatch.setattr(machine, "available_ram", lambda: (256 << 20) + (100 << 10))
+    monkeypatch.setattr(machine, "available_ram", lambda: (512 << 20) + (100 << 10))
     argv = ["generate", str(folder), "--prompt", "w5 w6 w7", "--tokens", "4", "--cache-dir", str(tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -126,3 +126,24 @@ def test_generate_without_a_budget_on_a_machine_too_small_is_one_line(folder, tm
     assert len(lines) == 1 and "is too small for LlamaForCausalLM: the smallest plan needs" in lines[0], err
     assert "KV cache" in lines[0]
     assert "Traceback" not in err and sys.exc_info() == (None, None, None)
+
+
+def test_the_output_head_of_a_half_precision_model_gets_standard_strides():
+    """`generate` hands the head the last position as a slice of the prompt; on a CPU a bfloat16 matmul takes
+    a slow path that copies the head for it (`hf.steady_output_head`). With the hook the head sees standard
+    strides and gives the bits it gives a contiguous input."""
+    from weightlift.hf import steady_output_head
+
+    model = tiny("llama").to(torch.bfloat16)
+    seen = []
+    steady_output_head(model)
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))  # runs after it
+    hidden = torch.randn(1, 7, model.config.hidden_size, dtype=torch.bfloat16)
+    sliced = hidden[:, -1:, :]
+    assert sliced.stride() == (7 * model.config.hidden_size, model.config.hidden_size, 1)
+    with torch.inference_mode():
+        out = model.lm_head(sliced)
+        expected = torch.nn.functional.linear(torch.empty(sliced.shape, dtype=sliced.dtype).copy_(sliced),
+                                              model.lm_head.weight)  # fmt: skip
+    assert seen == [(model.config.hidden_size, model.config.hidden_size, 1)]
+    assert torch.equal(out, expected)

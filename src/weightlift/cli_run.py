@@ -212,11 +212,30 @@ def _footprint(folder, prompt_tokens: int, new_tokens: int, dtype):
     return RunFootprint.of(config, prompt_tokens, new_tokens, dtype)
 
 
+def _model_for(args: argparse.Namespace, folder, device, saved, ranks: int, prompt_tokens: int):
+    """``(model, handle, plan)`` for generate: a rank's shard under torchrun; streamed for ``--budget``, a
+    saved plan, or (given neither) the memory this machine has when the model and its run do not fit it;
+    else the whole model, resident (handle and plan None)."""
+    reserve = _footprint(folder, prompt_tokens, args.tokens, models.dtype_of(args))
+    if args.budget is None and saved is None and ranks == 1:  # plan for what this machine has, if it must
+        args.budget = models.fitting_budget(args, folder, device, reserve)
+        if args.budget is not None:
+            folder = models.folder_of(args, stream=True)
+    if ranks > 1:
+        model, handle = cli_tp.load(args, folder, device, saved)
+        return model, handle, handle.plan if handle is not None else None
+    if args.budget is not None or saved is not None:
+        model, handle = models.stream(args, device, saved, folder, reserve=reserve)
+        return model, handle, handle.plan
+    model = models.load_model(args, folder)  # the tokenizer is loaded already
+    return model.to(device), None, None
+
+
 def generate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from .config import resolve_device
-    from .hf import chat_ids, tokenizer_of
+    from .hf import chat_ids, steady_output_head, tokenizer_of
 
     saved = check_budgets(args)
     device = resolve_device(args.device)
@@ -230,20 +249,8 @@ def generate(args: argparse.Namespace) -> int:
         raise OffloadError(f"`MODEL`={args.model!r} has no tokenizer files: generate needs a tokenizer")
     ids = chat_ids(tokenizer, args.prompt)
     _check_vocab(args, folder, tokenizer, ids)
-    reserve = _footprint(folder, ids.shape[1], args.tokens, models.dtype_of(args))
-    if args.budget is None and saved is None and ranks == 1:  # plan for what this machine has, if it must
-        args.budget = models.fitting_budget(args, folder, device, reserve)
-        if args.budget is not None:
-            folder = models.folder_of(args, stream=True)
-    if ranks > 1:
-        model, handle = cli_tp.load(args, folder, device, saved)
-        plan = handle.plan if handle is not None else None
-    elif args.budget is not None or saved is not None:
-        model, handle = models.stream(args, device, saved, folder, reserve=reserve)
-        plan = handle.plan
-    else:
-        model, handle, plan = models.load_model(args, folder), None, None  # the tokenizer is loaded already
-        model.to(device)
+    model, handle, plan = _model_for(args, folder, device, saved, ranks, prompt_tokens=ids.shape[1])
+    steady_output_head(model)
     ids = ids.to(device)
     inner = None
     if not args.json and rank == 0:
@@ -266,8 +273,11 @@ def generate(args: argparse.Namespace) -> int:
     new = out[0, ids.shape[1]:]
     local = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
     held = report.device_bytes if report is not None else sum(t.numel() * t.element_size() for t in local)
+    after_first = (new.numel() - 1) / (seconds - first) if first is not None and new.numel() > 1 else None
+    predicted = 1 / plan.workloads["decode"].predicted_s if plan is not None and "decode" in plan.workloads else None
     summary = {"model": args.model, "device": str(device), "new_tokens": int(new.numel()),
                "tokens_per_s": new.numel() / seconds, "time_to_first_token_s": first, "weights_bytes": held,
+               "decode_tokens_per_s": after_first, "predicted_decode_tokens_per_s": predicted,
                "layers_offloaded": report.layers_offloaded if report else 0}  # fmt: skip
     if report is not None and report.experts is not None:
         summary["experts"] = report.to_dict()["experts"]
@@ -286,7 +296,10 @@ def generate(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, **extra, "text": tokenizer.decode(new, skip_special_tokens=True)}, indent=2))
     else:
         ttft = f"first token after {first:.2f} s, " if first is not None else ""
-        print(f"\n[{summary['new_tokens']} tokens, {ttft}{summary['tokens_per_s']:.1f} tokens/s, weights in "
+        if after_first is not None:
+            ttft += f"{after_first:.2f} tokens/s after it" + (f" (the plan predicted {predicted:.2f})" if predicted
+                                                              else "") + ", "  # fmt: skip
+        print(f"\n[{summary['new_tokens']} tokens, {ttft}{summary['tokens_per_s']:.1f} tokens/s in all, weights in "
               f"{'RAM' if device.type == 'cpu' else device}: {format_size(held)}, "
               f"{summary['layers_offloaded']} layers offloaded]", file=sys.stderr)  # fmt: skip
         for r in summary.get("ranks", []):

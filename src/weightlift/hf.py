@@ -73,6 +73,35 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
+    out, step = [], 1
+    for size in reversed(shape):
+        out.append(step)
+        step *= size
+    return tuple(reversed(out))
+
+
+def steady_output_head(model: nn.Module) -> None:
+    """On a CPU, give the output head (``lm_head``) of a bfloat16 or float16 model its input with standard
+    strides. ``generate`` hands it the prompt's last position as a slice (``hidden[:, -1:, :]``, strides of
+    the whole prompt), and torch 2.13's CPU matmul takes another path for that: on a Llama-3 head (128256 x
+    2048, bfloat16) 3.5 s instead of 53 ms, holding a copy of the head while it runs (501 MiB more at the
+    peak; 1 GiB on an 8B model, enough to have the kernel kill a run sized to the RAM it has). The copy
+    made here is of one position's activations."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return
+
+    def standard(module: nn.Module, args: tuple):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.stride() != _standard_strides(x.shape):
+            return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+        return None
+
+    head.register_forward_pre_hook(standard)
+
+
 def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_token=None) -> dict:
     """Prefill seconds and decode tokens/s of a greedy continuation (KV cache), and the tokens; also the
     decode tokens/s after the first decode step (``decode_rest_tokens_per_s``: how a cold start recovers).
