@@ -107,10 +107,13 @@ def row(name: str, folder: str, tokens: int, work: str) -> dict:
             code = main(["generate", folder, "--prompt", PROMPT, "--tokens", str(tokens), "--json",
                          "--cache-dir", work])  # fmt: skip
         result = json.loads(buffer.getvalue())
-        out.update(exit=code, read_bytes=_read() - before, decode_tokens_per_s=result["tokens_per_s"],
+        predicted = result.get("predicted_decode_tokens_per_s")
+        out.update(exit=code, read_bytes=_read() - before, tokens_per_s=result["tokens_per_s"],
+                   decode_tokens_per_s=result["decode_tokens_per_s"] or result["tokens_per_s"],
                    time_to_first_token_s=result["time_to_first_token_s"], text=result["text"],
                    layers_offloaded=result["layers_offloaded"], plan=(result["plan"] or {}).get("summary"),
-                   note="tokens/s over all new tokens, prefill included (the CLI's own figure)")  # fmt: skip
+                   budget=(result["plan"] or {}).get("budget"), predicted_decode_s=1 / predicted if predicted else None,
+                   note="decode tokens/s after the first token (the CLI's own figure)")  # fmt: skip
     else:
         ids = _ids(folder)
         if name == "weightlift (budget)":

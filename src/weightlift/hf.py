@@ -72,7 +72,6 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     return encoded["input_ids"]
 
 
-@torch.inference_mode()
 def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
     out, step = [], 1
     for size in reversed(shape):
@@ -102,6 +101,7 @@ def steady_output_head(model: nn.Module) -> None:
     head.register_forward_pre_hook(standard)
 
 
+@torch.inference_mode()
 def measure_decode(model: nn.Module, ids: torch.Tensor, tokens: int, before_token=None) -> dict:
     """Prefill seconds and decode tokens/s of a greedy continuation (KV cache), and the tokens; also the
     decode tokens/s after the first decode step (``decode_rest_tokens_per_s``: how a cold start recovers).
