@@ -44,7 +44,8 @@ def test_the_footprint_covers_the_measured_peak_of_a_long_prompt(shape):
     (the kernel's VmHWM, reset just before) is within the footprint's KV cache + activations, and not far
     below it (an estimate too large would take layers off a budget for nothing). The same run peaks higher or
     lower with the allocator's state (glibc moves its mmap threshold as blocks are freed): seen on a 2-core
-    x86 box, 0.73-0.99 of the estimate for the narrow shape and 0.44-0.60 for the wide one."""
+    x86 box, 0.62-0.87 of the estimate for the narrow shape here (0.99 with two threads and a larger
+    vocabulary) and 0.44-0.59 for the wide one, so the floor asserted is 0.3."""
     import transformers as tf
 
     hidden, inter, layers, heads, kv_heads = SHAPES[shape]
@@ -55,7 +56,7 @@ def test_the_footprint_covers_the_measured_peak_of_a_long_prompt(shape):
                             num_attention_heads=heads, num_key_value_heads=kv_heads)  # fmt: skip
     run = RunFootprint.of(config, prompt, new, torch.float32)
     assert run.kv_cache_bytes == 2 * layers * kv_heads * (hidden // heads) * (prompt + new) * 4  # by hand
-    assert 0.4 * run.nbytes <= grown <= run.nbytes, (grown, run)
+    assert 0.3 * run.nbytes <= grown <= run.nbytes, (grown, run)
     print(f"{shape}: peak {grown / 2**20:.1f} MiB, estimated {run.nbytes / 2**20:.1f} MiB ({grown / run.nbytes:.2f})")
 
 
