@@ -150,9 +150,11 @@ def _window(config: OffloadConfig, sizes: list[int], plan: Any) -> MappedWindow:
     """The mapped tier's window (`weightlift.window`): the smaller of ``host_budget`` and the pool of the plan
     this came from, when either is known, else the RAM available now less a margin."""
     given = [b for b in (config.host_budget, getattr(plan, "pool_bytes", None)) if b is not None]
-    limit, why = (min(given), "the budget") if given else (None, "the RAM available now")
-    if limit is None and (available := available_ram()) is not None:
-        limit = available - margin(available)
+    if given:
+        limit, why = min(given), "the budget"
+    else:
+        available = available_ram()
+        limit, why = None if available is None else available - margin(available), "the RAM available now"
     window = MappedWindow.within(sizes, limit)
     log.info(
         "weightlift: %d of %d mapped layers stay mapped once they ran (a %s window, from %s)", len(window.kept),

@@ -348,22 +348,24 @@ class CheckpointMapping:
         (r,) = self.checkpoint._by_leaf[(index, slot_offset)]
         return [typed_view(self.files[r.file].bytes, r.offset, spec)]
 
-    def _advise(self, advice: int, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+    def _spans(self, index: int, ranges: Sequence[tuple[int, int]] | None = None):
+        """(mapped file, offset, length) of each piece of layer ``index`` (or of its ``ranges``)."""
         for r, lo, hi in _within(self.checkpoint.reads[index], ranges):
-            self.files[r.file].advise(advice, r.offset + lo - r.slot_offset, hi - lo)
+            yield self.files[r.file], r.offset + lo - r.slot_offset, hi - lo
 
     def willneed(self, index: int, ranges: Sequence[tuple[int, int]] | None = None) -> None:
-        for r, lo, hi in _within(self.checkpoint.reads[index], ranges):
-            self.files[r.file].willneed(r.offset + lo - r.slot_offset, hi - lo)
+        for f, at, n in self._spans(index, ranges):
+            f.willneed(at, n)
 
     def cached(self, index: int) -> float:
         """The fraction of layer ``index``'s pages in the page cache now (by bytes, over its files)."""
-        spans = [(self.files[r.file], r.offset, r.nbytes) for r in self.checkpoint.reads[index]]
+        spans = list(self._spans(index))
         total = sum(n for _, _, n in spans)
         return sum(f.cached(at, n) * n for f, at, n in spans) / total if total else 1.0
 
     def release(self, index: int) -> None:
-        self._advise(mmap.MADV_DONTNEED, index)
+        for f, at, n in self._spans(index):
+            f.advise(mmap.MADV_DONTNEED, at, n)
 
     def close(self) -> None:
         for f in self.files:

@@ -72,9 +72,10 @@ def load(args: argparse.Namespace):
 def weights_bytes(folder: Path, dtype: torch.dtype | None) -> int:
     """What the model of checkpoint ``folder`` holds in memory loaded in ``dtype`` (None: as saved), from its
     safetensors headers (nothing read but them)."""
+    from .dtypes import dtype_size
     from .files import read_header
 
-    total = 0
+    item, total = dtype_size(dtype) if dtype is not None else None, 0
     for path in sorted(Path(folder).glob("*.safetensors")):
         header, _ = read_header(path, "download or save the model again")
         for name, entry in header.items():
@@ -82,11 +83,7 @@ def weights_bytes(folder: Path, dtype: torch.dtype | None) -> int:
                 continue
             begin, end = entry["data_offsets"]
             floating = entry["dtype"] in ("F16", "BF16", "F32", "F64")
-            if dtype is not None and floating:
-                count = math.prod(entry["shape"])
-                total += count * torch.empty((), dtype=dtype).element_size()
-            else:
-                total += end - begin
+            total += math.prod(entry["shape"]) * item if item is not None and floating else end - begin
     return total
 
 

@@ -152,8 +152,7 @@ class MappedFile:
     def cached(self, start: int, length: int) -> float:
         """The fraction of the pages of ``[start, start + length)`` that the page cache holds now (the kernel's
         ``mincore``: one call, no page touched); 0.0 where it cannot be asked."""
-        begin = start - start % PAGE
-        end = min(round_up(start + length), len(self._mm))
+        begin, end = self._pages(start, length)
         if _MINCORE is None or end <= begin or self.bytes is None:
             return 0.0
         pages = np.zeros((end - begin + PAGE - 1) // PAGE, dtype=np.uint8)
@@ -176,9 +175,12 @@ class MappedFile:
         self._mm.madvise(mmap.MADV_RANDOM)
         self._willneed_chunk = WILLNEED_CHUNK
 
+    def _pages(self, start: int, length: int) -> tuple[int, int]:
+        """The whole pages (``[begin, end)``, within the file) that hold ``[start, start + length)``."""
+        return start - start % PAGE, min(round_up(start + length), len(self._mm))
+
     def advise(self, advice: int, start: int, length: int) -> None:
-        begin = start - start % PAGE
-        end = min(round_up(start + length), len(self._mm))
+        begin, end = self._pages(start, length)
         step = (self._willneed_chunk if advice == mmap.MADV_WILLNEED else None) or max(end - begin, 1)
         for at in range(begin, end, step):
             self._mm.madvise(advice, at, min(step, end - at))

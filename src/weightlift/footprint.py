@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .dtypes import dtype_size
+
 ACT_PER_INTERMEDIATE = 8  # prefill values per token per intermediate unit (gate, up, their product, copies)
 ACT_PER_HIDDEN = 14  # prefill values per token per hidden unit (residual, norms, q/k/v/o, attention output)
 LOGIT_COPIES = 4  # the last token's logits: float32, processed and copied by generate's sampling
@@ -50,7 +52,7 @@ class RunFootprint:
         intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
         vocab = int(getattr(text, "vocab_size", 0) or 0)
         dtype = dtype or _dtype_of(text)
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype_size(dtype)
         tokens = prompt_tokens + new_tokens
         kv = 2 * layers * kv_heads * head_dim * tokens * item
         prefill = prompt_tokens * (ACT_PER_INTERMEDIATE * intermediate + ACT_PER_HIDDEN * hidden) * item

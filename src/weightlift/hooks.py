@@ -352,8 +352,9 @@ class OffloadHandle:
             layers_offloaded=len(self.layers),
             offloaded_bytes=sum(layer.master.layout.data_bytes for layer in self.layers),
             resident_bytes=self.resident_bytes,
-            pool_bytes=(pool.nbytes if pool is not None else 0) + (window.nbytes if window else 0) + cache_bytes,
-            slots=(len(pool) if pool is not None else 0) + (window.layers if window else 0),
+            pool_bytes=(pool.nbytes if pool is not None else 0) + (window.nbytes if window is not None else 0)
+            + cache_bytes,
+            slots=(len(pool) if pool is not None else 0) + (window.layers if window is not None else 0),
             slot_bytes=pool.slot_bytes if pool is not None else 0,
             host_bytes=(self.arena.nbytes if self.arena else 0) + (self.ring.nbytes if self.ring else 0),
             prefetch_step=self._step,
