@@ -13,6 +13,7 @@ import torch
 
 import weightlift
 from weightlift import OffloadConfig
+from weightlift.checkpoint import CheckpointMapping
 from weightlift.window import CHECK_SECONDS, MappedWindow
 
 SHAPE = dict(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
@@ -142,3 +143,56 @@ def test_a_cold_start_reads_the_file_once_and_then_runs_from_memory(tmp_path, mo
     assert len(rest) == 3
     assert first >= 0.9 * offloaded, (first, offloaded)  # it was cold
     assert later == 0 and major_after == major, (later, major_after - major)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "disk"])
+def test_layers_read_into_slots_beyond_the_page_cache_are_handed_back_once_read(tmp_path, monkeypatch, source):
+    """Read into slots (a checkpoint that cannot be mapped, or the layer cache with ``mmap=False``) with RAM
+    for only two streamed layers: those two keep their pages, the others' pages are handed back once read
+    (the kernel's ``mincore`` says so), and a decode token reads from the disk (``read_bytes``) the handed
+    back layers and nothing more. With RAM to spare nothing is handed back and a token reads nothing."""
+    import weightlift.apply as apply_module
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench import evict
+
+    model = _model()
+    with torch.inference_mode():
+        ref = list(_decode(model, 3))
+    layer_bytes = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)  # safetensors' own offsets: not aligned, so read into slots
+    kw = dict(source="checkpoint", disk_path=str(folder)) if source == "checkpoint" else dict(
+        source="disk", disk_path=str(tmp_path / "cache"), mmap=False)  # fmt: skip
+    pool = 2 * layer_bytes  # prefetch_step=2 on a CPU: two slots
+    for short in (True, False):
+        if short:  # the RAM available: the slots, two layers kept and one read (no margin)
+            monkeypatch.setattr(apply_module, "available_ram", lambda: pool + 3 * layer_bytes + 4096)
+            monkeypatch.setattr(apply_module, "margin", lambda available: 0)
+        else:
+            monkeypatch.undo()
+            monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+        with weightlift.offload(model, device="cpu", config=OffloadConfig(prefetch_step=2, **kw)) as handle, \
+                torch.inference_mode():  # fmt: skip
+            assert getattr(handle.cache, "mapping", None) is None  # read into slots
+            assert handle.pool.nbytes == pool
+            evict(folder if source == "checkpoint" else tmp_path / "cache")
+            steps = _decode(model, 3)
+            first = next(steps)  # the prefill and one decode step read every layer once
+            before = _read_bytes()
+            rest = list(steps)
+            per_token = (_read_bytes() - before) / len(rest)
+            mapping = CheckpointMapping(handle.cache) if source == "checkpoint" else handle.cache.map()
+            cached = [mapping.cached(i) for i in range(SHAPE["num_hidden_layers"])]
+            files = handle.cache.files if source == "checkpoint" else [handle.cache.file]
+            drops = sum(f.drop_calls for f in files)
+            mapping.close()
+        for out, expected in zip([first, *rest], ref, strict=True):
+            assert torch.equal(out, expected)  # bit for bit
+        if short:
+            assert min(cached[:2]) >= 0.9 and max(cached[2:]) <= 0.1, cached
+            assert drops >= 6 * 3, drops  # six layers, each read by each forward
+            assert 0.9 * 6 * layer_bytes <= per_token <= 1.1 * 6 * layer_bytes, (per_token, layer_bytes)
+        else:
+            assert min(cached) >= 0.9 and drops == 0, (cached, drops)
+            assert per_token == 0

@@ -163,6 +163,26 @@ def _window(config: OffloadConfig, sizes: list[int], plan: Any) -> MappedWindow:
     return window
 
 
+def _dropped_after_read(sizes: list[int], pool_bytes: int) -> set[int]:
+    """The offloaded positions, read into slots from a file, whose pages the page cache is not to keep.
+
+    Left to itself the page cache keeps every layer read; when it cannot hold them all, a cyclic scan through
+    the layers evicts each one just before it is read again (no hits), and every read waits on the kernel
+    reclaiming an older one. So the first positions that fit in the RAM available now (less a margin and the
+    slots not yet touched) keep their pages, as `MappedWindow.within` keeps them mapped, and the others hand
+    theirs back once read (`files.Stamped.drop`): none when everything fits."""
+    available = available_ram()
+    if available is None:
+        return set()
+    kept = MappedWindow.within(sizes, available - margin(available) - pool_bytes).kept
+    if len(kept) < len(sizes):
+        log.info(
+            "weightlift: the page cache keeps %d of %d streamed layers (%s available); the others' pages are "
+            "handed back once read", len(kept), len(sizes), format_size(available),
+        )  # fmt: skip
+    return set(range(len(sizes))) - kept
+
+
 def move_to(handle: OffloadHandle, tensors: Sequence[torch.Tensor], dev: torch.device) -> None:
     """Move resident tensors to ``dev`` in place, recording where they were for `remove()`."""
     for t in tensors:
@@ -277,8 +297,12 @@ def apply(
         if units and cache is not None:  # a MoE's files: what a token chose is asked for, the kernel reads no more
             cache.read_exactly()
         handle.pool = DevicePool(0 if mapping else schedule.n_slots, slot_bytes, dev)
-        window = _window(config, [layouts[i].nbytes for i in schedule.offloaded], plan) if mapping else None
+        sizes = [layouts[i].nbytes for i in schedule.offloaded]
+        window = _window(config, sizes, plan) if mapping else None
         move_to(handle, resident, dev)
+        dropped = set()
+        if cache is not None and mapping is None:  # read into slots from a file
+            dropped = _dropped_after_read(sizes, handle.pool.nbytes if dev.type == "cpu" else 0)
         counted = []
         for t in resident:
             leaves = leaves_of("resident tensor", t, adapters)
@@ -292,7 +316,7 @@ def apply(
             handle.arena = HostArena(sum(layouts[i].nbytes for i in schedule.offloaded), pin)
         for position, index in enumerate(schedule.offloaded):
             if cache is not None:
-                master = DiskMaster(layouts[index], cache, index)
+                master = DiskMaster(layouts[index], cache, index, drop=position in dropped)
             elif handle.arena is not None:
                 master = HostMaster.copied(layouts[index], handle.arena)
             else:

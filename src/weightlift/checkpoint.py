@@ -268,13 +268,19 @@ class CheckpointFiles:
                 by_leaf[(position, slot_offset)] = leaf_reads
         return cls(folder, files, reads, by_leaf)
 
-    def read_into(self, index: int, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
-        """Read layer ``index`` into ``slot`` in the slot layout (only the byte ranges ``ranges`` of it, if given)."""
+    def read_into(self, index: int, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None,
+                  drop: bool = False) -> None:  # fmt: skip
+        """Read layer ``index`` into ``slot`` in the slot layout (only the byte ranges ``ranges`` of it, if given);
+        with ``drop``, hand the pages read back to the kernel after (`files.Stamped.drop`)."""
         view = memoryview(slot.numpy()).cast("B")
+        read: dict[int, list[tuple[int, int]]] = {}
         for r, lo, hi in _within(self.reads[index], ranges):
             file = self.files[r.file]
             file.check()
             pread_into(file.fd, view[lo:hi], r.offset + lo - r.slot_offset, file.path, f"layer {index}")
+            read.setdefault(r.file, []).append((r.offset + lo - r.slot_offset, hi - lo))
+        for file_index, spans in read.items() if drop else ():
+            self.files[file_index].drop(spans)
 
     def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
         (spec,), (slot_offset,) = entry.specs, entry.offsets

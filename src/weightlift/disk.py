@@ -155,14 +155,19 @@ class LayerCache:
                 f"layer {key} in `{self.path}` is laid out unlike the model's: delete the file to rebuild the cache"
             )
 
-    def read_into(self, index: int, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+    def read_into(self, index: int, slot: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None,
+                  drop: bool = False) -> None:  # fmt: skip
         """Read layer ``index`` into the uint8 CPU tensor ``slot`` (its first ``nbytes`` bytes, or only the
-        byte ranges ``ranges`` of its layout)."""
+        byte ranges ``ranges`` of its layout); with ``drop``, hand the pages read back to the kernel after
+        (`files.Stamped.drop`)."""
         self.file.check()
         layer = self.layers[index]
         view = memoryview(slot[: layer.nbytes].numpy()).cast("B")
-        for a, b in ranges if ranges is not None else [(0, layer.nbytes)]:
+        spans = ranges if ranges is not None else [(0, layer.nbytes)]
+        for a, b in spans:
             pread_into(self.file.fd, view[a:b], layer.offset + a, self.path, f"layer.{index}")
+        if drop:
+            self.file.drop([(layer.offset + a, b - a) for a, b in spans])
 
     def read_leaves(self, index: int, entry: Entry) -> list[torch.Tensor]:
         """Fresh CPU tensors holding ``entry``'s true leaves, read from the file."""
@@ -345,8 +350,9 @@ class DiskMaster:
     """The true bytes of one offloaded layer, in a file (the layer cache or a checkpoint): no host RAM."""
 
     layout: Layout
-    cache: LayerCache | Any  # anything with read_into(index, slot) and read_leaves(index, entry)
+    cache: LayerCache | Any  # anything with read_into(index, slot, ranges, drop) and read_leaves(index, entry)
     index: int
+    drop: bool = False  # the page cache does not keep this layer's pages once read (`apply._kept_in_page_cache`)
 
     def release_originals(self) -> None:
         for e in self.layout.entries:
@@ -370,7 +376,7 @@ class DiskMaster:
 
     def read(self, buffer: torch.Tensor, ranges: Sequence[tuple[int, int]] | None = None) -> None:
         """Read this layer (or the byte ranges ``ranges`` of it), in the slot layout, into a CPU ``buffer``."""
-        self.cache.read_into(self.index, buffer, ranges)
+        self.cache.read_into(self.index, buffer, ranges, self.drop)
 
 
 def cache_path(folder: Path, stack: str, every: dict[int, Layout], suffix: str = "") -> Path:
