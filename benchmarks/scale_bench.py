@@ -39,7 +39,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROMPT = "Explain in two sentences why the sky is blue."
-ROWS = ["weightlift (no flags)", "weightlift (budget)", "transformers", "accelerate", "diffusers"]
+ROWS = ["weightlift (no flags)", "weightlift (budget)", "transformers", "accelerate", "diffusers", "airllm",
+        "llama.cpp"]
+GGUF = "model-bf16.gguf"  # llama.cpp's row: the same weights converted (`--gguf`, llama.cpp's convert_hf_to_gguf.py)
 
 
 # ------------------------------------------------------------------------------------------ in a row process
@@ -81,6 +83,35 @@ def decode(model, ids, tokens: int) -> dict:
             "tokens": torch.cat(generated, 1)[0].tolist()}  # fmt: skip
 
 
+def llama_cpp_row(folder: str, tokens: int) -> dict:
+    """llama.cpp (llama-cpp-python) on the same weights as a BF16 GGUF, mapped as it maps by default, 2
+    threads, greedy over the same prompt ids as the other rows."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    ids = _ids(folder)[0].tolist()
+    started = time.perf_counter()
+    llm = Llama(model_path=str(Path(folder) / GGUF), n_ctx=len(ids) + tokens + 8, n_threads=os.cpu_count(),
+                n_batch=len(ids), logits_all=True, verbose=False)  # fmt: skip
+    setup = time.perf_counter() - started
+    start, before = time.perf_counter(), _read()
+    llm.eval(ids)
+    prefill, prefill_read = time.perf_counter() - start, _read() - before
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    generated, steps, reads = [nxt], [], []
+    for _ in range(tokens - 1):
+        start, before = time.perf_counter(), _read()
+        llm.eval([nxt])
+        steps.append(time.perf_counter() - start)
+        reads.append(_read() - before)
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        generated.append(nxt)
+    return {"setup_s": setup, "prefill_s": prefill, "time_to_first_token_s": prefill,
+            "prefill_read_bytes": prefill_read, "decode_tokens_per_s": len(steps) / sum(steps), "decode_s": steps,
+            "read_bytes_per_decode_token": statistics.median(reads) if reads else None,
+            "tokens": generated}  # fmt: skip
+
+
 def _ids(folder: str):
     from weightlift.hf import chat_ids, tokenizer_of
 
@@ -107,6 +138,7 @@ def row(name: str, folder: str, tokens: int, work: str) -> dict:
             code = main(["generate", folder, "--prompt", PROMPT, "--tokens", str(tokens), "--json",
                          "--cache-dir", work])  # fmt: skip
         result = json.loads(buffer.getvalue())
+        out["tokens"] = result["token_ids"]
         predicted = result.get("predicted_decode_tokens_per_s")
         out.update(exit=code, read_bytes=_read() - before, tokens_per_s=result["tokens_per_s"],
                    decode_tokens_per_s=result["decode_tokens_per_s"] or result["tokens_per_s"],
@@ -114,6 +146,8 @@ def row(name: str, folder: str, tokens: int, work: str) -> dict:
                    layers_offloaded=result["layers_offloaded"], plan=(result["plan"] or {}).get("summary"),
                    budget=(result["plan"] or {}).get("budget"), predicted_decode_s=1 / predicted if predicted else None,
                    note="decode tokens/s after the first token (the CLI's own figure)")  # fmt: skip
+    elif name == "llama.cpp":
+        out.update(llama_cpp_row(folder, tokens))
     else:
         ids = _ids(folder)
         if name == "weightlift (budget)":
@@ -143,6 +177,11 @@ def row(name: str, folder: str, tokens: int, work: str) -> dict:
             apply_group_offloading(model, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1,
                                    offload_to_disk_path=f"{work}/diffusers")  # fmt: skip
+        elif name == "airllm":  # AirLLM from PyPI (4.0): its own per-layer files, written into the row's folder
+            from airllm import AutoModel
+
+            model = AutoModel.from_pretrained(folder, device="cpu", dtype=torch.bfloat16,
+                                              layer_shards_saving_path=f"{work}/airllm")  # fmt: skip
         else:
             raise SystemExit(f"unknown row {name!r}")
         out["setup_s"] = time.perf_counter() - started

@@ -293,7 +293,8 @@ def generate(args: argparse.Namespace) -> int:
             extra["plan"] = {"summary": plan.summary(), "predicted_s_per_forward": predicted, "budget": plan.budget,
                              "device_bytes": plan.device_bytes, "kv_cache_bytes": plan.kv_cache_bytes,
                              "activation_bytes": plan.activation_bytes}  # fmt: skip
-        print(json.dumps({**summary, **extra, "text": tokenizer.decode(new, skip_special_tokens=True)}, indent=2))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        print(json.dumps({**summary, **extra, "text": text, "token_ids": new.tolist()}, indent=2))
     else:
         ttft = f"first token after {first:.2f} s, " if first is not None else ""
         if after_first is not None:

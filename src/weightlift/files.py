@@ -110,9 +110,11 @@ class Stamped:
     def drop(self, spans: Sequence[tuple[int, int]]) -> None:
         """Hand the page cache's copies of ``spans`` (``(offset, length)`` pairs) back to the kernel
         (POSIX_FADV_DONTNEED; adjacent spans in one call). For layers read into slots from a file bigger than
-        the page cache: left there, each one read would make the kernel reclaim an older one first, and
-        with 3.7 GiB available the reads of the 8B checkpoint ran at 0.9-1.1 GB/s against 1.3-1.5 GB/s with
-        this (`benchmarks/results/read_paths.jsonl`)."""
+        the page cache: left there, each one read makes the kernel reclaim an older one first. Reading 436 MiB
+        layers of the 8B checkpoint with 3.7 GiB available and a thread computing beside (`make
+        bench-read-paths`, 6 rounds): 0.50-0.91 GB/s left to the page cache, 0.93-1.49 handed back, 1.29-1.58
+        with ``O_DIRECT`` (4 reads in flight, bounce buffers): within the noise of handed back, for a second read
+        path, its buffers and its threads, so the read tiers hand pages back instead."""
         if not hasattr(os, "posix_fadvise"):
             return
         merged: list[list[int]] = []

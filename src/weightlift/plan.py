@@ -30,7 +30,7 @@ from torch import nn
 
 from . import forecast
 from .apply import apply
-from .checkpoint import CheckpointIndex, mappable
+from .checkpoint import CheckpointIndex, checkpoint_files, mappable
 from .config import OffloadConfig, format_size, parse_size, resolve_device
 from .distributed import group_of, slowest, world_size
 from .errors import OffloadError
@@ -41,6 +41,7 @@ from .machine import available_ram
 from .measure import (
     MEASURE_SECONDS,
     analyse,
+    checkpoint_read_rate,
     disk_read_rate,
     h2d_bandwidth,
     mapped_overhead,
@@ -96,6 +97,14 @@ def _too_small(
         + (" or `host_budget` (or give `disk_path` so layers stream from disk)" if host_budget is not None else "")
         + (" or ask for fewer tokens (`--tokens`) or a shorter prompt" if run else "")
     )
+
+
+def _cold_rate(checkpoint: Path | None, folder: Path, nbytes: int) -> float:
+    """The disk's rate for layers of ``nbytes`` read cold: from the checkpoint's own files when there is one
+    (`measure.checkpoint_read_rate`), else from a file written for it in ``folder``."""
+    if checkpoint is not None:
+        return checkpoint_read_rate(checkpoint_files(checkpoint), nbytes)
+    return disk_read_rate(folder, nbytes)
 
 
 def plan(
@@ -176,10 +185,10 @@ def plan(
             if warm:
                 link += " (page cache: page faults only)"
             else:
-                copy_rate = disk_read_rate(folder, largest)
+                copy_rate = _cold_rate(ckpt, folder, largest)
                 link += f" (disk reads at {copy_rate / 1e6:.0f} MB/s)"
         else:  # tensors built of several pieces of the checkpoint: read into slots
-            copy_rate = disk_read_rate(folder, largest, cold=not warm)
+            copy_rate = disk_read_rate(folder, largest, cold=False) if warm else _cold_rate(ckpt, folder, largest)
             link = f"checkpoint {ckpt} read into slots at {copy_rate / 1e6:.0f} MB/s" + (" (page cache)" * warm)
     elif offloading:
         copy_rate = h2d_bandwidth(dev, largest)
