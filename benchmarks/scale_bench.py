@@ -16,7 +16,10 @@ short for real, side by side in one invocation.
 Rows: ``weightlift generate FOLDER`` with no flags (the CLI, in the row's process); weightlift
 ``load_streaming`` with an explicit budget (available less 1 GiB); plain transformers ``from_pretrained`` (the
 page cache is the only offloader); accelerate ``device_map="auto"`` with ``max_memory`` and an
-``offload_folder``; diffusers group offloading to disk. A row that dies is reported with how it died.
+``offload_folder``; diffusers group offloading to disk; AirLLM (``pip install airllm``: it writes its own
+per-layer files into the row's folder); llama.cpp (``pip install llama-cpp-python``, built here from source)
+on the same weights converted to a BF16 GGUF beside the folder (`gguf_of`), computing on them mapped, as it
+does by default. A row that dies, or whose library is missing, is reported with how it died.
 
 Writes ``benchmarks/results/scale.jsonl`` and ``scale.md``. Usage:
 ``.venv/bin/python benchmarks/scale_bench.py [--shape llama-1b|llama-8b] [--fractions 0.5,0.25] [--tokens 8]``
@@ -41,7 +44,12 @@ RESULTS = HERE / "results"
 PROMPT = "Explain in two sentences why the sky is blue."
 ROWS = ["weightlift (no flags)", "weightlift (budget)", "transformers", "accelerate", "diffusers", "airllm",
         "llama.cpp"]
-GGUF = "model-bf16.gguf"  # llama.cpp's row: the same weights converted (`--gguf`, llama.cpp's convert_hf_to_gguf.py)
+
+
+def gguf_of(folder: str | Path) -> Path:
+    """llama.cpp's row reads the same weights as a BF16 GGUF beside the folder (``FOLDER.gguf``, written by
+    llama.cpp's ``convert_hf_to_gguf.py FOLDER --outtype bf16``); the row says so when it is missing."""
+    return Path(f"{folder}.gguf")
 
 
 # ------------------------------------------------------------------------------------------ in a row process
@@ -91,7 +99,9 @@ def llama_cpp_row(folder: str, tokens: int) -> dict:
 
     ids = _ids(folder)[0].tolist()
     started = time.perf_counter()
-    llm = Llama(model_path=str(Path(folder) / GGUF), n_ctx=len(ids) + tokens + 8, n_threads=os.cpu_count(),
+    if not gguf_of(folder).is_file():
+        raise SystemExit(f"no {gguf_of(folder)}: convert the folder with llama.cpp's convert_hf_to_gguf.py")
+    llm = Llama(model_path=str(gguf_of(folder)), n_ctx=len(ids) + tokens + 8, n_threads=os.cpu_count(),
                 n_batch=len(ids), logits_all=True, verbose=False)  # fmt: skip
     setup = time.perf_counter() - started
     start, before = time.perf_counter(), _read()
@@ -194,14 +204,18 @@ def row(name: str, folder: str, tokens: int, work: str) -> dict:
 # ------------------------------------------------------------------------------------------ the orchestrator
 
 
+def evict_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def evict(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict_file(path)
 
 
 def read_rate(folder: Path, limit: int = 4 << 30) -> float:
@@ -226,6 +240,8 @@ def run_row(name: str, folder: Path, tokens: int, timeout: int) -> dict:
     work = tempfile.mkdtemp(prefix="weightlift-scale-", dir="/var/tmp")
     try:
         evict(folder)
+        if gguf_of(folder).is_file():
+            evict_file(gguf_of(folder))
         argv = [sys.executable, __file__, "--row", name, "--folder", str(folder), "--tokens", str(tokens)]
         argv += ["--work", work]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)

@@ -103,6 +103,7 @@ def write(shape: str, seed: int = 0) -> Path:
         (partial / old).rename(partial / new)
     index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config.architectures = ["LlamaForCausalLM"]  # as a hub folder says it (llama.cpp's converter reads it)
     config.save_pretrained(partial)
     tf.GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(partial)
     gguf = smollm2_file()
