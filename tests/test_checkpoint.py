@@ -542,3 +542,56 @@ def test_conversions_of_a_checkpoint_that_does_not_fit_are_refused_naming_the_te
     for recipe, shape, message in cases:
         with pytest.raises(OffloadError, match=message + r".*source='disk'"):
             build(recipe, stored, shape)
+
+
+def _mapped_files() -> dict[str, list[tuple[int, int]]]:
+    """The address ranges of each file this process maps (the kernel's /proc/self/maps)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.setdefault(parts[5], []).append((lo, hi))
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_input_embedding_stays_in_its_file_on_a_cpu(tmp_path, tied):
+    """Streamed on a CPU, an untied input embedding is computed on in its checkpoint file: its bytes lie in
+    the kernel's mapping of that file, no budget counts them (the report, and the plan's resident bytes), and
+    the answer is the resident model's, bit for bit. A tied one (the head reads all of it every token) is
+    read into memory as before."""
+    import transformers as tf
+
+    from weightlift.files import in_file
+    from weightlift.plan import plan
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tied)  # fmt: skip
+    model = tf.LlamaForCausalLM(config).eval()
+    ref = run(model, prompt())
+    model.save_pretrained(tmp_path)
+    table = 8192 * 128 * 4
+    streamed, handle = load_streaming(tmp_path, config=OffloadConfig(prefetch_step=1))
+    try:
+        weight = streamed.get_input_embeddings().weight
+        inside = [(lo, hi) for path, ranges in _mapped_files().items() if path.endswith(".safetensors")
+                  for lo, hi in ranges if lo <= weight.data_ptr() < hi]  # fmt: skip
+        report = handle.report()
+        assert_outputs_equal(run(streamed, prompt()), ref)
+        if tied:
+            assert not in_file(weight) and not inside and report.in_file_bytes == 0
+            assert report.resident_bytes >= table
+        else:
+            assert in_file(weight) and inside, "the embedding is not in a mapping of the checkpoint"
+            assert report.in_file_bytes == table and table <= report.resident_bytes < table + 4096  # head, norms
+    finally:
+        handle.remove()
+    if not tied:
+        from weightlift.hf import load_outside_layers
+
+        skeleton, _, _ = load_outside_layers(tmp_path, cpu=True)
+        made = plan(skeleton, device="cpu", budget="64MiB", checkpoint=tmp_path)
+        assert made.resident_bytes < 2 * table  # the head (one table), the layers and the norms: not two tables

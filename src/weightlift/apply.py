@@ -20,6 +20,7 @@ from .errors import OffloadError
 from .expert_cache import ExpertCache, entries_for
 from .expert_streams import ExpertStreams, Mover
 from .experts import LayerExperts, find_experts, nbytes_of
+from .files import in_file
 from .hooks import LayerHook, OffloadedLayer, OffloadHandle, is_offloaded
 from .inventory import collect, every_layout, layer_list, leaves_of, tensors_of, unique_bytes
 from .machine import available_ram, margin
@@ -304,7 +305,10 @@ def apply(
         if cache is not None and mapping is None:  # read into slots from a file
             dropped = _dropped_after_read(sizes, handle.pool.nbytes if dev.type == "cpu" else 0)
         counted = []
+        handle.in_file_bytes = unique_bytes([t for t in resident if in_file(t)])
         for t in resident:
+            if in_file(t):
+                continue
             leaves = leaves_of("resident tensor", t, adapters)
             if leaves is None:
                 log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)

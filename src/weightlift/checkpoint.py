@@ -25,7 +25,7 @@ from torch import nn
 from . import conversion
 from .distributed import is_dtensor, shard_pieces
 from .errors import OffloadError
-from .files import MappedFile, Stamped, fresh_leaf, host_bytes, pread_into, read_header
+from .files import IN_FILE, MappedFile, Stamped, fresh_leaf, host_bytes, map_range, pread_into, read_header
 from .storage import Entry, Layout
 from .tensors import typed_view
 
@@ -420,11 +420,14 @@ def mappable(located: Located) -> bool:
             and first.offset % alignment(located.dtype, len(located.shape)) == 0)  # fmt: skip
 
 
-def load_meta(model: nn.Module, index: CheckpointIndex, keep: Callable[[str], bool]) -> Callable[[], None]:
+def load_meta(model: nn.Module, index: CheckpointIndex, keep: Callable[[str], bool],
+              in_file: Callable[[str], bool] | None = None) -> Callable[[], None]:  # fmt: skip
     """Read from the checkpoint every meta parameter and persistent buffer of ``model`` whose dotted name
     passes ``keep``, in place of the meta tensor (a tensor shared by several modules comes once and stays
-    shared). Returns an ``undo`` that puts the meta tensors back. Raises `OffloadError` naming a tensor the
-    checkpoint lacks or stores with another dtype or shape; nothing is changed then."""
+    shared); one whose names all pass ``in_file`` is mapped from its file instead (`files.map_range`) when
+    it is stored whole at an offset its element size divides. Returns an ``undo`` that puts the meta tensors
+    back. Raises `OffloadError` naming a tensor the checkpoint lacks or stores with another dtype or shape;
+    nothing is changed then."""
     found: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str, bool]]]] = {}
     names: dict[int, list[str]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
@@ -438,6 +441,7 @@ def load_meta(model: nn.Module, index: CheckpointIndex, keep: Callable[[str], bo
                 found.setdefault(id(t), (t, []))[1].append((module, attr, is_param))
                 names.setdefault(id(t), []).append(dot + attr)
     loaded: dict[int, torch.Tensor] = {}
+    mapped_keys: set[int] = set()
     for key, (t, _) in found.items():
         located = next((loc for n in names[key] if (loc := index.locate(n)) is not None), None)
         if located is None:
@@ -450,9 +454,17 @@ def load_meta(model: nn.Module, index: CheckpointIndex, keep: Callable[[str], bo
                 f"`{names[key][0]}` in `{index.folder}` is {located.stored} {tuple(located.shape)}, the model's is "
                 f"{t.dtype} {tuple(t.shape)}: load the model in the checkpoint's dtype"
             )
-        loaded[key] = index.read(located)
+        (first, *more) = located.pieces
+        mapped = in_file is not None and all(in_file(n) for n in names[key]) and not more
+        if mapped and located.dtype is not None and first.offset % located.dtype.itemsize == 0:
+            loaded[key] = map_range(first.file, first.offset, located.dtype, located.shape)
+            mapped_keys.add(key)
+        else:
+            loaded[key] = index.read(located)
     for key, (t, places) in found.items():
         new = nn.Parameter(loaded[key], requires_grad=False) if isinstance(t, nn.Parameter) else loaded[key]
+        if key in mapped_keys:
+            setattr(new, IN_FILE, True)
         for module, attr, is_param in places:
             (module._parameters if is_param else module._buffers)[attr] = new
 

@@ -173,7 +173,8 @@ def _plan(args: argparse.Namespace) -> int:
     check_budgets(args)
     device = resolve_device(args.device)
     folder = models.folder_of(args, stream=True)
-    model, _, _ = load_outside_layers(folder, dtype=models.dtype_of(args))  # the layers stay empty: measured streamed
+    model, _, _ = load_outside_layers(folder, dtype=models.dtype_of(args),  # the layers stay empty: measured streamed
+                                      cpu=device.type == "cpu")  # as `generate` will load it
     with models.phase(f"planning for --budget {args.budget} (measuring this machine and model)"):
         result = plan(model, device=device, budget=args.budget, host_budget=args.host_budget,
                       disk_path=args.cache_dir, checkpoint=folder)  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import mmap
 import os
 import struct
@@ -77,6 +78,27 @@ def pread_into(fd: int, view: memoryview, offset: int, path: Path, what: str) ->
         if got <= 0:
             raise OffloadError(f"`{path}` ended while reading `{what}`: the file was truncated")
         done += got
+
+
+IN_FILE = "_weightlift_in_file"  # set on a resident tensor that is a view of its file (see `map_range`)
+
+
+def in_file(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a resident weight computed on in its file (`map_range`): its bytes are the page
+    cache's, read as they are used, and held by no budget."""
+    return bool(getattr(t, IN_FILE, False)) and t.device.type == "cpu"
+
+
+def map_range(path: Path, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` whose bytes are ``path``'s from ``offset``, mapped privately (copy
+    on write: the file is never written) and read only where used (MADV_RANDOM: a looked-up row reads its
+    own pages, not the read-ahead window around them). ``offset`` must be a multiple of the element size."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mm.madvise(mmap.MADV_RANDOM)
+    count = math.prod(shape)
+    flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+    return flat.view(tuple(shape))
 
 
 def fresh_leaf(spec: torch.Tensor) -> tuple[torch.Tensor, memoryview]:

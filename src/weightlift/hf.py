@@ -238,9 +238,31 @@ def tokenizer_of(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_outside_layers(folder: str | Path, *, dtype: torch.dtype | None = None, layers=None):
+def embedding_in_file(model: nn.Module) -> str | None:
+    """The dotted name of the input embedding's weight when it can stay in its file on a CPU target: an
+    ``nn.Embedding`` (no ``max_norm``, which rewrites rows) whose weight no output head shares. A decode token
+    looks up one row of it (8 KiB of Llama-3-8B's 1 GiB), so mapped it costs the rows used, not the table;
+    a tied head would read all of it every token."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    if not isinstance(embedding, nn.Embedding) or embedding.max_norm is not None:
+        return None
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        return None
+    return next(f"{name}.weight" for name, module in model.named_modules() if module is embedding)
+
+
+def load_outside_layers(folder: str | Path, *, dtype: torch.dtype | None = None, layers=None,
+                        cpu: bool = False):  # fmt: skip
     """`skeleton` with every tensor outside its layer stacks read from the checkpoint: ``(model, index, names)``,
-    the `checkpoint.CheckpointIndex` and the layers' dotted names. What planning a streamed model needs."""
+    the `checkpoint.CheckpointIndex` and the layers' dotted names. What planning a streamed model needs.
+    For a ``cpu`` target the input embedding stays in its file (`embedding_in_file`; `files.in_file`: no
+    budget counts it)."""
     from .checkpoint import CheckpointIndex, load_meta
     from .inventory import layer_list
     from .models import find_stacks
@@ -250,7 +272,10 @@ def load_outside_layers(folder: str | Path, *, dtype: torch.dtype | None = None,
     index = CheckpointIndex(folder, model)
     names, _ = layer_list(find_stacks(model, layers))
     prefixes = tuple(f"{name}." for name in names)
-    load_meta(model, index, keep=lambda name: not name.startswith(prefixes))
+    mapped = embedding_in_file(model) if cpu else None
+    load_meta(model, index, keep=lambda name: not name.startswith(prefixes), in_file=lambda name: name == mapped)
+    if mapped is not None:
+        log.info("weightlift: %s stays in its file, read a row at a time as tokens use it", mapped)
     return model, index, names
 
 
@@ -270,7 +295,8 @@ def load_streaming(
     The model is built with empty (meta) parameters; the weights outside the layers, and the layers that
     stay resident, are read from the checkpoint (found, like the offloaded ones, through transformers' own
     load-time renames and conversions: `checkpoint.CheckpointIndex`); the offloaded layers stream from the
-    checkpoint files in place (``source="checkpoint"``). Which layers: ``budget`` (plan for it: layers are
+    checkpoint files in place (``source="checkpoint"``); on a CPU target the input embedding stays in its file
+    too (`embedding_in_file`). Which layers: ``budget`` (plan for it: layers are
     measured streamed, see `weightlift.plan`'s ``checkpoint``), a saved ``plan``, or ``config`` (its other
     fields; the default offloads every layer). Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
     parameters on the meta device. ``dtype`` must be the checkpoint's (the default). ``reserve``
@@ -289,7 +315,7 @@ def load_streaming(
     folder = Path(folder).expanduser()
     dev = resolve_device(device)
     layers = (plan.config() if plan is not None else config or OffloadConfig()).layers
-    model, index, names = load_outside_layers(folder, dtype=dtype, layers=layers)
+    model, index, names = load_outside_layers(folder, dtype=dtype, layers=layers, cpu=dev.type == "cpu")
     prefixes = tuple(f"{name}." for name in names)
     if budget is not None:
         log.info("weightlift: planning %s for a budget of %s", folder.name, budget)

@@ -191,6 +191,7 @@ class OffloadHandle:
         self.layers: list[OffloadedLayer] = []
         self.moved: list[tuple[torch.Tensor, torch.device]] = []  # resident tensors and their old device
         self.resident_bytes = 0
+        self.in_file_bytes = 0  # resident weights computed on in their file (`files.in_file`): in no budget
         self.pool: DevicePool | None = None
         self.engine: Any = None
         self.prefetcher: Prefetcher | None = None
@@ -352,6 +353,7 @@ class OffloadHandle:
             layers_offloaded=len(self.layers),
             offloaded_bytes=sum(layer.master.layout.data_bytes for layer in self.layers),
             resident_bytes=self.resident_bytes,
+            in_file_bytes=self.in_file_bytes,
             pool_bytes=(pool.nbytes if pool is not None else 0) + (window.nbytes if window is not None else 0)
             + cache_bytes,
             slots=(len(pool) if pool is not None else 0) + (window.layers if window is not None else 0),

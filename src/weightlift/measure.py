@@ -30,6 +30,7 @@ from .adapters import BUILTIN_ADAPTERS
 from .apply import apply
 from .config import OffloadConfig
 from .errors import OffloadError
+from .files import in_file
 from .inventory import collect, layer_list, leaves_of, unique_bytes
 from .models import find_stacks
 from .schedule import spread_order
@@ -69,7 +70,7 @@ def analyse(model: nn.Module, layers: Any = None, adapters: Sequence = (), param
     adapters = (*adapters, *BUILTIN_ADAPTERS)
     entries, resident = collect(model, names, modules, OffloadConfig(params=params), adapters)
     layouts = {i: Layout.of(es) for i, es in entries.items()}
-    counted = [leaf for t in resident for leaf in (leaves_of("resident tensor", t, adapters) or [])]
+    counted = [leaf for t in resident if not in_file(t) for leaf in (leaves_of("resident tensor", t, adapters) or [])]
     return ModelInfo(
         [name for name, _ in stacks], names, modules,
         [layouts[i].nbytes if i in layouts else 0 for i in range(len(modules))],

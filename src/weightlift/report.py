@@ -99,6 +99,7 @@ class OffloadReport:
     exposed_copy_seconds: float = 0.0  # time compute waited for a copy (or loaded one itself, on a miss)
     compute_seconds: float = 0.0  # time spent inside offloaded layers' forwards
     experts: ExpertReport | None = None  # MoE layers moved expert by expert (None: whole layers)
+    in_file_bytes: int = 0  # resident weights computed on in their file (the input embedding on a CPU): in no budget
 
     @property
     def saved_bytes(self) -> int:
@@ -136,6 +137,8 @@ class OffloadReport:
             ("layer stack", f"{self.stack} ({self.layers_offloaded} of {self.layers} layers offloaded)"),
             ("offloaded weights", format_size(self.offloaded_bytes)),
             ("resident weights", format_size(self.resident_bytes)),
+            *([("in its file", f"{format_size(self.in_file_bytes)} (the input embedding, mapped: rows are read as "
+                               "tokens use them)")] if self.in_file_bytes else []),
             self._pool_row(),
             ("device memory saved", format_size(self.saved_bytes)),
             ("host RAM for masters", format_size(self.host_bytes)),
