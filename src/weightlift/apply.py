@@ -164,6 +164,17 @@ def _window(config: OffloadConfig, sizes: list[int], plan: Any) -> MappedWindow:
     return window
 
 
+def _resident_bytes(resident: Sequence[torch.Tensor], adapters: Sequence[Adapter]) -> tuple[int, int]:
+    """The bytes of the resident tensors, and of those among them computed on in their file (`files.in_file`)."""
+    counted = []
+    for t in resident:
+        leaves = leaves_of("resident tensor", t, adapters) if not in_file(t) else []
+        if leaves is None:
+            log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
+        counted += leaves or []
+    return unique_bytes(counted), unique_bytes([t for t in resident if in_file(t)])
+
+
 def _dropped_after_read(sizes: list[int], pool_bytes: int) -> set[int]:
     """The offloaded positions, read into slots from a file, whose pages the page cache is not to keep.
 
@@ -301,19 +312,9 @@ def apply(
         sizes = [layouts[i].nbytes for i in schedule.offloaded]
         window = _window(config, sizes, plan) if mapping else None
         move_to(handle, resident, dev)
-        dropped = set()
-        if cache is not None and mapping is None:  # read into slots from a file
-            dropped = _dropped_after_read(sizes, handle.pool.nbytes if dev.type == "cpu" else 0)
-        counted = []
-        handle.in_file_bytes = unique_bytes([t for t in resident if in_file(t)])
-        for t in resident:
-            if in_file(t):
-                continue
-            leaves = leaves_of("resident tensor", t, adapters)
-            if leaves is None:
-                log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
-            counted += leaves or []
-        handle.resident_bytes = unique_bytes(counted)
+        read = cache is not None and mapping is None  # read into slots from a file
+        dropped = _dropped_after_read(sizes, handle.pool.nbytes if dev.type == "cpu" else 0) if read else set()
+        handle.resident_bytes, handle.in_file_bytes = _resident_bytes(resident, adapters)
         copied = streams is not None or any(s.device.type != "cpu" for lay in layouts.values() for s in lay.sources)
         if cache is None and copied:  # masters in host memory of their own (pinned for an accelerator)
             pin = streams is not None and streams.pin
