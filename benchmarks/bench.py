@@ -228,7 +228,7 @@ class Bench:
             return setup
 
         def streaming():
-            streamed, handle = load_streaming(saved)
+            streamed, handle = load_streaming(saved, config=weightlift.OffloadConfig())  # every layer
             return streamed, handle.remove, saved
 
         def diffusers(per_group):

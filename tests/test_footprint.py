@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import weightlift
-from conftest import measure_in_subprocess, tiny
+from conftest import assert_outputs_equal, measure_in_subprocess, prompt, run, tiny
 from weightlift import OffloadError
 from weightlift.footprint import RunFootprint
 
@@ -113,6 +113,23 @@ def test_generate_without_a_budget_fits_the_memory_the_machine_has(folder, tmp_p
     plan = streamed["plan"]
     assert plan["budget"] == 896 << 10 and "the run: KV cache" in plan["summary"]
     assert plan["device_bytes"] + plan["kv_cache_bytes"] + plan["activation_bytes"] <= 896 << 10
+
+
+def test_load_streaming_without_a_budget_plans_for_the_memory_the_machine_has(folder, monkeypatch):
+    """`load_streaming(folder)` alone plans for the machine's available RAM less the margin (a stand-in for
+    MemAvailable: 512 MiB + 900 KiB leaves 896 KiB): layers stream, the weights stay within it, and the
+    answer is the resident model's, bit for bit."""
+    from weightlift import machine
+    from weightlift.hf import load_streaming
+
+    monkeypatch.setattr(machine, "available_ram", lambda: (512 << 20) + (900 << 10))
+    model, handle = load_streaming(folder)
+    with handle:
+        out = run(model, prompt(), new_tokens=4)
+        report = handle.report()
+    assert handle.plan is not None and handle.plan.budget == 896 << 10
+    assert report.layers_offloaded > 0 and report.device_bytes <= 896 << 10
+    assert_outputs_equal(out, run(tiny("llama", layers=6), prompt(), new_tokens=4))
 
 
 def test_generate_without_a_budget_on_a_machine_too_small_is_one_line(folder, tmp_path, monkeypatch, capsys):

@@ -89,30 +89,27 @@ def weights_bytes(folder: Path, dtype: torch.dtype | None) -> int:
 
 def fitting_budget(args: argparse.Namespace, folder: Path, device, reserve) -> int | None:
     """For a run given no ``--budget``: None when the weights and the run (``reserve``: its KV cache and
-    activations) fit in what this machine has now less a margin (`machine.free_memory`, `machine.margin`): it
-    runs resident. Else that figure, rounded down (to 64 MiB from a GiB up, to a MiB from 64 MiB: so that the
-    next run finds the plan this one saved), as the budget to stream within."""
-    from .machine import free_memory, margin
+    activations) fit in what this machine has now less a margin (`machine.room`): it runs resident. Else that
+    figure as the budget to stream within."""
+    from .machine import free_memory, room
 
     available, where = free_memory(device)
+    budget, _ = room(device)
     weights = weights_bytes(folder, dtype_of(args))
     need = weights + reserve.nbytes
     run = (f"weights {format_size(weights)} + KV cache {format_size(reserve.kv_cache_bytes)} for {reserve.tokens} "
            f"tokens + activations {format_size(reserve.activation_bytes)}")  # fmt: skip
-    if available is None:
+    if available is None or budget is None:
         log.info("%s needs %s; the free memory of %s is unknown: loading it whole (pass --budget to stream it)",
                  args.model, run, device)  # fmt: skip
         return None
-    room = available - margin(available)
-    if need <= room:
+    if need <= budget:
         log.info("%s fits: %s = %s of the %s of %s less a margin; it runs resident", args.model, run,
-                 format_size(need), format_size(room), where)  # fmt: skip
+                 format_size(need), format_size(budget), where)  # fmt: skip
         return None
-    step = 64 << 20 if room >= 1 << 30 else 1 << 20 if room >= 64 << 20 else 64 << 10
-    budget = max(room, 0) // step * step
     log.warning("weightlift: %s needs %s = %s, more than the %s of %s less a margin (%s): streaming it within "
                 "a budget of %s (pass --budget to choose another)", args.model, run, format_size(need),
-                format_size(available), where, format_size(available - room), format_size(budget))  # fmt: skip
+                format_size(available), where, format_size(available - budget), format_size(budget))  # fmt: skip
     return budget
 
 

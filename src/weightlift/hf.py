@@ -298,7 +298,8 @@ def load_streaming(
     checkpoint files in place (``source="checkpoint"``); on a CPU target the input embedding stays in its file
     too (`embedding_in_file`). Which layers: ``budget`` (plan for it: layers are
     measured streamed, see `weightlift.plan`'s ``checkpoint``), a saved ``plan``, or ``config`` (its other
-    fields; the default offloads every layer). Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
+    fields); given none, a plan for what the device has free now less a margin (`machine.room`), or every
+    layer offloaded where that cannot be told. Returns ``(model, handle)``; ``handle.remove()`` leaves the offloaded
     parameters on the meta device. ``dtype`` must be the checkpoint's (the default). ``reserve``
     (`weightlift.footprint.RunFootprint`): what the run will hold besides the weights, planned inside ``budget``.
     """
@@ -306,7 +307,8 @@ def load_streaming(
 
     from . import offload
     from .checkpoint import load_meta
-    from .config import OffloadConfig, resolve_device
+    from .config import OffloadConfig, format_size, resolve_device
+    from .machine import room
     from .plan import plan as make_plan
 
     given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]
@@ -314,6 +316,11 @@ def load_streaming(
         raise OffloadError(f"pass one of `config`, `budget` or `plan`, not {' and '.join(f'`{g}`' for g in given)}")
     folder = Path(folder).expanduser()
     dev = resolve_device(device)
+    if not given:
+        budget, where = room(dev)
+        if budget is not None:
+            log.info("weightlift: no budget given: planning %s for the %s less a margin, %s", folder.name, where,
+                     format_size(budget))  # fmt: skip
     layers = (plan.config() if plan is not None else config or OffloadConfig()).layers
     model, index, names = load_outside_layers(folder, dtype=dtype, layers=layers, cpu=dev.type == "cpu")
     prefixes = tuple(f"{name}." for name in names)
