@@ -459,18 +459,23 @@ def test_generate_chat_formats_the_prompt_with_the_template_or_passes_it_plain(
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 1
 
 
-def _weights_bytes_by_hand(offloaded: list[int] = ()) -> int:
+def _weights_bytes_by_hand(offloaded: list[int] = (), streamed: bool = False) -> int:
     """The bytes of ``folder``'s model (parameters and buffers, as a freshly built one holds them) outside the
-    layers ``offloaded``."""
+    layers ``offloaded``; ``streamed`` from its checkpoint on a CPU, less its untied input embedding (it stays
+    in its file, `hf.embedding_in_file`)."""
     model = tiny("llama", layers=6)
+    assert not model.config.tie_word_embeddings
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    table = model.get_input_embeddings().weight
+    total -= table.numel() * table.element_size() if streamed else 0
     return total - sum(t.numel() * t.element_size() for i in offloaded for t in model.model.layers[i].parameters())
 
 
 @pytest.mark.parametrize("budget", [None, "600KiB"])
 def test_generate_summary_line_states_the_memory_held_by_weights(budget, folder, tmp_path, in_process, capsys):
     """The stderr summary's `weights in RAM: SIZE` is the model's bytes counted by hand: everything, resident;
-    with a budget, what the plan keeps resident (the layers it does not offload) plus its pool of slots."""
+    with a budget, what the plan keeps resident (the layers it does not offload, less the input embedding,
+    which stays in its file) plus its pool of slots."""
     from weightlift.config import format_size, parse_size
 
     extra = ["--budget", budget, "--cache-dir", str(tmp_path)] if budget else []
@@ -488,7 +493,8 @@ def test_generate_summary_line_states_the_memory_held_by_weights(budget, folder,
         [saved] = (tmp_path / "plans").glob("*.json")  # the plan this run measured
         plan = json.loads(saved.read_text())
         assert plan["offloaded"] and plan["pool_bytes"] > 0
-        expected, offloaded = _weights_bytes_by_hand(plan["offloaded"]) + plan["pool_bytes"], len(plan["offloaded"])
+        held = _weights_bytes_by_hand(plan["offloaded"], streamed=True)
+        expected, offloaded = held + plan["pool_bytes"], len(plan["offloaded"])
         assert expected <= parse_size(budget)
     assert found.groups() == (format_size(expected), str(offloaded))
 
