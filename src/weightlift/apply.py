@@ -166,13 +166,16 @@ def _window(config: OffloadConfig, sizes: list[int], plan: Any) -> MappedWindow:
 
 def _resident_bytes(resident: Sequence[torch.Tensor], adapters: Sequence[Adapter]) -> tuple[int, int]:
     """The bytes of the resident tensors, and of those among them computed on in their file (`files.in_file`)."""
-    counted = []
+    counted, mapped = [], []
     for t in resident:
-        leaves = leaves_of("resident tensor", t, adapters) if not in_file(t) else []
+        if in_file(t):
+            mapped.append(t)
+            continue
+        leaves = leaves_of("resident tensor", t, adapters)
         if leaves is None:
             log.info("resident %s not counted in resident_bytes: weightlift cannot take it apart", type(t).__name__)
         counted += leaves or []
-    return unique_bytes(counted), unique_bytes([t for t in resident if in_file(t)])
+    return unique_bytes(counted), unique_bytes(mapped)
 
 
 def _dropped_after_read(sizes: list[int], pool_bytes: int) -> set[int]:

@@ -94,15 +94,15 @@ def fitting_budget(args: argparse.Namespace, folder: Path, device, reserve) -> i
     from .machine import free_memory, room
 
     available, where = free_memory(device)
-    budget, _ = room(device)
     weights = weights_bytes(folder, dtype_of(args))
     need = weights + reserve.nbytes
     run = (f"weights {format_size(weights)} + KV cache {format_size(reserve.kv_cache_bytes)} for {reserve.tokens} "
            f"tokens + activations {format_size(reserve.activation_bytes)}")  # fmt: skip
-    if available is None or budget is None:
+    if available is None:
         log.info("%s needs %s; the free memory of %s is unknown: loading it whole (pass --budget to stream it)",
                  args.model, run, device)  # fmt: skip
         return None
+    budget = room(available)
     if need <= budget:
         log.info("%s fits: %s = %s of the %s of %s less a margin; it runs resident", args.model, run,
                  format_size(need), format_size(budget), where)  # fmt: skip

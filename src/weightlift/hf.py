@@ -308,7 +308,7 @@ def load_streaming(
     from . import offload
     from .checkpoint import load_meta
     from .config import OffloadConfig, format_size, resolve_device
-    from .machine import room
+    from .machine import free_memory, room
     from .plan import plan as make_plan
 
     given = [name for name, v in (("config", config), ("budget", budget), ("plan", plan)) if v is not None]
@@ -316,11 +316,11 @@ def load_streaming(
         raise OffloadError(f"pass one of `config`, `budget` or `plan`, not {' and '.join(f'`{g}`' for g in given)}")
     folder = Path(folder).expanduser()
     dev = resolve_device(device)
-    if not given:
-        budget, where = room(dev)
-        if budget is not None:
-            log.info("weightlift: no budget given: planning %s for the %s less a margin, %s", folder.name, where,
-                     format_size(budget))  # fmt: skip
+    available, where = free_memory(dev) if not given else (None, "")
+    if available is not None:
+        budget = room(available)
+        log.info("weightlift: no budget given: planning %s for the %s less a margin, %s", folder.name, where,
+                 format_size(budget))  # fmt: skip
     layers = (plan.config() if plan is not None else config or OffloadConfig()).layers
     model, index, names = load_outside_layers(folder, dtype=dtype, layers=layers, cpu=dev.type == "cpu")
     prefixes = tuple(f"{name}." for name in names)

@@ -42,14 +42,10 @@ def free_memory(device) -> tuple[int | None, str]:
     return None, f"free memory of {device}"
 
 
-def room(device) -> tuple[int | None, str]:
-    """What a run given no budget may hold on ``device``: its free memory (`free_memory`) less `margin`,
-    rounded down (to 64 MiB from a GiB up, to a MiB from 64 MiB, else to 64 KiB: the same figure run after
-    run, so that a plan saved for it is found again), and where the figure comes from. None when the free
-    memory cannot be told."""
-    available, where = free_memory(device)
-    if available is None:
-        return None, where
+def room(available: int) -> int:
+    """What a run given no budget may hold where ``available`` bytes are free (`free_memory`): that less
+    `margin`, rounded down (to 64 MiB from a GiB up, to a MiB from 64 MiB, else to 64 KiB: the same figure run
+    after run, so that a plan saved for it is found again)."""
     left = max(available - margin(available), 0)
     step = 64 << 20 if left >= 1 << 30 else 1 << 20 if left >= 64 << 20 else 64 << 10
-    return left // step * step, where
+    return left // step * step
